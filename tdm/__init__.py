@@ -1,0 +1,2 @@
+"""tdm: Trajectory Distribution Matching distillation."""
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""Data the stages read: the embedded digits set, prompt files, image-caption folders.
+
+Distillation reads prompts only (data-free); teacher fine-tuning and FID read images.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# Several phrasings so the text encoder, not a fixed template, carries the class.
+PROMPT_TEMPLATES = (
+    "a handwritten digit {word}",
+    "the number {word}, written by hand",
+    "a scan of a handwritten {word}",
+    "an 8x8 picture of the digit {word}",
+)
+
+_WORD_TO_LABEL = {w: i for i, w in enumerate(DIGIT_WORDS)}
+_WORD_RE = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r")\b")
+
+
+def digit_prompt(label: int, template: int = 0) -> str:
+    return PROMPT_TEMPLATES[template % len(PROMPT_TEMPLATES)].format(word=DIGIT_WORDS[int(label)])
+
+
+def label_from_prompt(prompt: str) -> int | None:
+    """The digit a prompt asks for, or None when it names none (or several)."""
+    found = set(_WORD_RE.findall(prompt.lower()))
+    return _WORD_TO_LABEL[found.pop()] if len(found) == 1 else None
+
+
+def digits_split(split: str, test_fraction: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits as (images N x 1 x 8 x 8 in [-1, 1], labels N).
+
+    The split is stratified and fixed by `seed`, so every stage and metric sees the same held-out set.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"digits split must be 'train', 'test' or 'all', got {split!r}")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # 17 grey levels -> [-1, 1]
+    labels = bunch.target.astype(np.int64)
+    if split == "all":
+        idx = np.arange(len(labels))
+    else:
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
+        )
+        idx = np.sort(train_idx if split == "train" else test_idx)
+    return torch.from_numpy(images[idx][:, None]), torch.from_numpy(labels[idx])
+
+
+def digit_prompt_set(n: int, seed: int = 0) -> list[str]:
+    """`n` prompts cycling through the ten digits, templates drawn at random (seeded)."""
+    rng = np.random.default_rng(seed)
+    return [digit_prompt(i % 10, int(rng.integers(len(PROMPT_TEMPLATES)))) for i in range(n)]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl or .csv (field `prompt`, `text` or `caption`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        prompts = [_prompt_field(row, path) for row in rows]
+    elif suffix == ".csv":
+        with path.open(newline="") as f:
+            prompts = [_prompt_field(row, path) for row in csv.DictReader(f)]
+    else:
+        raise ValueError(f"{path}: prompt files must be .txt, .jsonl or .csv")
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def _prompt_field(row: dict, path: Path) -> str:
+    for key in ("prompt", "text", "caption"):
+        if key in row:
+            return str(row[key])
+    raise ValueError(f"{path}: each row needs a 'prompt', 'text' or 'caption' field, got {sorted(row)}")
+
+
+@dataclass
+class ImageCaptionFolder:
+    """An image-caption folder in the diffusers convention: images + `metadata.jsonl`
+    with one `{"file_name": ..., "text": ...}` per line."""
+
+    root: Path
+    file_names: list[str]
+    captions: list[str]
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ImageCaptionFolder":
+        root = Path(root)
+        meta = root / "metadata.jsonl"
+        if not meta.is_file():
+            raise FileNotFoundError(f"image-caption folder needs {meta}")
+        names, captions = [], []
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "file_name" not in row or "text" not in row:
+                raise ValueError(f"{meta}:{n}: each line needs 'file_name' and 'text'")
+            if not (root / row["file_name"]).is_file():
+                raise FileNotFoundError(f"{meta}:{n}: image not found: {root / row['file_name']}")
+            names.append(row["file_name"])
+            captions.append(str(row["text"]))
+        if not names:
+            raise ValueError(f"{meta}: no rows")
+        return cls(root, names, captions)
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def load(self, index: int, resolution: int, channels: int = 3) -> torch.Tensor:
+        """Image `index` resized (shorter side) and centre-cropped to `resolution`, in [-1, 1], C x H x W."""
+        from PIL import Image
+
+        with Image.open(self.root / self.file_names[index]) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            scale = resolution / min(im.size)
+            im = im.resize((max(resolution, round(im.size[0] * scale)), max(resolution, round(im.size[1] * scale))),
+                           Image.BICUBIC)
+            left, top = (im.size[0] - resolution) // 2, (im.size[1] - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(arr))
