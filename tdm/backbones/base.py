@@ -1,0 +1,103 @@
+"""The backbone protocol: everything the TDM math needs from a model family, and nothing more.
+
+A backbone owns the frozen parts (tokenizer, text encoder, VAE, schedule) and the *teacher* denoiser `net`.
+Student and fake score are the same architecture (copies or LoRA adapters on `net`) and are passed to
+`predict` explicitly, so one backbone serves all three roles.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from tdm.schedule import NoiseSchedule
+
+# Conditioning is a dict of batch-first tensors: {"encoder_hidden_states": (B, L, D)} for SD-style UNets,
+# plus pooled embeddings / time ids for families that take them.
+Cond = dict[str, torch.Tensor]
+
+
+def cat_cond(conds: Sequence[Cond]) -> Cond:
+    """Concatenate conditionings along the batch (e.g. cond and uncond for one batched CFG forward)."""
+    keys = conds[0].keys()
+    if any(c.keys() != keys for c in conds):
+        raise ValueError("cannot concatenate conditionings with different keys")
+    return {k: torch.cat([c[k] for c in conds]) for k in keys}
+
+
+def index_cond(cond: Cond, index: torch.Tensor | slice) -> Cond:
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cond_to(cond: Cond, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype) for k, v in cond.items()}
+
+
+class Backbone(ABC):
+    """One model family behind one interface (see DESIGN.md, "backbones/")."""
+
+    family: str
+    net: nn.Module  # the teacher denoiser (UNet / transformer)
+    schedule: NoiseSchedule
+    prediction_type: str
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample in the space the denoiser works in (latents, or pixels for digits)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Text conditioning for `prompts`, without building a graph."""
+
+    def null_cond(self, n: int) -> Cond:
+        """The unconditional (empty prompt) conditioning, repeated n times; encoded once and cached."""
+        if getattr(self, "_null_cache", None) is None:
+            self._null_cache = self.encode_prompts([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._null_cache.items()}
+
+    @abstractmethod
+    def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The raw model output of `net` (teacher, student or fake score) at (x_t, t)."""
+
+    def predict_x0_eps(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond):
+        return self.schedule.to_x0_eps(self.predict(net, x_t, t, cond), x_t, t, self.prediction_type)
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, C, H, W) -> the denoiser's space (VAE latents; identity in pixel space)."""
+
+    @abstractmethod
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Samples in the denoiser's space -> uint8 images (B, H, W, C)."""
+
+    @property
+    @abstractmethod
+    def lora_target_modules(self) -> list[str]:
+        """Module names a LoRA on `net` should target."""
+
+    @abstractmethod
+    def save(self, folder: str | Path, net: nn.Module | None = None) -> None:
+        """Write a diffusers-style model folder (with `net` in place of the teacher when given)."""
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        for module in self.modules().values():
+            module.to(device)
+        self._null_cache = None
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The torch modules the backbone holds, by name (for device moves and freezing)."""
+        return {"net": self.net}
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,160 @@
+"""The embedded default: a small text-conditioned UNet on scikit-learn's 8x8 handwritten digits.
+
+It is the SD1.5 code path (UNet2DConditionModel + CLIPTextModel + CLIPTokenizer, epsilon prediction, a
+DDPM-style VP schedule) in pixel space: no VAE, one grey channel at 8x8, so everything runs on a CPU in minutes.
+The folder it saves is laid out like a diffusers pipeline (model_index.json, unet/, text_encoder/, tokenizer/,
+scheduler/), and each part loads with its own `from_pretrained`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from tdm.backbones.base import Backbone, Cond, to_uint8
+from tdm.backbones.clip_tokenizer import vocab_size, write_clip_tokenizer
+from tdm.schedule import VPSchedule
+
+FAMILY = "digits"
+PIPELINE_CLASS = "TDMDigitsPipeline"
+
+
+@dataclass(frozen=True)
+class DigitsArch:
+    """Architecture of a freshly initialised digits model (there is no pretrained one)."""
+
+    channels: tuple[int, ...] = (32, 64, 64)  # UNet widths per level: 8x8, 4x4, 2x2; cross-attention below 8x8
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    text_dim: int = 64
+    text_layers: int = 2
+    num_merges: int = 10000  # a prefix of CLIP's BPE merges: ids agree with real CLIP, vocabulary stays small
+    max_length: int = 16
+    beta_schedule: str = "linear"  # DDPM's pixel-space schedule (SD's scaled_linear is tuned for latents)
+
+    def __post_init__(self):
+        if len(self.channels) < 2 or any(c % 32 for c in self.channels):
+            raise ValueError(f"model.channels: need >= 2 levels, each a multiple of 32 (GroupNorm), got {self.channels}")
+        if 8 % 2 ** (len(self.channels) - 1):
+            raise ValueError(f"model.channels: {len(self.channels)} levels do not divide an 8x8 image")
+
+
+class DigitsBackbone(Backbone):
+    family = FAMILY
+    prediction_type = "epsilon"
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 scheduler: DDPMScheduler):
+        self.net = unet
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.schedule = VPSchedule.from_scheduler(scheduler)
+        self.prediction_type = scheduler.config.prediction_type
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._null_cache = None
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, arch: DigitsArch = DigitsArch(), seed: int = 0) -> "DigitsBackbone":
+        """A fresh, randomly initialised digits model (weights fixed by `seed`)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, arch.num_merges, arch.max_length))
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab_size(arch.num_merges), hidden_size=arch.text_dim, intermediate_size=2 * arch.text_dim,
+            num_hidden_layers=arch.text_layers, num_attention_heads=4, max_position_embeddings=arch.max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, projection_dim=arch.text_dim,
+        ))
+        n = len(arch.channels)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=1, out_channels=1, block_out_channels=arch.channels,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            layers_per_block=arch.layers_per_block, cross_attention_dim=arch.text_dim,
+            attention_head_dim=arch.attention_heads, norm_num_groups=32,
+        )
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=arch.beta_schedule,
+                                  beta_start=0.0001, beta_end=0.02, prediction_type="epsilon", clip_sample=False)
+        return cls(unet, text_encoder, tokenizer, scheduler)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DigitsBackbone":
+        folder = Path(folder)
+        return cls(
+            UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+            CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        )
+
+    def save(self, folder: str | Path, net: nn.Module | None = None) -> None:
+        """Write the model folder atomically: a sibling temp folder, then a rename."""
+        import diffusers
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            (net if net is not None else self.net).save_pretrained(tmp / "unet")
+            self.text_encoder.save_pretrained(tmp / "text_encoder")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            (tmp / "model_index.json").write_text(json.dumps({
+                "_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__, "tdm_family": FAMILY,
+                "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+            }, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # -- the protocol -------------------------------------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        c = self.net.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        # The digits prompt set is small and the text encoder frozen: cache per prompt.
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            hidden = self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
+            self._prompt_cache.update(zip(missing, hidden))
+        return {"encoder_hidden_states": torch.stack([self._prompt_cache[p] for p in prompts])}
+
+    def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return net(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # pixel space
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return to_uint8(x0)
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net, "text_encoder": self.text_encoder}
+
+    def to(self, device):
+        super().to(device)
+        self._prompt_cache.clear()
+        return self

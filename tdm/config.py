@@ -1,0 +1,161 @@
+"""The typed, validated view of params.yaml: the only reader of that file.
+
+One section per stage. Unknown keys, wrong types and out-of-range values fail before any compute, with one
+message naming the key (`ConfigError: params.yaml: teacher_ft.lr: Input should be greater than 0 (got -1)`).
+Overrides use DVC's syntax, `section.key=value` (as in `dvc exp run -S teacher_ft.lr=1e-3`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """Bad parameters: the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    family: Literal["digits"] = "digits"
+    # A diffusers folder or hub id to start from; null = a fresh digits model (there is no pretrained one).
+    pretrained: Optional[str] = None
+    channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+
+    @field_validator("pretrained")
+    @classmethod
+    def _local_paths_exist(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and _looks_local(v) and not Path(v).expanduser().exists():
+            raise ValueError(f"path does not exist: {v}")
+        return v
+
+
+class TeacherFTConfig(_Section):
+    data: str = "digits"  # "digits" or an image-caption folder (images + metadata.jsonl)
+    resolution: int = Field(8, ge=8)
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    cfg_dropout: float = Field(0.1, ge=0, le=1)  # probability of training on the empty prompt
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    snr_gamma: Optional[float] = Field(5.0, gt=0)  # min-SNR loss weighting; null = plain MSE
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(500, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    # Teacher quality check after training (digits): samples with the `sample` settings, scored by the toy metrics.
+    eval_samples: int = Field(1000, ge=0)
+
+    @field_validator("data")
+    @classmethod
+    def _data_folder(cls, v: str) -> str:
+        if v != "digits" and not (Path(v).expanduser() / "metadata.jsonl").is_file():
+            raise ValueError(f"must be 'digits' or a folder with metadata.jsonl; not found: {Path(v) / 'metadata.jsonl'}")
+        return v
+
+
+class SampleConfig(_Section):
+    steps: int = Field(50, ge=1)  # teacher DDIM steps
+    guidance: float = Field(2.0, ge=1)  # classifier-free guidance scale (1 = off)
+    batch_size: int = Field(250, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    weights_dir: str = "outputs/weights"  # metric weights and caches (the digit classifier lives here)
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    teacher_ft: TeacherFTConfig = TeacherFTConfig()
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Where a stage writes: outputs/<stage>/ and metrics/<stage>.json, under the project root."""
+
+    out_dir: Path
+    metrics: Path
+
+    @classmethod
+    def of(cls, stage: str, root: str | Path = ".") -> "StagePaths":
+        root = Path(root)
+        return cls(root / "outputs" / stage, root / "metrics" / f"{stage}.json")
+
+
+def _looks_local(value: str) -> bool:
+    """A hub id is `org/name`; anything absolute, relative-dotted or home-based is a local path."""
+    return value.startswith(("/", "./", "../", "~")) or os.sep + os.sep in value or Path(value).suffix != ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a raw params dict, copy-on-write."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        section, name = parts
+        if section not in Config.model_fields:
+            raise ConfigError(f"override {item!r}: unknown section {section!r} (known: {', '.join(Config.model_fields)})")
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"override {item!r}: {section} is not a section")
+        out[section][name] = yaml.safe_load(value)
+    return out
+
+
+def parse(raw: dict | None, source: str = "params") -> Config:
+    """Validate a raw params dict; every problem is reported with its dotted key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{source}: {key}: {msg} (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                         else f"{source}: {key}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (a missing file means all defaults only when no path was asked for), apply overrides."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    elif path == DEFAULT_PARAMS:
+        raw = {}
+    else:
+        raise ConfigError(f"params file not found: {path}")
+    return parse(apply_overrides(raw or {}, overrides or []), source=str(path))
+
+
+def dump(cfg: Config) -> dict:
+    """The fully resolved params as plain YAML-able data (recorded beside every output)."""
+    return cfg.model_dump(mode="json")

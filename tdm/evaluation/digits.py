@@ -1,0 +1,290 @@
+"""Toy metrics for the embedded 8x8 digits default: FID and class accuracy in a small CNN's feature space.
+
+Inception features mean nothing on 8x8 greyscale digits, so a tiny classifier trained on the
+train split stands in for Inception: its penultimate layer is the FID feature space, its logits
+score whether a sample shows the digit its prompt asked for. FID is measured against the
+held-out test split; FID(train vs test) is the floor a perfect generator would sit at.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdm.data import digits_split, label_from_prompt
+
+# Bump whenever the architecture or the training recipe changes, so stale caches are not reused.
+CLASSIFIER_VERSION = "v1"
+FEATURE_DIM = 64
+IMAGE_SIZE = 8
+_BATCH = 512
+
+
+class DigitClassifier(nn.Module):
+    """Small CNN on 1 x 8 x 8 images in [-1, 1]."""
+
+    def __init__(self, feature_dim: int = FEATURE_DIM) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # 4x4 -> 2x2
+            nn.Flatten(),
+            nn.Linear(64 * 2 * 2, feature_dim),
+        )
+        self.head = nn.Linear(feature_dim, 10)
+        # Set by load_classifier from the sidecar; NaN until then.
+        self.held_out_accuracy: float = float("nan")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, feature_dim), taken before the ReLU: no dead units, so the
+        FID covariance stays full rank."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.features(x)))
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x 8 x 8 x 1 (or N x 8 x 8), as `tdm sample` writes them, -> float N x 1 x 8 x 8 in [-1, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"digit samples must be uint8, got dtype {images.dtype}")
+    if images.ndim == 4:
+        if images.shape[-1] != 1:
+            raise ValueError(f"digit samples must have 1 channel (N x H x W x 1), got shape {images.shape}")
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise ValueError(f"digit samples must be N x H x W x 1 or N x H x W, got shape {images.shape}")
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"digit samples must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {images.shape[1]}x{images.shape[2]}")
+    if images.shape[0] == 0:
+        raise ValueError("no digit samples")
+    x = torch.from_numpy(images.astype(np.float32))[:, None]
+    return x / 127.5 - 1.0
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round-trip [-1, 1] values through uint8, the way samples are stored, so real and generated
+    images are scored at the same precision. Idempotent on already-quantised input."""
+    levels = ((x.float() + 1.0) * 127.5).round().clamp(0, 255)
+    return levels / 127.5 - 1.0
+
+
+# --- training and caching -------------------------------------------------------------------
+
+def _shift_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by a random -1..+1 pixels in x and y, filling with background (-1)."""
+    n = x.shape[0]
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    # All nine crops at once, then pick one per image: batched, no per-sample loop.
+    crops = torch.stack([padded[:, :, dy:dy + IMAGE_SIZE, dx:dx + IMAGE_SIZE]
+                         for dy in range(3) for dx in range(3)])
+    choice = torch.randint(0, 9, (n,), generator=gen)
+    return crops[choice, torch.arange(n)]
+
+
+def _train(seed: int, epochs: int = 25, batch_size: int = 64, lr: float = 2e-3) -> DigitClassifier:
+    x, y = digits_split("train")
+    x = quantize(x)
+    gen = torch.Generator().manual_seed(seed)
+    # Fork the global RNG: layer init draws from it, and callers' random state must not move.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(y), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(model(_shift_batch(x[idx], gen)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return model.eval()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same folder then os.replace, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cache_paths(cache_dir: Path, seed: int) -> tuple[Path, Path]:
+    stem = f"digit_classifier-{CLASSIFIER_VERSION}" + (f"-seed{seed}" if seed else "")
+    return cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
+
+
+def load_classifier(cache_dir: str | Path, seed: int = 0) -> DigitClassifier:
+    """The digit classifier, trained on the train split on first use (CPU, seeded, a few seconds)
+    and cached under `cache_dir`; `held_out_accuracy` is its accuracy on the test split."""
+    from safetensors.torch import load_file, save_file
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    weights_path, meta_path = _cache_paths(cache_dir, seed)
+
+    if weights_path.is_file():
+        model = DigitClassifier()
+        model.load_state_dict(load_file(str(weights_path)))
+        model.eval()
+    else:
+        start = time.perf_counter()
+        model = _train(seed)
+        train_seconds = time.perf_counter() - start
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        meta = {"version": CLASSIFIER_VERSION, "seed": seed, "held_out_accuracy": _held_out_accuracy(model),
+                "train_seconds": round(train_seconds, 2)}
+        # Sidecar first: a weights file on disk then always has its metadata beside it.
+        _atomic_write(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        _atomic_write(weights_path, lambda p: save_file(state, p, metadata={"version": CLASSIFIER_VERSION}))
+
+    if meta_path.is_file():
+        model.held_out_accuracy = float(json.loads(meta_path.read_text())["held_out_accuracy"])
+    else:  # sidecar lost: recompute rather than fail
+        model.held_out_accuracy = _held_out_accuracy(model)
+        meta = {"version": CLASSIFIER_VERSION, "seed": seed, "held_out_accuracy": model.held_out_accuracy}
+        _atomic_write(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return model
+
+
+def _held_out_accuracy(model: DigitClassifier) -> float:
+    x, y = digits_split("test")
+    return class_accuracy(quantize(x), y, model)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _batched(fn, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + _BATCH]) for i in range(0, len(x), _BATCH)])
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"expected images N x 1 x {IMAGE_SIZE} x {IMAGE_SIZE}, got shape {tuple(images.shape)}")
+
+
+def _features(images: torch.Tensor, classifier: DigitClassifier) -> np.ndarray:
+    _check_images(images)
+    # Quantise so float inputs are scored exactly as their stored uint8 versions would be.
+    x = quantize(images.detach().cpu())
+    return _batched(classifier.features, x).double().numpy()
+
+
+def _stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors as an N x D array, got shape {feats.shape}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def _frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray,
+                        eps: float = 1e-6) -> float:
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        # Singular product: nudge both covariances off zero, as the reference FID code does.
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        # Round-off leaves tiny imaginary parts; large ones mean something is actually wrong.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm gave large imaginary part {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    fid = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean)
+    return max(float(fid), 0.0)  # FID >= 0; tiny negatives are round-off
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets `a` (N x D) and `b` (M x D)."""
+    (mu1, s1), (mu2, s2) = _stats(a), _stats(b)
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature dims differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+    return _frechet_from_stats(mu1, s1, mu2, s2)
+
+
+# Per-classifier reference statistics, computed once; weak keys so dropped classifiers are freed.
+_REFERENCE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _reference(classifier: DigitClassifier) -> dict:
+    ref = _REFERENCE.get(classifier)
+    if ref is None:
+        ref = {"test": _stats(_features(digits_split("test")[0], classifier))}
+        _REFERENCE[classifier] = ref
+    return ref
+
+
+def digits_fid(images: torch.Tensor, classifier: DigitClassifier) -> float:
+    """FID of images (N x 1 x 8 x 8 in [-1, 1]) against the held-out test split."""
+    mu, sigma = _stats(_features(images, classifier))
+    return _frechet_from_stats(mu, sigma, *_reference(classifier)["test"])
+
+
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: DigitClassifier) -> float:
+    """Fraction of images the classifier assigns to `labels`."""
+    _check_images(images)
+    labels = torch.as_tensor(labels).reshape(-1)
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    pred = _batched(classifier, quantize(images.detach().cpu())).argmax(dim=1)
+    return float((pred == labels.to(pred.device)).double().mean())
+
+
+def real_fid_floor(classifier: DigitClassifier, n: int | None = None) -> float:
+    """FID(train split vs test split): what a generator that reproduces the data distribution scores.
+
+    FID is biased upward at small sample sizes, so `n` scores a fixed n-image subset of the
+    train split instead, to compare fairly against a sample set of that size.
+    """
+    floors = _reference(classifier).setdefault("floor", {})
+    if n not in floors:
+        train = digits_split("train")[0]
+        if n is not None:
+            if not 2 <= n <= len(train):
+                raise ValueError(f"floor subset size must be in [2, {len(train)}], got {n}")
+            train = train[np.sort(np.random.default_rng(0).permutation(len(train))[:n])]
+        floors[n] = digits_fid(train, classifier)
+    return floors[n]
+
+
+def evaluate_samples(images: np.ndarray, prompts: Sequence[str], cache_dir: str | Path) -> dict:
+    """Metrics for a `tdm sample` npz (`images` uint8 N x 8 x 8 x 1, `prompts`)."""
+    x = images_to_tensor(images)
+    prompts = [str(p) for p in prompts]
+    if len(prompts) != len(x):
+        raise ValueError(f"{len(x)} images but {len(prompts)} prompts")
+    classifier = load_classifier(cache_dir)
+    asked = [label_from_prompt(p) for p in prompts]
+    keep = [i for i, label in enumerate(asked) if label is not None]
+    accuracy = (class_accuracy(x[keep], torch.tensor([asked[i] for i in keep]), classifier)
+                if keep else None)
+    return {
+        "fid": digits_fid(x, classifier),
+        "accuracy": accuracy,
+        "fid_floor": real_fid_floor(classifier),
+        "n": len(x),
+        "classifier_accuracy": classifier.held_out_accuracy,
+    }
