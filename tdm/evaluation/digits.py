@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -200,19 +201,28 @@ def _stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+    # Singular input is handled by the caller's retry, so scipy's warning is noise here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        return scipy.linalg.sqrtm(m)
+
+
+def _large_imag(m: np.ndarray) -> bool:
+    return np.iscomplexobj(m) and not np.allclose(np.diagonal(m).imag, 0, atol=1e-3)
+
+
 def _frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray,
                         eps: float = 1e-6) -> float:
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
+    covmean = _sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all() or _large_imag(covmean):
         # Singular product: nudge both covariances off zero, as the reference FID code does.
         offset = np.eye(s1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        # Round-off leaves tiny imaginary parts; large ones mean something is actually wrong.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm gave large imaginary part {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
+        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
+    if _large_imag(covmean):
+        raise ValueError(f"sqrtm gave large imaginary part {np.abs(covmean.imag).max():.3g}")
+    covmean = covmean.real  # round-off leaves tiny imaginary parts
     fid = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean)
     return max(float(fid), 0.0)  # FID >= 0; tiny negatives are round-off
 

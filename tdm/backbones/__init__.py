@@ -1,0 +1,45 @@
+"""Model families behind one protocol (`Backbone`). The registry maps a family name to its adapter."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tdm.backbones.base import Backbone, Cond, cat_cond, cond_to, index_cond
+from tdm.backbones.digits import DigitsArch, DigitsBackbone
+
+FAMILIES: dict[str, type[Backbone]] = {"digits": DigitsBackbone}
+
+
+def family_of(folder: str | Path) -> str:
+    """The family a saved model folder belongs to, from its model_index.json."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"not a model folder (no model_index.json): {folder}")
+    meta = json.loads(index.read_text())
+    family = meta.get("tdm_family")
+    if family not in FAMILIES:
+        raise ValueError(f"{index}: unsupported model ({meta.get('_class_name')!r}, family {family!r}); "
+                         f"supported families: {', '.join(FAMILIES)}")
+    return family
+
+
+def load_backbone(folder: str | Path) -> Backbone:
+    """Load a saved model folder with the adapter its model_index.json names."""
+    return FAMILIES[family_of(folder)].load(folder)
+
+
+def build_backbone(model_cfg) -> Backbone:
+    """The backbone `params.yaml`'s `model` section asks for: pretrained when given, else a fresh digits model."""
+    if model_cfg.pretrained is not None:
+        backbone = load_backbone(model_cfg.pretrained)
+        if backbone.family != model_cfg.family:
+            raise ValueError(f"model.pretrained is a {backbone.family!r} model but model.family is {model_cfg.family!r}")
+        return backbone
+    if model_cfg.family != "digits":
+        raise ValueError(f"model.pretrained: required for family {model_cfg.family!r} (only digits starts fresh)")
+    return DigitsBackbone.create(DigitsArch(channels=tuple(model_cfg.channels),
+                                            layers_per_block=model_cfg.layers_per_block))
+
+
+__all__ = ["Backbone", "Cond", "cat_cond", "cond_to", "index_cond", "DigitsArch", "DigitsBackbone", "FAMILIES",
+           "family_of", "load_backbone", "build_backbone"]

@@ -1,0 +1,92 @@
+"""Samplers: the teacher's DDIM with classifier-free guidance, and the TDM student's K-step trajectory.
+
+Both are deterministic given the starting noise, batched, and written once against the schedule view, so
+they serve epsilon, v and flow models alike.
+
+The student trajectory (the authors' `generate_new`): start from pure noise at t_0 = total_steps - 1, predict
+(x0, eps) with the student, move to the next grid point with DDIM, x_{t_{i+1}} = alpha x0 + sigma eps, and
+return the last x0. The grid is `student_timesteps(K, total_steps)`, e.g. 899, 674, 449, 224 for K=4 of 900.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from tdm.backbones.base import Backbone, Cond, cat_cond, index_cond
+from tdm.schedule import ddim_timesteps, student_timesteps
+
+
+def guided_x0_eps(backbone: Backbone, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
+                  guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) with classifier-free guidance; cond and uncond go through `net` as one batch."""
+    if guidance == 1.0:
+        return backbone.predict_x0_eps(net, x_t, t, cond)
+    n = x_t.shape[0]
+    both = backbone.predict(net, torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([cond, backbone.null_cond(n)]))
+    out_c, out_u = both.chunk(2)
+    # Every supported output type is linear in (x0, eps), so guiding the raw output guides both.
+    return backbone.schedule.to_x0_eps(out_u + guidance * (out_c - out_u), x_t, t, backbone.prediction_type)
+
+
+@torch.no_grad()
+def teacher_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.Tensor, steps: int,
+                   guidance: float = 1.0) -> torch.Tensor:
+    """DDIM (eta = 0) over `steps` trailing timesteps from `noise`; returns x0 in the denoiser's space."""
+    schedule = backbone.schedule
+    grid = ddim_timesteps(steps, schedule.num_train_timesteps).tolist() + [schedule.t_clean]
+    x = noise
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        tt = torch.full((x.shape[0],), t, device=x.device)
+        x0, eps = guided_x0_eps(backbone, net, x, tt, cond, guidance)
+        x = schedule.ddim_step(x0, eps, t_next) if t_next != schedule.t_clean else x0
+    return x
+
+
+@torch.no_grad()
+def student_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.Tensor, k: int,
+                   total_steps: int) -> torch.Tensor:
+    """The TDM student's deterministic K-step trajectory from `noise` (no CFG: it is baked in)."""
+    schedule = backbone.schedule
+    grid = student_timesteps(k, total_steps).tolist()
+    x = noise
+    for i, t in enumerate(grid):
+        x0, eps = backbone.predict_x0_eps(net, x, torch.full((x.shape[0],), t, device=x.device), cond)
+        x = schedule.ddim_step(x0, eps, grid[i + 1]) if i + 1 < len(grid) else x0
+    return x
+
+
+def make_noise(n: int, shape: Sequence[int], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """All starting noise drawn at once from one seeded generator, so samples do not depend on batch size."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g).to(device)
+
+
+@torch.no_grad()
+def sample_images(backbone: Backbone, net: nn.Module, prompts: Sequence[str], *, steps: int,
+                  guidance: float = 1.0, student: bool = False, total_steps: int | None = None, seed: int = 0,
+                  batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Sample one image per prompt; uint8 (N, H, W, C). `student=True` runs the K-step trajectory (K = steps)."""
+    if student and total_steps is None:
+        raise ValueError("the student sampler needs total_steps (the distillation's trajectory length)")
+    device = backbone.device
+    noise = make_noise(len(prompts), backbone.sample_shape, seed, device)
+    net.eval()
+    out = []
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"sampling {steps} steps", unit="batch")
+    for start in starts:
+        batch = list(prompts[start:start + batch_size])
+        cond = backbone.encode_prompts(batch)
+        x = noise[start:start + len(batch)]
+        x0 = (student_sample(backbone, net, cond, x, steps, total_steps) if student
+              else teacher_sample(backbone, net, cond, x, steps, guidance))
+        out.append(backbone.decode(x0))
+    return torch.cat(out)
+
+
+__all__ = ["guided_x0_eps", "teacher_sample", "student_sample", "make_noise", "sample_images", "index_cond"]
