@@ -1,0 +1,75 @@
+"""Files the stages leave behind: sample archives (npz + PNG grid) and metrics JSON, written atomically."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def image_grid(images: torch.Tensor | np.ndarray, ncol: int | None = None, scale: int = 1, pad: int = 1) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 grid image (rows of `ncol`), each image upscaled by `scale` (nearest)."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, col = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = im
+    return grid
+
+
+def save_samples(path: str | Path, images: torch.Tensor | np.ndarray, prompts: Sequence[str],
+                 grid_size: int = 100, **meta) -> tuple[Path, Path]:
+    """Write `images` (uint8 N x H x W x C) and `prompts` to an npz, and a PNG grid of the first `grid_size` beside it."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"samples must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    path = Path(path)
+    extra = {k: np.asarray(v) for k, v in meta.items()}
+    _atomic_write(path, lambda tmp: np.savez_compressed(tmp, images=images, prompts=np.asarray(prompts, dtype=str), **extra))
+    grid = image_grid(images[:grid_size], scale=max(1, 64 // images.shape[1]))
+    png = path.with_suffix(".png")
+    _atomic_write(png, lambda tmp: Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG"))
+    return path, png
+
+
+def load_samples(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file not found: {path}")
+    with np.load(path, allow_pickle=False) as z:
+        if "images" not in z or "prompts" not in z:
+            raise ValueError(f"{path}: expected arrays 'images' and 'prompts', found {list(z.keys())}")
+        return z["images"], [str(p) for p in z["prompts"]]

@@ -1,0 +1,117 @@
+"""Atomic training-state checkpoints: every tensor in one safetensors file, the rest in JSON.
+
+A state is any nest of dicts / lists / tuples / scalars / tensors (model and optimiser state dicts, EMA, RNG
+states, step, data position). Tensors are flattened to `a/b/0/c` keys; the skeleton keeps the structure.
+A checkpoint folder is written beside its final name and renamed into place, so a crash (even SIGKILL)
+never leaves a half-written checkpoint under a valid name.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_TENSOR = "__tensor__"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {_TENSOR: prefix}
+    if isinstance(obj, dict):
+        # JSON keys are strings: remember int keys (optimiser state is keyed by param index).
+        return {"__dict__": [[k, _flatten(v, f"{prefix}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix or '<root>'}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            return tensors[obj[_TENSOR]]
+        if "__dict__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            items = [_unflatten(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj["tuple"] else items
+    return obj
+
+
+def save_state(folder: str | Path, state: dict) -> Path:
+    """Write `state` to `folder` atomically (temp folder + rename); replaces an existing folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _flatten(state, "", tensors)
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(skeleton))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_state(folder: str | Path) -> dict:
+    folder = Path(folder)
+    for name in ("state.safetensors", "state.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"incomplete checkpoint, missing {folder / name}")
+    tensors = load_file(folder / "state.safetensors")
+    return _unflatten(json.loads((folder / "state.json").read_text()), tensors)
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:07d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temp folders from a crash are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and
+             (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and any temp folder a crash left behind."""
+    root = Path(root)
+    for p in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
