@@ -32,6 +32,13 @@ class ModelConfig(_Section):
     channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
 
+    @field_validator("channels")
+    @classmethod
+    def _unet_levels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not 2 <= len(v) <= 4 or any(c <= 0 or c % 32 for c in v):
+            raise ValueError("need 2-4 UNet levels (8x8 down to 1x1), each a positive multiple of 32 (GroupNorm)")
+        return v
+
     @field_validator("pretrained")
     @classmethod
     def _local_paths_exist(cls, v: Optional[str]) -> Optional[str]:

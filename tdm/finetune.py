@@ -143,7 +143,7 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
     backbone = backbone or build_backbone(cfg.model)
     backbone.to(accelerator.device)
     data = (DigitsTrainSet() if t.data == "digits"
-            else FolderTrainSet(t.data, t.resolution, 3))
+            else FolderTrainSet(t.data, t.resolution, backbone.image_channels))
     net = backbone.net.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

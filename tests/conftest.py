@@ -11,3 +11,21 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+TINY_CHANNELS = (32, 32)
+
+
+@pytest.fixture(scope="session")
+def tiny_digits():
+    """A tiny, randomly initialised digits backbone (two 32-channel levels)."""
+    from tdm.backbones import DigitsArch, DigitsBackbone
+
+    return DigitsBackbone.create(DigitsArch(channels=TINY_CHANNELS, text_layers=1, num_merges=2000), seed=0)
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory):
+    """One metric-weights cache per test session (the digit classifier trains once, ~5 s)."""
+    return tmp_path_factory.mktemp("weights")

@@ -43,6 +43,7 @@ class Backbone(ABC):
     net: nn.Module  # the teacher denoiser (UNet / transformer)
     schedule: NoiseSchedule
     prediction_type: str
+    image_channels: int = 3  # channels of the images `encode_images` takes (RGB for VAE-based families)
 
     @property
     @abstractmethod

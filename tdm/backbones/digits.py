@@ -50,6 +50,7 @@ class DigitsArch:
 class DigitsBackbone(Backbone):
     family = FAMILY
     prediction_type = "epsilon"
+    image_channels = 1
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  scheduler: DDPMScheduler):

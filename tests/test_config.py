@@ -1,0 +1,66 @@
+import pytest
+
+from tdm import config
+from tdm.config import ConfigError
+
+
+def test_committed_params_are_valid():
+    cfg = config.load("params.yaml")
+    assert cfg.model.family == "digits"
+    assert cfg.teacher_ft.steps >= 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("teacher_ft.lr=0", "teacher_ft.lr"),
+    ("teacher_ft.lr=-1e-3", "teacher_ft.lr"),
+    ("teacher_ft.steps=abc", "teacher_ft.steps"),
+    ("teacher_ft.steps=0", "teacher_ft.steps"),
+    ("teacher_ft.cfg_dropout=1.5", "teacher_ft.cfg_dropout"),
+    ("teacher_ft.typo=1", "teacher_ft.typo"),
+    ("sample.guidance=0.5", "sample.guidance"),
+    ("teacher_ft.data=/no/such/folder", "teacher_ft.data"),
+    ("model.pretrained=./no/such/model", "model.pretrained"),
+    ("model.channels=[48, 64]", "model.channels"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        config.load("params.yaml", [override])
+    assert str(err.value).startswith(f"params.yaml: {key}: ")
+
+
+def test_overrides_parse_values_as_yaml_like_dvc():
+    cfg = config.load("params.yaml", ["teacher_ft.lr=1e-4", "teacher_ft.snr_gamma=null", "sample.steps=4",
+                                      "model.channels=[32, 64]"])
+    assert cfg.teacher_ft.lr == pytest.approx(1e-4)
+    assert cfg.teacher_ft.snr_gamma is None
+    assert cfg.sample.steps == 4
+    assert cfg.model.channels == (32, 64)
+
+
+@pytest.mark.parametrize("bad", ["teacher_ft.lr", "teacher_ft=3", "nosuch.key=1", "a.b.c=1"])
+def test_malformed_overrides(bad):
+    with pytest.raises(ConfigError):
+        config.load("params.yaml", [bad])
+
+
+def test_unknown_section_and_missing_file(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("distil:\n  k: 4\n")
+    with pytest.raises(ConfigError, match="distil: unknown key"):
+        config.load(p)
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "missing.yaml")
+    p.write_text("teacher_ft: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(p)
+
+
+def test_image_caption_folder_accepted(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text("")
+    cfg = config.load("params.yaml", [f"teacher_ft.data={tmp_path}"])
+    assert cfg.teacher_ft.data == str(tmp_path)
+
+
+def test_dump_round_trips():
+    cfg = config.load("params.yaml")
+    assert config.parse(config.dump(cfg)) == cfg

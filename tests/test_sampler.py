@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch import nn
+
+from tdm.backbones import cat_cond
+from tdm.sampler import guided_x0_eps, make_noise, sample_images, student_sample, teacher_sample
+from tdm.schedule import student_timesteps
+
+
+class PointMassDenoiser(nn.Module):
+    """The exact epsilon-predictor for data concentrated on one point per prompt: the prompt's target is the
+    mean of its text embedding, broadcast over the image. Records the timesteps it is called at."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+        self.calls: list[list[int]] = []
+
+    def target(self, encoder_hidden_states, like):
+        return encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1).expand_as(like)
+
+    def forward(self, x_t, t, encoder_hidden_states, return_dict=False):
+        self.calls.append(t.tolist())
+        alpha, sigma = self.schedule.coefficients(t, x_t)
+        return ((x_t - alpha * self.target(encoder_hidden_states, x_t)) / sigma,)
+
+
+@pytest.fixture
+def point_mass(tiny_digits):
+    return PointMassDenoiser(tiny_digits.schedule)
+
+
+PROMPTS = ["a handwritten digit three", "a handwritten digit nine"]
+
+
+@pytest.mark.parametrize("steps", [1, 4, 50])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_teacher_ddim_lands_on_the_guided_point(tiny_digits, point_mass, steps, guidance):
+    cond = tiny_digits.encode_prompts(PROMPTS)
+    noise = make_noise(2, tiny_digits.sample_shape, seed=1)
+    x0 = teacher_sample(tiny_digits, point_mass, cond, noise, steps, guidance)
+    target_c = point_mass.target(cond["encoder_hidden_states"], noise)
+    target_u = point_mass.target(tiny_digits.null_cond(2)["encoder_hidden_states"], noise)
+    torch.testing.assert_close(x0, target_u + guidance * (target_c - target_u), atol=1e-4, rtol=1e-4)
+    # One network call per step; with CFG, cond and uncond share it (batch of 4).
+    assert len(point_mass.calls) == steps
+    assert len(point_mass.calls[0]) == (2 if guidance == 1.0 else 4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_student_trajectory_visits_its_grid_and_is_exact(tiny_digits, point_mass, k):
+    cond = tiny_digits.encode_prompts(PROMPTS)
+    noise = make_noise(2, tiny_digits.sample_shape, seed=2)
+    x0 = student_sample(tiny_digits, point_mass, cond, noise, k, total_steps=900)
+    torch.testing.assert_close(x0, point_mass.target(cond["encoder_hidden_states"], noise), atol=1e-4, rtol=1e-4)
+    assert [c[0] for c in point_mass.calls] == student_timesteps(k, 900).tolist()
+
+
+def test_batched_cfg_equals_separate_forwards(tiny_digits):
+    net = tiny_digits.net
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([50, 400, 900])
+    cond = tiny_digits.encode_prompts(["a handwritten digit one"] * 3)
+    with torch.no_grad():
+        x0, eps = guided_x0_eps(tiny_digits, net, x, t, cond, 4.5)
+        out_c = tiny_digits.predict(net, x, t, cond)
+        out_u = tiny_digits.predict(net, x, t, tiny_digits.null_cond(3))
+    ref_x0, ref_eps = tiny_digits.schedule.to_x0_eps(out_u + 4.5 * (out_c - out_u), x, t, "epsilon")
+    torch.testing.assert_close(x0, ref_x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eps, ref_eps, atol=1e-4, rtol=1e-4)
+    assert cat_cond([cond, cond])["encoder_hidden_states"].shape[0] == 6
+
+
+def test_samples_do_not_depend_on_batch_size_and_follow_the_seed(tiny_digits):
+    prompts = [f"a handwritten digit {w}" for w in ["zero", "one", "two", "three", "four"]] * 2
+    a = sample_images(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=5, batch_size=3)
+    b = sample_images(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=5, batch_size=10)
+    c = sample_images(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=6, batch_size=10)
+    assert a.shape == (10, 8, 8, 1) and a.dtype == torch.uint8
+    assert (a.int() - b.int()).abs().max() <= 1  # batched matmuls may round differently in the last bit
+    assert not torch.equal(b, c)
+    s = sample_images(tiny_digits, tiny_digits.net, prompts, steps=4, student=True, total_steps=900, seed=5)
+    assert s.shape == (10, 8, 8, 1)
+    with pytest.raises(ValueError, match="total_steps"):
+        sample_images(tiny_digits, tiny_digits.net, prompts, steps=4, student=True)
