@@ -171,6 +171,10 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
     net, optimizer = accelerator.prepare(net, optimizer)
 
     def save(step: int) -> None:
+        # Only finite weights become a checkpoint, so the last one on disk is always a good one.
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise TrainingDiverged(f"teacher_ft: weights went NaN/Inf by step {step}; stopped. Last good checkpoint: "
+                                   f"{ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. Lower teacher_ft.lr.")
         if accelerator.is_main_process:
             ckpt.save_state(ckpt.step_dir(ckpt_root, step), {
                 "step": step, "fingerprint": fingerprint, "net": accelerator.unwrap_model(net).state_dict(),
