@@ -1,0 +1,57 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tdm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["-S", "model.channels=[32, 32]", "-S", "teacher_ft.steps=3", "-S", "teacher_ft.batch_size=8",
+        "-S", "teacher_ft.eval_samples=10", "-S", "sample.steps=2"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_teacher_ft_then_sample(project, capsys):
+    assert main(["teacher-ft", "-q", *TINY]) == 0
+    metrics = json.loads((project / "metrics/teacher_ft.json").read_text())
+    assert metrics["steps"] == 3 and metrics["eval_n"] == 10
+    assert main(["sample", "-q", "--model", "outputs/teacher_ft/model", "--steps", "3", "--guidance", "2",
+                 "--n", "7", "--out", "samples/t.npz", "--score"]) == 0
+    with np.load(project / "samples/t.npz") as z:
+        assert z["images"].shape == (7, 8, 8, 1) and z["images"].dtype == np.uint8
+        assert len(z["prompts"]) == 7
+    assert (project / "samples/t.png").is_file()
+    (project / "prompts.txt").write_text("a handwritten digit four\nthe number two, written by hand\n")
+    assert main(["sample", "-q", "--model", "outputs/teacher_ft/model", "--steps", "2", "--student",
+                 "--total-steps", "900", "--prompts", "prompts.txt", "--out", "s.npz"]) == 0
+    with np.load(project / "s.npz") as z:
+        assert list(z["prompts"]) == ["a handwritten digit four", "the number two, written by hand"]
+
+
+def test_bad_param_fails_before_compute_and_writes_nothing(project, capsys):
+    assert main(["teacher-ft", "-S", "teacher_ft.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher_ft.lr" in err and "greater than 0" in err
+    assert not (project / "outputs").exists() and not (project / "metrics").exists()
+
+
+def test_sample_errors_name_the_path(project, capsys):
+    assert main(["sample", "--model", "nowhere", "--out", "x.npz"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert not (project / "x.npz").exists()
+
+
+def test_console_script_is_installed(project):
+    exe = Path(sys.executable).parent / "tdm"
+    out = subprocess.run([str(exe), "teacher-ft", "-S", "teacher_ft.nope=1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "teacher_ft.nope: unknown key" in out.stderr

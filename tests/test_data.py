@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+
+from tdm.data import (DIGIT_WORDS, ImageCaptionFolder, digit_prompt, digit_prompt_set, digits_split,
+                      label_from_prompt, read_prompts)
+
+
+def test_digits_split_is_fixed_stratified_and_scaled():
+    train_x, train_y = digits_split("train")
+    test_x, test_y = digits_split("test")
+    assert train_x.shape == (1347, 1, 8, 8) and test_x.shape == (450, 1, 8, 8)
+    assert train_x.min() == -1 and train_x.max() == 1
+    assert torch.bincount(test_y).min() >= 43  # stratified: ~45 of every class held out
+    again_x, _ = digits_split("test")
+    assert torch.equal(test_x, again_x)
+    with pytest.raises(ValueError):
+        digits_split("val")
+
+
+def test_prompts_name_their_digit():
+    for label in range(10):
+        for template in range(4):
+            assert label_from_prompt(digit_prompt(label, template)) == label
+    assert label_from_prompt("a cat") is None
+    assert label_from_prompt("one or two") is None
+    prompts = digit_prompt_set(20, seed=1)
+    assert [label_from_prompt(p) for p in prompts] == [i % 10 for i in range(20)]
+    assert len(set(prompts)) > 10  # templates vary
+    assert DIGIT_WORDS[7] == "seven"
+
+
+def test_read_prompts_formats(tmp_path):
+    (tmp_path / "p.txt").write_text("a\n\nb\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"caption": "b"}) + "\n")
+    (tmp_path / "p.csv").write_text("id,text\n1,a\n2,b\n")
+    for name in ("p.txt", "p.jsonl", "p.csv"):
+        assert read_prompts(tmp_path / name) == ["a", "b"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"x": 1}))
+    with pytest.raises(ValueError, match="'prompt', 'text' or 'caption'"):
+        read_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_image_caption_folder_validates(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        ImageCaptionFolder.open(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}))
+    with pytest.raises(FileNotFoundError, match="a.png"):
+        ImageCaptionFolder.open(tmp_path)
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "a.png")
+    folder = ImageCaptionFolder.open(tmp_path)
+    im = folder.load(0, 8)
+    assert im.shape == (3, 8, 8) and im[0].min() == 1.0 and im[1].max() == -1.0
+    assert folder.load(0, 8, channels=1).shape == (1, 8, 8)
