@@ -11,8 +11,19 @@ if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]
 fi
 echo "bootstrap: installing tdm into .venv/ (first run: ~2-3 minutes)" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" >&2 || true
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" >&2 || true
-.venv/bin/python -c "import tdm, torch, torchvision, diffusers, transformers" # fail loudly if anything is missing
+log=$(mktemp)
+pip_install() {  # quiet on success, the whole log on failure
+  if ! .venv/bin/python -m pip install "$@" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$log" >&2
+    echo "bootstrap: pip install $* failed" >&2
+    exit 1
+  fi
+}
+pip_install --upgrade pip
+pip_install torch==2.14.1 torchvision==0.29.1
+pip_install -e ".[test]"
+rm -f "$log"
+# Fail loudly (and leave no stamp) if anything did not install.
+.venv/bin/python -c "import tdm, torch, torchvision, diffusers, transformers, accelerate, peft, safetensors, sklearn, \
+scipy, open_clip, pydantic, yaml, tqdm, PIL, huggingface_hub, pytest, hypothesis"
 echo "$want" > "$stamp"

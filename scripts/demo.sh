@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 source scripts/env.sh
 tdm teacher-ft "$@"
-tdm sample --model outputs/teacher_ft/model --steps 50 --guidance 2 --n 100 --out outputs/demo/teacher_50steps.npz --score
+tdm sample --model outputs/teacher_ft/model --steps 50 --n 100 --out outputs/demo/teacher_50steps.npz --score
 echo "demo: teacher in outputs/teacher_ft/model, metrics in metrics/teacher_ft.json, samples in outputs/demo/" >&2

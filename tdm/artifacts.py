@@ -1,24 +1,34 @@
 """Files the stages leave behind: sample archives (npz + PNG grid) and metrics JSON, written atomically."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> Path:
+    """Write a file beside `path` and rename it into place (mkstemp's 0600 widened to the umask's default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -26,8 +36,37 @@ def _atomic_write(path: Path, write) -> Path:
     return path
 
 
+def atomic_write_file(path: str | Path, write) -> Path:
+    """`write(tmp_path)` then rename to `path`: readers never see a half-written file."""
+    return _atomic_write(Path(path), write)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside `folder`; on success it replaces `folder` (the old one is moved aside first,
+    so a crash at any point leaves either the old or the new folder complete); on error it is removed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.rename(folder, old / folder.name)
+        os.rename(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json(path: str | Path, obj) -> Path:
-    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    """Strict JSON (a NaN is a bug upstream, not a value to write)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def image_grid(images: torch.Tensor | np.ndarray, ncol: int | None = None, scale: int = 1, pad: int = 1) -> np.ndarray:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from tdm.artifacts import atomic_folder
 
 _TENSOR = "__tensor__"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -51,19 +52,11 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_state(folder: str | Path, state: dict) -> Path:
     """Write `state` to `folder` atomically (temp folder + rename); replaces an existing folder."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = _flatten(state, "", tensors)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "", tensors)
+    with atomic_folder(folder) as tmp:
         save_file(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(skeleton))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -93,6 +86,16 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def load_latest(root: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, falling back to older ones if the newest is damaged."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return path, load_state(path)
+        except Exception as err:  # a truncated file after a power loss, say
+            print(f"checkpoint {path} does not load ({err}); trying an older one")
+    return None
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:

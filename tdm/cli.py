@@ -40,8 +40,12 @@ def cmd_sample(args) -> dict:
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"--model: not a model folder (no model_index.json): {model}")
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.student and args.guidance != 1.0:
+        raise ValueError("--guidance applies to the teacher; the student has CFG baked in (leave it at 1)")
     if args.prompt is not None:
-        prompts = [args.prompt] * args.n
+        prompts = [args.prompt] * (args.n or 1)
     elif args.prompts is not None:
         listed = read_prompts(args.prompts)
         prompts = [listed[i % len(listed)] for i in range(args.n or len(listed))]
@@ -54,7 +58,9 @@ def cmd_sample(args) -> dict:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out}")
-    backbone = load_backbone(model)
+    import torch
+
+    backbone = load_backbone(model).to("cuda" if torch.cuda.is_available() else "cpu")
     images = sample_images(backbone, backbone.net, prompts, steps=args.steps, guidance=args.guidance,
                            student=args.student, total_steps=args.total_steps, seed=args.seed,
                            batch_size=args.batch_size, progress=not args.quiet)

@@ -6,7 +6,6 @@ Overrides use DVC's syntax, `section.key=value` (as in `dvc exp run -S teacher_f
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -31,6 +30,9 @@ class ModelConfig(_Section):
     pretrained: Optional[str] = None
     channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
+    # Noise schedule of a fresh model (a pretrained one keeps its own): DDPM's "linear", SD's "scaled_linear",
+    # or the cosine "squaredcos_cap_v2" (Nichol & Dhariwal), which wastes fewer steps on tiny images.
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
 
     @field_validator("channels")
     @classmethod
@@ -41,9 +43,14 @@ class ModelConfig(_Section):
 
     @field_validator("pretrained")
     @classmethod
-    def _local_paths_exist(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and _looks_local(v) and not Path(v).expanduser().exists():
-            raise ValueError(f"path does not exist: {v}")
+    def _folder_or_cached_hub_id(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from tdm.backbones import resolve_model_path
+
+            try:
+                resolve_model_path(v)  # a missing folder or uncached hub id fails here, before any compute
+            except FileNotFoundError as err:
+                raise ValueError(str(err)) from None
         return v
 
 
@@ -69,14 +76,17 @@ class TeacherFTConfig(_Section):
     @field_validator("data")
     @classmethod
     def _data_folder(cls, v: str) -> str:
-        if v != "digits" and not (Path(v).expanduser() / "metadata.jsonl").is_file():
-            raise ValueError(f"must be 'digits' or a folder with metadata.jsonl; not found: {Path(v) / 'metadata.jsonl'}")
+        meta = Path(v).expanduser() / "metadata.jsonl"
+        if v != "digits" and not meta.is_file():
+            raise ValueError(f"must be 'digits' or a folder with metadata.jsonl; not found: {meta}")
+        if v != "digits" and not meta.read_text().strip():
+            raise ValueError(f"{meta} has no rows")
         return v
 
 
 class SampleConfig(_Section):
     steps: int = Field(50, ge=1)  # teacher DDIM steps
-    guidance: float = Field(2.0, ge=1)  # classifier-free guidance scale (1 = off)
+    guidance: float = Field(1.0, ge=1)  # classifier-free guidance scale (1 = off)
     batch_size: int = Field(250, ge=1)
     seed: int = 0
 
@@ -103,11 +113,6 @@ class StagePaths:
     def of(cls, stage: str, root: str | Path = ".") -> "StagePaths":
         root = Path(root)
         return cls(root / "outputs" / stage, root / "metrics" / f"{stage}.json")
-
-
-def _looks_local(value: str) -> bool:
-    """A hub id is `org/name`; anything absolute, relative-dotted or home-based is a local path."""
-    return value.startswith(("/", "./", "../", "~")) or os.sep + os.sep in value or Path(value).suffix != ""
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

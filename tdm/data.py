@@ -75,8 +75,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if suffix == ".txt":
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     elif suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        prompts = [_prompt_field(row, path) for row in rows]
+        prompts = [_prompt_field(row, path) for row in _jsonl_rows(path)]
     elif suffix == ".csv":
         with path.open(newline="") as f:
             prompts = [_prompt_field(row, path) for row in csv.DictReader(f)]
@@ -85,6 +84,20 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object")
+            rows.append(row)
+    return rows
 
 
 def _prompt_field(row: dict, path: Path) -> str:
@@ -110,10 +123,7 @@ class ImageCaptionFolder:
         if not meta.is_file():
             raise FileNotFoundError(f"image-caption folder needs {meta}")
         names, captions = [], []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for n, row in enumerate(_jsonl_rows(meta), 1):
             if "file_name" not in row or "text" not in row:
                 raise ValueError(f"{meta}:{n}: each line needs 'file_name' and 'text'")
             if not (root / row["file_name"]).is_file():

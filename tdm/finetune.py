@@ -107,9 +107,10 @@ def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
 
 
 def config_fingerprint(cfg: Config) -> str:
-    """What must match for a checkpoint to be resumed: the model and this stage's params."""
+    """What must match for a checkpoint to be resumed: the model and the training math of this stage."""
     relevant = {"model": dump(cfg)["model"], STAGE: dump(cfg)[STAGE]}
-    relevant[STAGE].pop("eval_samples")
+    for bookkeeping in ("eval_samples", "checkpoint_every"):
+        relevant[STAGE].pop(bookkeeping)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -117,33 +118,45 @@ def config_fingerprint(cfg: Config) -> str:
 class TrainResult:
     steps: int
     final_loss: float
-    train_time_s: float
+    train_time_s: float  # summed over every session of a resumed run
     resumed_from: int | None
 
 
-def check_inputs(cfg: Config) -> None:
-    """Everything the stage needs, checked before any compute (config validation covers the paths)."""
+def open_training_set(cfg: Config):
+    """The images the stage trains on, opened (and checked) before any model is built."""
     t = cfg.teacher_ft
-    if t.data == "digits" and cfg.model.family != "digits":
-        raise ValueError(f"teacher_ft.data: 'digits' needs model.family digits, got {cfg.model.family!r}")
+    if t.data == "digits":
+        if cfg.model.family != "digits":
+            raise ValueError(f"teacher_ft.data: 'digits' needs model.family digits, got {cfg.model.family!r}")
+        return DigitsTrainSet()
+    return FolderTrainSet(t.data, t.resolution, 1 if cfg.model.family == "digits" else 3)
+
+
+def _check_resolution(cfg: Config, backbone: Backbone, data) -> None:
+    if isinstance(data, FolderTrainSet):
+        probe = backbone.encode_images(torch.zeros(1, backbone.image_channels, data.resolution, data.resolution,
+                                                   device=backbone.device))
+        if tuple(probe.shape[1:]) != tuple(backbone.sample_shape):
+            raise ValueError(f"teacher_ft.resolution {data.resolution} gives samples of shape "
+                             f"{tuple(probe.shape[1:])}, the model works at {tuple(backbone.sample_shape)}")
 
 
 def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, progress: bool = True,
           stop_after: int | None = None) -> tuple[Backbone, EMA, TrainResult]:
     """Run (or resume) the fine-tuning loop; returns the backbone, the EMA teacher and a summary.
     `stop_after` ends the run early at that step (a checkpoint is written), as a kill would."""
-    check_inputs(cfg)
     t = cfg.teacher_ft
-    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    data = open_training_set(cfg)
+    # cpu=True on CPU-only machines: without it accelerate does not form a (gloo) process group under torchrun.
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     if t.batch_size % accelerator.num_processes:
         raise ValueError(f"teacher_ft.batch_size {t.batch_size} is not divisible by {accelerator.num_processes} processes")
     per_process = t.batch_size // accelerator.num_processes
 
     torch.manual_seed(t.seed)
-    backbone = backbone or build_backbone(cfg.model)
+    backbone = backbone or build_backbone(cfg.model, seed=t.seed)
     backbone.to(accelerator.device)
-    data = (DigitsTrainSet() if t.data == "digits"
-            else FolderTrainSet(t.data, t.resolution, backbone.image_channels))
+    _check_resolution(cfg, backbone, data)
     net = backbone.net.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -152,23 +165,33 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
 
     ckpt_root = paths.out_dir / "checkpoints"
     fingerprint = config_fingerprint(cfg)
-    start, resumed_from = 0, None
-    latest = ckpt.latest_checkpoint(ckpt_root)
-    if latest is not None:
-        state = ckpt.load_state(latest)
-        if state["fingerprint"] == fingerprint:
-            net.load_state_dict(state["net"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["lr_scheduler"])
-            ema.load_state_dict(state["ema"])
-            ckpt.set_rng_state(state["rng"])
-            start = resumed_from = int(state["step"])
-            accelerator.print(f"teacher_ft: resuming from {latest} (step {start})")
-        else:
-            accelerator.print(f"teacher_ft: params changed since {latest}; starting afresh")
+    start, resumed_from, loss_value, past_time = 0, None, float("nan"), 0.0
+    found = ckpt.load_latest(ckpt_root)
+    if found is not None and found[1]["fingerprint"] != fingerprint:
+        accelerator.print(f"teacher_ft: params changed since {found[0]}; starting afresh")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             ckpt.prune_checkpoints(ckpt_root, keep=0)
+        found = None
+    if found is not None:
+        path, state = found
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        ema.load_state_dict(state["ema"])
+        ckpt.set_rng_state(state["rng"])
+        start = resumed_from = int(state["step"])
+        loss_value, past_time = float(state["loss"]), float(state["train_time_s"])
+        accelerator.print(f"teacher_ft: resuming from {path} (step {start})")
+        if accelerator.is_main_process:
+            _truncate_loss_log(paths.out_dir / "loss.csv", start)
     # The LR scheduler stays unprepared: accelerate would step it once per process.
     net, optimizer = accelerator.prepare(net, optimizer)
+    if found is not None and accelerator.scaler is not None and "scaler" in found[1]:
+        accelerator.scaler.load_state_dict(found[1]["scaler"])
+
+    pending: list[tuple[int, float, float]] = []  # loss log rows not yet on disk
+    t0 = time.perf_counter()
 
     def save(step: int) -> None:
         # Only finite weights become a checkpoint, so the last one on disk is always a good one.
@@ -176,11 +199,16 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
             raise TrainingDiverged(f"teacher_ft: weights went NaN/Inf by step {step}; stopped. Last good checkpoint: "
                                    f"{ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. Lower teacher_ft.lr.")
         if accelerator.is_main_process:
-            ckpt.save_state(ckpt.step_dir(ckpt_root, step), {
-                "step": step, "fingerprint": fingerprint, "net": accelerator.unwrap_model(net).state_dict(),
-                "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                "ema": ema.state_dict(), "rng": ckpt.rng_state()})
+            _append_loss_log(paths.out_dir / "loss.csv", pending, fresh=start == 0 and step == len(pending))
+            state = {"step": step, "fingerprint": fingerprint, "net": accelerator.unwrap_model(net).state_dict(),
+                     "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                     "ema": ema.state_dict(), "rng": ckpt.rng_state(), "loss": loss_value,
+                     "train_time_s": past_time + time.perf_counter() - t0}
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
+            ckpt.save_state(ckpt.step_dir(ckpt_root, step), state)
             ckpt.prune_checkpoints(ckpt_root, keep=2)
+        pending.clear()
         accelerator.wait_for_everyone()
 
     end = t.steps if stop_after is None else min(t.steps, stop_after)
@@ -189,9 +217,6 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
         from tqdm.auto import tqdm
 
         bar = tqdm(total=t.steps, initial=start, desc="teacher_ft", unit="step", dynamic_ncols=True)
-    losses: list[tuple[int, float, float]] = []
-    t0 = time.perf_counter()
-    loss_value = float("nan")
     for step in range(start, end):
         g = step_generator(t.seed, step, accelerator.process_index)
         index = torch.randperm(len(data), generator=g)[:per_process]
@@ -204,18 +229,18 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
         cond = backbone.encode_prompts(prompts)
         with accelerator.autocast():
             loss = diffusion_loss(backbone, net, x0, cond, timesteps.to(accelerator.device), eps, t.snr_gamma)
-        loss_value = loss.item()
+        # Every rank sees the mean loss, so a NaN on one rank stops all of them (none hangs in an all-reduce).
+        loss_value = accelerator.reduce(loss.detach(), "mean").item() if accelerator.num_processes > 1 else loss.item()
         if not math.isfinite(loss_value):
-            last = ckpt.latest_checkpoint(ckpt_root)
-            raise TrainingDiverged(f"teacher_ft: loss is {loss_value} at step {step}; stopped. "
-                                   f"Last good checkpoint: {last or 'none yet'}. Lower teacher_ft.lr or enable grad clipping.")
+            raise TrainingDiverged(f"teacher_ft: loss is {loss_value} at step {step}; stopped. Last good checkpoint: "
+                                   f"{ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. Lower teacher_ft.lr.")
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(net.parameters(), t.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(accelerator.unwrap_model(net))
-        losses.append((step + 1, loss_value, scheduler.get_last_lr()[0]))
+        pending.append((step + 1, loss_value, scheduler.get_last_lr()[0]))
         if bar is not None:
             bar.update(1)
             if step % 10 == 0:
@@ -224,11 +249,16 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
             save(step + 1)
     if bar is not None:
         bar.close()
-    train_time = time.perf_counter() - t0
-    if accelerator.is_main_process:
-        _append_loss_log(paths.out_dir / "loss.csv", losses, fresh=start == 0)
+    train_time = past_time + (time.perf_counter() - t0 if end > start else 0.0)
     backbone.net = accelerator.unwrap_model(net)
     return backbone, ema, TrainResult(end, loss_value, train_time, resumed_from)
+
+
+def _truncate_loss_log(path: Path, last_step: int) -> None:
+    """Drop log rows past the checkpoint a run resumes from (they will be recomputed, identically)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= last_step]))
 
 
 def _append_loss_log(path: Path, rows: Sequence[tuple[int, float, float]], fresh: bool) -> None:
@@ -263,15 +293,22 @@ def evaluate_teacher(cfg: Config, backbone: Backbone, net, out_dir: Path, progre
 
 
 def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> dict:
-    """The teacher_ft stage: train, save the EMA teacher to outputs/teacher_ft/model, score it, write metrics."""
+    """The teacher_ft stage: train, save the EMA teacher to outputs/teacher_ft/model, score it, write metrics.
+    Under several processes only the main one saves and evaluates."""
+    from accelerate import PartialState
+
     paths = paths or StagePaths.of(STAGE)
     backbone, ema, result = train(cfg, paths, progress=progress)
+    state = PartialState()
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return {}
     model_dir = paths.out_dir / "model"
-    backbone.save(model_dir, net=ema.model)
-    write_json(model_dir / "tdm_params.json", dump(cfg))
+    backbone.save(model_dir, net=ema.model, extra_files={"tdm_params.json": json.dumps(dump(cfg), indent=2)})
     metrics = {"steps": result.steps, "final_loss": result.final_loss, "train_time_s": round(result.train_time_s, 2),
                "resumed_from": result.resumed_from,
                "parameters": sum(p.numel() for p in backbone.net.parameters())}
     metrics.update(evaluate_teacher(cfg, backbone, ema.model, paths.out_dir, progress))
     write_json(paths.metrics, metrics)
+    state.wait_for_everyone()
     return metrics

@@ -29,3 +29,8 @@ def tiny_digits():
 def weights_dir(tmp_path_factory):
     """One metric-weights cache per test session (the digit classifier trains once, ~5 s)."""
     return tmp_path_factory.mktemp("weights")
+
+
+from pathlib import Path  # noqa: E402
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the committed embedded default

@@ -1,11 +1,12 @@
 import pytest
 
 from tdm import config
+from conftest import PARAMS
 from tdm.config import ConfigError
 
 
 def test_committed_params_are_valid():
-    cfg = config.load("params.yaml")
+    cfg = config.load(PARAMS)
     assert cfg.model.family == "digits"
     assert cfg.teacher_ft.steps >= 1
 
@@ -24,12 +25,12 @@ def test_committed_params_are_valid():
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        config.load("params.yaml", [override])
-    assert str(err.value).startswith(f"params.yaml: {key}: ")
+        config.load(PARAMS, [override])
+    assert str(err.value).startswith(f"{PARAMS}: {key}: ")
 
 
 def test_overrides_parse_values_as_yaml_like_dvc():
-    cfg = config.load("params.yaml", ["teacher_ft.lr=1e-4", "teacher_ft.snr_gamma=null", "sample.steps=4",
+    cfg = config.load(PARAMS, ["teacher_ft.lr=1e-4", "teacher_ft.snr_gamma=null", "sample.steps=4",
                                       "model.channels=[32, 64]"])
     assert cfg.teacher_ft.lr == pytest.approx(1e-4)
     assert cfg.teacher_ft.snr_gamma is None
@@ -40,7 +41,7 @@ def test_overrides_parse_values_as_yaml_like_dvc():
 @pytest.mark.parametrize("bad", ["teacher_ft.lr", "teacher_ft=3", "nosuch.key=1", "a.b.c=1"])
 def test_malformed_overrides(bad):
     with pytest.raises(ConfigError):
-        config.load("params.yaml", [bad])
+        config.load(PARAMS, [bad])
 
 
 def test_unknown_section_and_missing_file(tmp_path):
@@ -57,10 +58,13 @@ def test_unknown_section_and_missing_file(tmp_path):
 
 def test_image_caption_folder_accepted(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("")
-    cfg = config.load("params.yaml", [f"teacher_ft.data={tmp_path}"])
+    with pytest.raises(ConfigError, match="teacher_ft.data: .*no rows"):
+        config.load(PARAMS, [f"teacher_ft.data={tmp_path}"])
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    cfg = config.load(PARAMS, [f"teacher_ft.data={tmp_path}"])
     assert cfg.teacher_ft.data == str(tmp_path)
 
 
 def test_dump_round_trips():
-    cfg = config.load("params.yaml")
+    cfg = config.load(PARAMS)
     assert config.parse(config.dump(cfg)) == cfg

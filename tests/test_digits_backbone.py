@@ -81,3 +81,18 @@ def test_unsupported_folders_fail_clearly(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="unsupported model.*FluxPipeline"):
         load_backbone(tmp_path)
+
+
+def test_loads_a_hub_id_from_the_offline_cache(tiny_digits, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    snapshot = tmp_path / "hub" / "models--tdm-test--tiny-digits" / "snapshots" / ("0" * 40)
+    tiny_digits.save(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_backbone("tdm-test/tiny-digits")
+    for a, b in zip(loaded.net.parameters(), tiny_digits.net.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="not in the HF cache"):
+        load_backbone("tdm-test/absent")

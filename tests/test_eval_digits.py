@@ -1,7 +1,6 @@
 """Toy digits metrics: a really trained classifier, FID against closed forms and real data."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +50,11 @@ def test_classifier_is_accurate_and_cached(classifier, cache_dir):
     assert classifier.held_out_accuracy >= 0.95
     weights = cache_dir / f"digit_classifier-{CLASSIFIER_VERSION}.safetensors"
     assert weights.is_file() and weights.with_suffix(".json").is_file()
-    assert not list(cache_dir.glob("*.tmp"))  # atomic writes leave no temp files
+    assert not list(cache_dir.glob(".*"))  # atomic writes leave no temp files
 
     mtime = weights.stat().st_mtime_ns
-    start = time.perf_counter()
     again = load_classifier(cache_dir)
-    assert time.perf_counter() - start < 1.0  # loaded, not retrained
-    assert weights.stat().st_mtime_ns == mtime
+    assert weights.stat().st_mtime_ns == mtime  # loaded, not retrained
     assert again.held_out_accuracy == classifier.held_out_accuracy
     for (name, a), (_, b) in zip(classifier.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
@@ -171,7 +168,7 @@ def test_evaluate_samples_on_real_digits(classifier, cache_dir, test_split):
     assert out["n"] == len(x)
     assert out["accuracy"] >= 0.95
     assert out["fid"] < 1e-6  # uint8 samples are exactly the quantised reference set
-    assert out["fid_floor"] == pytest.approx(real_fid_floor(classifier))
+    assert out["fid_floor"] == pytest.approx(real_fid_floor(classifier, n=len(x)))  # floor at the same n
     assert out["classifier_accuracy"] == classifier.held_out_accuracy
 
     no_digit = evaluate_samples(_to_uint8(x[:20]), ["a cat"] * 20, cache_dir)

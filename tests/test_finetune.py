@@ -7,6 +7,7 @@ from PIL import Image
 
 from tdm import checkpoint as ckpt
 from tdm import config
+from conftest import PARAMS
 from tdm.config import StagePaths
 from tdm.data import digit_prompt, digits_split
 from tdm.finetune import TrainingDiverged, lr_factor, min_snr_weight, run, train
@@ -16,7 +17,7 @@ TINY = ["model.channels=[32, 32]", "teacher_ft.batch_size=8", "teacher_ft.warmup
 
 
 def _cfg(tmp_path, *extra):
-    return config.load("params.yaml", TINY + [f"eval.weights_dir={tmp_path / 'weights'}", *extra])
+    return config.load(PARAMS, TINY + [f"eval.weights_dir={tmp_path / 'weights'}", *extra])
 
 
 def _weights(module):
@@ -28,7 +29,7 @@ def test_loss_goes_down(tmp_path):
     train(cfg, StagePaths.of("teacher_ft", tmp_path), progress=False)
     rows = np.loadtxt(tmp_path / "outputs/teacher_ft/loss.csv", delimiter=",", skiprows=1)
     assert rows.shape == (60, 3)
-    assert rows[-15:, 1].mean() < 0.5 * rows[:15, 1].mean()
+    assert rows[-15:, 1].mean() < 0.7 * rows[:15, 1].mean()
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
@@ -59,7 +60,9 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     paths = StagePaths.of("teacher_ft", tmp_path)
     with pytest.raises(TrainingDiverged, match="NaN|Inf|nan|inf"):
         train(cfg, paths, progress=False)
-    for c in ckpt.list_checkpoints(paths.out_dir / "checkpoints"):
+    kept = ckpt.list_checkpoints(paths.out_dir / "checkpoints")
+    assert kept, "the steps before the blow-up should have left a checkpoint"
+    for c in kept:
         state = ckpt.load_state(c)
         assert all(torch.isfinite(v).all() for v in state["net"].values())
 

@@ -2,12 +2,31 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tdm.backbones.base import Backbone, Cond, cat_cond, cond_to, index_cond
 from tdm.backbones.digits import DigitsArch, DigitsBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {"digits": DigitsBackbone}
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A local model folder, or a hub id resolved in the local HF cache (offline: nothing is downloaded)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            raise FileNotFoundError(f"{name}: not a local folder and not in the HF cache "
+                                    f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); "
+                                    f"download it on a connected machine first") from None
+    raise FileNotFoundError(f"model folder not found: {name}")
 
 
 def family_of(folder: str | Path) -> str:
@@ -23,12 +42,13 @@ def family_of(folder: str | Path) -> str:
     return family
 
 
-def load_backbone(folder: str | Path) -> Backbone:
-    """Load a saved model folder with the adapter its model_index.json names."""
+def load_backbone(name_or_path: str | Path) -> Backbone:
+    """Load a model folder (or cached hub id) with the adapter its model_index.json names."""
+    folder = resolve_model_path(name_or_path)
     return FAMILIES[family_of(folder)].load(folder)
 
 
-def build_backbone(model_cfg) -> Backbone:
+def build_backbone(model_cfg, seed: int = 0) -> Backbone:
     """The backbone `params.yaml`'s `model` section asks for: pretrained when given, else a fresh digits model."""
     if model_cfg.pretrained is not None:
         backbone = load_backbone(model_cfg.pretrained)
@@ -37,8 +57,9 @@ def build_backbone(model_cfg) -> Backbone:
         return backbone
     if model_cfg.family != "digits":
         raise ValueError(f"model.pretrained: required for family {model_cfg.family!r} (only digits starts fresh)")
-    return DigitsBackbone.create(DigitsArch(channels=tuple(model_cfg.channels),
-                                            layers_per_block=model_cfg.layers_per_block))
+    arch = DigitsArch(channels=tuple(model_cfg.channels), layers_per_block=model_cfg.layers_per_block,
+                      beta_schedule=model_cfg.beta_schedule)
+    return DigitsBackbone.create(arch, seed=seed)
 
 
 __all__ = ["Backbone", "Cond", "cat_cond", "cond_to", "index_cond", "DigitsArch", "DigitsBackbone", "FAMILIES",

@@ -81,8 +81,9 @@ class Backbone(ABC):
         """Module names a LoRA on `net` should target."""
 
     @abstractmethod
-    def save(self, folder: str | Path, net: nn.Module | None = None) -> None:
-        """Write a diffusers-style model folder (with `net` in place of the teacher when given)."""
+    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None) -> None:
+        """Write a diffusers-style model folder atomically (with `net` in place of the teacher when given,
+        plus `extra_files` {name: text})."""
 
     def to(self, device: torch.device | str) -> "Backbone":
         for module in self.modules().values():

@@ -8,7 +8,6 @@ scheduler/), and each part loads with its own `from_pretrained`.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ class DigitsArch:
     text_layers: int = 2
     num_merges: int = 10000  # a prefix of CLIP's BPE merges: ids agree with real CLIP, vocabulary stays small
     max_length: int = 16
-    beta_schedule: str = "linear"  # DDPM's pixel-space schedule (SD's scaled_linear is tuned for latents)
+    beta_schedule: str = "squaredcos_cap_v2"  # cosine: the linear schedule destroys 8x8 images too early
 
     def __post_init__(self):
         if len(self.channels) < 2 or any(c % 32 for c in self.channels):
@@ -98,14 +97,14 @@ class DigitsBackbone(Backbone):
             DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         )
 
-    def save(self, folder: str | Path, net: nn.Module | None = None) -> None:
-        """Write the model folder atomically: a sibling temp folder, then a rename."""
+    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None) -> None:
+        """Write the model folder atomically (a sibling temp folder, then a rename); `extra_files` are written
+        into it too (e.g. the params that made it)."""
         import diffusers
 
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        from tdm.artifacts import atomic_folder
+
+        with atomic_folder(folder) as tmp:
             (net if net is not None else self.net).save_pretrained(tmp / "unet")
             self.text_encoder.save_pretrained(tmp / "text_encoder")
             self.tokenizer.save_pretrained(tmp / "tokenizer")
@@ -115,12 +114,8 @@ class DigitsBackbone(Backbone):
                 "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
             }, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
 
     # -- the protocol -------------------------------------------------------------------------------------------
     @property

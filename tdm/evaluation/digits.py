@@ -8,8 +8,6 @@ held-out test split; FID(train vs test) is the floor a perfect generator would s
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import warnings
 import weakref
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdm.artifacts import atomic_write_file
 from tdm.data import digits_split, label_from_prompt
 
 # Bump whenever the architecture or the training recipe changes, so stale caches are not reused.
@@ -120,18 +119,6 @@ def _train(seed: int, epochs: int = 25, batch_size: int = 64, lr: float = 2e-3) 
     return model.eval()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder then os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cache_paths(cache_dir: Path, seed: int) -> tuple[Path, Path]:
     stem = f"digit_classifier-{CLASSIFIER_VERSION}" + (f"-seed{seed}" if seed else "")
     return cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
@@ -158,15 +145,15 @@ def load_classifier(cache_dir: str | Path, seed: int = 0) -> DigitClassifier:
         meta = {"version": CLASSIFIER_VERSION, "seed": seed, "held_out_accuracy": _held_out_accuracy(model),
                 "train_seconds": round(train_seconds, 2)}
         # Sidecar first: a weights file on disk then always has its metadata beside it.
-        _atomic_write(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-        _atomic_write(weights_path, lambda p: save_file(state, p, metadata={"version": CLASSIFIER_VERSION}))
+        atomic_write_file(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write_file(weights_path, lambda p: save_file(state, p, metadata={"version": CLASSIFIER_VERSION}))
 
     if meta_path.is_file():
         model.held_out_accuracy = float(json.loads(meta_path.read_text())["held_out_accuracy"])
     else:  # sidecar lost: recompute rather than fail
         model.held_out_accuracy = _held_out_accuracy(model)
         meta = {"version": CLASSIFIER_VERSION, "seed": seed, "held_out_accuracy": model.held_out_accuracy}
-        _atomic_write(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write_file(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return model
 
 
