@@ -198,6 +198,11 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise TrainingDiverged(f"teacher_ft: weights went NaN/Inf by step {step}; stopped. Last good checkpoint: "
                                    f"{ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. Lower teacher_ft.lr.")
+        if accelerator.num_processes > 1:  # DDP keeps replicas identical; prove it before trusting a checkpoint
+            signature = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
+            everyone = accelerator.gather(signature)
+            if not torch.all(everyone == everyone[0]):
+                raise RuntimeError(f"teacher_ft: model replicas differ across processes at step {step}: {everyone.tolist()}")
         if accelerator.is_main_process:
             _append_loss_log(paths.out_dir / "loss.csv", pending, fresh=start == 0 and step == len(pending))
             state = {"step": step, "fingerprint": fingerprint, "net": accelerator.unwrap_model(net).state_dict(),
