@@ -31,6 +31,14 @@ def cmd_teacher_ft(args) -> dict:
     return finetune.run(cfg, progress=not args.quiet)
 
 
+def cmd_distill(args) -> dict:
+    from tdm import distill
+
+    cfg = _load_config(args)
+    distill.check_inputs(cfg)
+    return distill.run(cfg, progress=not args.quiet)
+
+
 def cmd_sample(args) -> dict:
     from tdm.artifacts import save_samples
     from tdm.backbones import load_backbone
@@ -52,7 +60,11 @@ def cmd_sample(args) -> dict:
     else:
         prompts = digit_prompt_set(args.n or 100, seed=args.seed)
     if args.student and args.total_steps is None:
-        raise ValueError("--student needs --total-steps (the distillation's trajectory length, e.g. 900)")
+        from tdm.distill import student_info
+
+        args.total_steps = student_info(model).get("total_steps")
+        if args.total_steps is None:
+            raise ValueError("--student needs --total-steps (the distillation's trajectory length, e.g. 900)")
     if args.steps < 1 or args.guidance < 1:
         raise ValueError("--steps must be >= 1 and --guidance >= 1")
     out = Path(args.out)
@@ -89,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     stage("teacher-ft", cmd_teacher_ft, "fine-tune (digits: train) the teacher -> outputs/teacher_ft/model")
+    stage("distill", cmd_distill, "TDM-distil the teacher into a K-step student -> outputs/distill/student")
 
     p = sub.add_parser("sample", help="sample a model to an npz (+ PNG grid)")
     p.add_argument("--model", required=True, help="a saved model folder (e.g. outputs/teacher_ft/model)")
@@ -99,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", help="a .txt/.jsonl/.csv prompt file (cycled to --n)")
     p.add_argument("--n", type=int, default=None, help="number of samples (default: 100, or one per listed prompt)")
     p.add_argument("--student", action="store_true", help="run the deterministic K-step student trajectory")
-    p.add_argument("--total-steps", type=int, default=None, help="student trajectory length (e.g. 900)")
+    p.add_argument("--total-steps", type=int, default=None,
+                   help="student trajectory length (default: from the student's tdm_student.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", required=True, help="output .npz (a .png grid is written beside it)")

@@ -59,7 +59,7 @@ class TeacherFTConfig(_Section):
     resolution: int = Field(8, ge=8)
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(100, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
@@ -84,9 +84,61 @@ class TeacherFTConfig(_Section):
         return v
 
 
+class DistillConfig(_Section):
+    """TDM distillation (defaults from the authors' PixArt run unless the digits benchmark says otherwise)."""
+
+    teacher: str = "outputs/teacher_ft/model"  # model folder or hub id (checked when the stage starts)
+    prompts: str = "digits"  # "digits" (the ten digits, four phrasings) or a .txt/.jsonl/.csv prompt file
+    mode: Literal["lora", "full"] = "full"
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: Optional[float] = Field(None, gt=0)  # null = rank (scale 1)
+    k: int = Field(4, ge=1)  # student steps
+    total_steps: int = Field(900, ge=2)  # trajectory top: the student starts at t = total_steps - 1
+    guidance: float = Field(2.0, ge=1)  # teacher CFG baked into the student
+    iterations: int = Field(400, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-5, gt=0)  # generator; the authors use fake_lr / 5
+    fake_lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.0, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    interval: Literal["separate", "shared"] = "separate"  # tau in (t_mid, t_i] per step, or [t_mid, total_steps)
+    random_mid: bool = False  # draw t_mid in [t_{i+1}, t_i - 20) instead of the next grid point
+    tau_min: int = Field(20, ge=0)  # the authors' margins: tau >= max(tau_min, t_mid), tau < upper - tau_gap
+    tau_gap: int = Field(10, ge=1)
+    metric: Literal["huber", "huber_sample", "l2"] = "huber"
+    huber_c: Optional[float] = Field(None, gt=0)  # null: 1e-3 (huber), 0.00054 sqrt(d) (huber_sample)
+    snr_clamp: float = Field(5.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    unify: bool = False  # TDM-unify: student and fake conditioned on K, trained over k_choices
+    k_choices: tuple[int, ...] = (1, 2, 4)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)  # losses are moved to the host (and NaN-checked) every log_every steps
+    seed: int = 0
+    eval_samples: int = Field(1000, ge=0)  # student samples scored after training (digits)
+
+    @field_validator("k_choices")
+    @classmethod
+    def _positive_ks(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("need at least one K, each >= 1")
+        return tuple(sorted(set(v)))
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_file(cls, v: str) -> str:
+        if v != "digits" and not Path(v).expanduser().is_file():
+            raise ValueError(f"must be 'digits' or a prompt file; not found: {v}")
+        return v
+
+
 class SampleConfig(_Section):
     steps: int = Field(50, ge=1)  # teacher DDIM steps
-    guidance: float = Field(1.0, ge=1)  # classifier-free guidance scale (1 = off)
+    guidance: float = Field(1.5, ge=1)  # classifier-free guidance scale (1 = off)
     batch_size: int = Field(250, ge=1)
     seed: int = 0
 
@@ -98,6 +150,7 @@ class EvalConfig(_Section):
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     teacher_ft: TeacherFTConfig = TeacherFTConfig()
+    distill: DistillConfig = DistillConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
 

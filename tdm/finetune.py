@@ -27,12 +27,9 @@ from tdm.backbones import Backbone, build_backbone
 from tdm.config import Config, StagePaths, dump
 from tdm.data import PROMPT_TEMPLATES, ImageCaptionFolder, digit_prompt, digit_prompt_set, digits_split
 from tdm.ema import EMA
+from tdm.training import TrainingDiverged, all_finite, lr_factor, replicas_identical, step_generator
 
 STAGE = "teacher_ft"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights went NaN/Inf; the last good checkpoint is kept."""
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -90,22 +87,6 @@ def diffusion_loss(backbone: Backbone, net, x0: torch.Tensor, cond, t: torch.Ten
     return (per_sample * min_snr_weight(schedule.snr(t).to(per_sample), snr_gamma, ptype)).mean()
 
 
-# -- schedules ----------------------------------------------------------------------------------------------------
-def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
-    """Linear warm-up, then constant or cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{step}/{process}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 def config_fingerprint(cfg: Config) -> str:
     """What must match for a checkpoint to be resumed: the model and the training math of this stage."""
     relevant = {"model": dump(cfg)["model"], STAGE: dump(cfg)[STAGE]}
@@ -161,7 +142,7 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
     optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.lr_schedule))
-    ema = EMA(net, t.ema_decay)
+    ema = EMA(dict(net.named_parameters()), t.ema_decay)
 
     ckpt_root = paths.out_dir / "checkpoints"
     fingerprint = config_fingerprint(cfg)
@@ -195,14 +176,11 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
 
     def save(step: int) -> None:
         # Only finite weights become a checkpoint, so the last one on disk is always a good one.
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
+        if not all_finite(net.parameters()):
             raise TrainingDiverged(f"teacher_ft: weights went NaN/Inf by step {step}; stopped. Last good checkpoint: "
                                    f"{ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. Lower teacher_ft.lr.")
-        if accelerator.num_processes > 1:  # DDP keeps replicas identical; prove it before trusting a checkpoint
-            signature = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
-            everyone = accelerator.gather(signature)
-            if not torch.all(everyone == everyone[0]):
-                raise RuntimeError(f"teacher_ft: model replicas differ across processes at step {step}: {everyone.tolist()}")
+        if not replicas_identical(accelerator, net.parameters()):  # DDP should guarantee it: prove it
+            raise RuntimeError(f"teacher_ft: model replicas differ across processes at step {step}")
         if accelerator.is_main_process:
             _append_loss_log(paths.out_dir / "loss.csv", pending, fresh=start == 0 and step == len(pending))
             state = {"step": step, "fingerprint": fingerprint, "net": accelerator.unwrap_model(net).state_dict(),
@@ -244,7 +222,7 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(net))
+        ema.update(dict(accelerator.unwrap_model(net).named_parameters()))
         pending.append((step + 1, loss_value, scheduler.get_last_lr()[0]))
         if bar is not None:
             bar.update(1)
@@ -309,11 +287,12 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
         state.wait_for_everyone()
         return {}
     model_dir = paths.out_dir / "model"
-    backbone.save(model_dir, net=ema.model, extra_files={"tdm_params.json": json.dumps(dump(cfg), indent=2)})
+    teacher = ema.averaged_copy(backbone.net)
+    backbone.save(model_dir, net=teacher, extra_files={"tdm_params.json": json.dumps(dump(cfg), indent=2)})
     metrics = {"steps": result.steps, "final_loss": result.final_loss, "train_time_s": round(result.train_time_s, 2),
                "resumed_from": result.resumed_from,
                "parameters": sum(p.numel() for p in backbone.net.parameters())}
-    metrics.update(evaluate_teacher(cfg, backbone, ema.model, paths.out_dir, progress))
+    metrics.update(evaluate_teacher(cfg, backbone, teacher, paths.out_dir, progress))
     write_json(paths.metrics, metrics)
     state.wait_for_everyone()
     return metrics

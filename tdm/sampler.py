@@ -30,6 +30,17 @@ def guided_x0_eps(backbone: Backbone, net: nn.Module, x_t: torch.Tensor, t: torc
     return backbone.schedule.to_x0_eps(out_u + guidance * (out_c - out_u), x_t, t, backbone.prediction_type)
 
 
+def clip_prediction(backbone: Backbone, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor,
+                    eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-space models: clip x0 to the data range and re-derive eps from it (diffusers' `clip_sample`).
+    Near t = T the eps -> x0 conversion divides by a tiny alpha; clipping keeps that error from compounding."""
+    if backbone.clip_x0 is None:
+        return x0, eps
+    x0 = x0.clamp(-backbone.clip_x0, backbone.clip_x0)
+    alpha, sigma = backbone.schedule.coefficients(t, x_t)
+    return x0, (x_t - alpha * x0) / sigma
+
+
 @torch.no_grad()
 def teacher_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.Tensor, steps: int,
                    guidance: float = 1.0) -> torch.Tensor:
@@ -39,7 +50,7 @@ def teacher_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.
     x = noise
     for t, t_next in zip(grid[:-1], grid[1:]):
         tt = torch.full((x.shape[0],), t, device=x.device)
-        x0, eps = guided_x0_eps(backbone, net, x, tt, cond, guidance)
+        x0, eps = clip_prediction(backbone, x, tt, *guided_x0_eps(backbone, net, x, tt, cond, guidance))
         x = schedule.ddim_step(x0, eps, t_next) if t_next != schedule.t_clean else x0
     return x
 
@@ -50,9 +61,12 @@ def student_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.
     """The TDM student's deterministic K-step trajectory from `noise` (no CFG: it is baked in)."""
     schedule = backbone.schedule
     grid = student_timesteps(k, total_steps).tolist()
+    # A K-aware (TDM-unify) student is told how many steps it is taking.
+    k_cond = torch.full((noise.shape[0],), k, device=noise.device) if backbone.k_embedding is not None else None
     x = noise
     for i, t in enumerate(grid):
-        x0, eps = backbone.predict_x0_eps(net, x, torch.full((x.shape[0],), t, device=x.device), cond)
+        tt = torch.full((x.shape[0],), t, device=x.device)
+        x0, eps = clip_prediction(backbone, x, tt, *backbone.predict_x0_eps(net, x, tt, cond, k=k_cond))
         x = schedule.ddim_step(x0, eps, grid[i + 1]) if i + 1 < len(grid) else x0
     return x
 

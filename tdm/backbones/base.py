@@ -6,9 +6,10 @@ Student and fake score are the same architecture (copies or LoRA adapters on `ne
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ class Backbone(ABC):
     net: nn.Module  # the teacher denoiser (UNet / transformer)
     schedule: NoiseSchedule
     prediction_type: str
+    clip_x0: float | None = None  # samplers clip x0 to [-c, c] (pixel-space models); None for latents
     image_channels: int = 3  # channels of the images `encode_images` takes (RGB for VAE-based families)
 
     @property
@@ -64,8 +66,27 @@ class Backbone(ABC):
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The raw model output of `net` (teacher, student or fake score) at (x_t, t)."""
 
-    def predict_x0_eps(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond):
-        return self.schedule.to_x0_eps(self.predict(net, x_t, t, cond), x_t, t, self.prediction_type)
+    # A K-aware (TDM-unify) student carries a K embedding added to its time embedding; None otherwise.
+    k_embedding: nn.Embedding | None = None
+
+    def predict_x0_eps(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
+                       k: torch.Tensor | None = None):
+        """(x0, eps) from `net`; `k` (per sample) conditions a K-aware student through `k_embedding`."""
+        if k is not None and self.k_embedding is not None:
+            with self.time_offset(net, self.k_embedding(k.to(x_t.device))):
+                out = self.predict(net, x_t, t, cond)
+        else:
+            out = self.predict(net, x_t, t, cond)
+        return self.schedule.to_x0_eps(out, x_t, t, self.prediction_type)
+
+    @contextlib.contextmanager
+    def time_offset(self, net: nn.Module, offset: torch.Tensor) -> Iterator[None]:
+        """While active, `offset` (B, D) is added to `net`'s time embedding (how TDM-unify feeds K)."""
+        handle = self.time_embedding(net).register_forward_hook(lambda m, i, out: out + offset.to(out.dtype))
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,13 +96,21 @@ class Backbone(ABC):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Samples in the denoiser's space -> uint8 images (B, H, W, C)."""
 
+    def time_embedding(self, net: nn.Module) -> nn.Module:
+        """The module whose output is the denoiser's time embedding (TDM-unify adds its K embedding there)."""
+        return net.time_embedding
+
+    def time_embed_dim(self, net: nn.Module) -> int:
+        return self.time_embedding(net).linear_2.out_features
+
     @property
     @abstractmethod
     def lora_target_modules(self) -> list[str]:
         """Module names a LoRA on `net` should target."""
 
     @abstractmethod
-    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None) -> None:
+    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None,
+             k_embedding: nn.Embedding | None = None) -> None:
         """Write a diffusers-style model folder atomically (with `net` in place of the teacher when given,
         plus `extra_files` {name: text})."""
 
@@ -98,6 +127,27 @@ class Backbone(ABC):
     def modules(self) -> dict[str, nn.Module]:
         """The torch modules the backbone holds, by name (for device moves and freezing)."""
         return {"net": self.net}
+
+
+K_EMBEDDING_FILE = "k_embedding.safetensors"
+
+
+def save_k_embedding(folder: Path, embedding: nn.Embedding | None) -> None:
+    """A K-aware student's K embedding, saved beside its denoiser (nothing for a plain model)."""
+    if embedding is not None:
+        from safetensors.torch import save_file
+
+        save_file({"weight": embedding.weight.detach().cpu().contiguous()}, Path(folder) / K_EMBEDDING_FILE)
+
+
+def load_k_embedding(folder: Path) -> nn.Embedding | None:
+    path = Path(folder) / K_EMBEDDING_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    weight = load_file(path)["weight"]
+    return nn.Embedding.from_pretrained(weight, freeze=True)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tdm.backbones.base import Backbone, Cond, to_uint8
+from tdm.backbones.base import Backbone, Cond, load_k_embedding, save_k_embedding, to_uint8
 from tdm.backbones.clip_tokenizer import vocab_size, write_clip_tokenizer
 from tdm.schedule import VPSchedule
 
@@ -50,6 +50,7 @@ class DigitsBackbone(Backbone):
     family = FAMILY
     prediction_type = "epsilon"
     image_channels = 1
+    clip_x0 = 1.0  # pixel space: data lies in [-1, 1]
 
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  scheduler: DDPMScheduler):
@@ -90,14 +91,17 @@ class DigitsBackbone(Backbone):
     @classmethod
     def load(cls, folder: str | Path) -> "DigitsBackbone":
         folder = Path(folder)
-        return cls(
+        backbone = cls(
             UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
             CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         )
+        backbone.k_embedding = load_k_embedding(folder)
+        return backbone
 
-    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None) -> None:
+    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None,
+             k_embedding: nn.Embedding | None = None) -> None:
         """Write the model folder atomically (a sibling temp folder, then a rename); `extra_files` are written
         into it too (e.g. the params that made it)."""
         import diffusers
@@ -116,6 +120,7 @@ class DigitsBackbone(Backbone):
             }, indent=2))
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
+            save_k_embedding(tmp, k_embedding if k_embedding is not None else self.k_embedding)
 
     # -- the protocol -------------------------------------------------------------------------------------------
     @property

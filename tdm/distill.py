@@ -1,0 +1,383 @@
+"""TDM distillation: the training loop (data-free: it reads prompts only).
+
+One iteration (see DESIGN.md, "The TDM iteration"):
+  1. roll the student out along its K-step grid without grad, keeping its inputs and (x0, eps) at every
+     grid point, only as deep as the deepest step any sample drew;
+  2. fake-score step: per sample a step i, t_mid (the next grid point, or random below it) and tau in
+     (t_mid, t_i] ("separate") or [t_mid, total_steps) ("shared"); diffuse the student's next trajectory
+     point to tau; DSM toward the student's x0, weighted by min(SNR, 5) x the importance weight;
+  3. generator step (fresh draws): teacher CFG x0 (cond + uncond in one forward) and fake x0 at x_tau;
+     one student forward with grad at its stored input; pseudo-Huber toward x0 + (teacher - fake).
+Every random draw of step s comes from a generator seeded by (seed, s, process): resume is exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from tdm import checkpoint as ckpt
+from tdm.artifacts import atomic_folder, save_samples, write_json
+from tdm.backbones import Backbone, load_backbone
+from tdm.backbones.base import Cond, index_cond
+from tdm.config import Config, StagePaths, dump
+from tdm.data import digit_prompt_set, read_prompts
+from tdm.ema import EMA
+from tdm.losses import fake_score_loss, generator_loss, importance_weight
+from tdm.roles import Roles
+from tdm.schedule import student_timesteps
+from tdm.tracking import MetricsLog
+from tdm.training import (TrainingDiverged, all_finite, average_gradients, lr_factor, replicas_identical,
+                          step_generator)
+
+STAGE = "distill"
+
+
+# -- draws ----------------------------------------------------------------------------------------------------
+@dataclass
+class Points:
+    """Per-sample draws of one loss: the student step, its input time, t_mid and tau."""
+
+    step: torch.Tensor  # (B,) index into the grid
+    t_in: torch.Tensor
+    t_mid: torch.Tensor
+    tau: torch.Tensor
+
+
+def draw_points(grid: torch.Tensor, t_clean: int, n: int, cfg, g: torch.Generator) -> Points:
+    """Vectorised draws of (i, t_i, t_mid, tau) for `n` samples (the authors' intervals and margins)."""
+    d = cfg.distill
+    k = len(grid)
+    step = torch.randint(k, (n,), generator=g)
+    t_in = grid[step]
+    following = torch.cat([grid[1:], torch.tensor([t_clean])])
+    t_mid = following[step]
+    if d.random_mid:  # t_mid uniform in [t_{i+1}, t_i - 20) when that interval is not empty
+        lo, hi = t_mid.clamp(min=0), t_in - 20
+        t_mid = torch.where(hi > lo, lo + (torch.rand(n, generator=g) * (hi - lo)).long(), t_mid)
+    lo = torch.maximum(t_mid, torch.tensor(d.tau_min))
+    hi = (t_in if d.interval == "separate" else torch.full_like(t_in, d.total_steps)) - d.tau_gap
+    hi = torch.maximum(hi, lo + 1)
+    tau = lo + (torch.rand(n, generator=g) * (hi - lo)).long()
+    return Points(step, t_in, t_mid, tau)
+
+
+# -- the iteration --------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    inputs: torch.Tensor  # (depth, B, ...) the student's input at each grid point
+    x0: torch.Tensor  # (depth, B, ...) its x0 prediction there
+    eps: torch.Tensor  # (depth, B, ...) its eps prediction there
+
+
+@torch.no_grad()
+def rollout(roles: Roles, noise: torch.Tensor, grid: torch.Tensor, cond: Cond, k: torch.Tensor | None,
+            depth: int) -> Rollout:
+    """The student's deterministic trajectory from `noise`, `depth` grid points deep."""
+    schedule = roles.backbone.schedule
+    x, inputs, x0s, epss = noise, [], [], []
+    for j in range(depth):
+        t = torch.full((x.shape[0],), int(grid[j]), device=x.device)
+        x0, eps = roles.x0_eps("student", x, t, cond, k)
+        inputs.append(x), x0s.append(x0), epss.append(eps)
+        if j + 1 < depth:
+            x = schedule.ddim_step(x0, eps, int(grid[j + 1]))
+    return Rollout(torch.stack(inputs), torch.stack(x0s), torch.stack(epss))
+
+
+def _pick(stacked: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return stacked[step.to(stacked.device), torch.arange(stacked.shape[1], device=stacked.device)]
+
+
+def diffused_points(roles: Roles, traj: Rollout, pts: Points, g: torch.Generator):
+    """x_tau from the student's own (x0, eps) at step i: DDIM to t_mid, then forward-diffuse to tau.
+    Returns (x_tau, student x0, fresh noise n, effective noise m)."""
+    schedule = roles.backbone.schedule
+    x0, eps = _pick(traj.x0, pts.step), _pick(traj.eps, pts.step)
+    device = x0.device
+    t_mid, tau = pts.t_mid.to(device), pts.tau.to(device)
+    x_mid = schedule.add_noise(x0, eps, t_mid)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    x_tau, effective = schedule.diffuse(x_mid, eps, t_mid, tau, noise)
+    return x_tau, x0, noise, effective
+
+
+class TDMTrainer:
+    """Roles, optimisers, schedulers and EMA of one distillation run, and the iteration over them."""
+
+    def __init__(self, cfg: Config, backbone: Backbone, accelerator: Accelerator):
+        d = cfg.distill
+        self.cfg, self.backbone, self.accelerator = cfg, backbone, accelerator
+        self.roles = Roles(backbone, d.mode, d.lora_rank, d.lora_alpha, k_max=max(d.k_choices) if d.unify else None)
+        if d.gradient_checkpointing:
+            for role in ("student", "fake"):
+                self.roles.nets[role].enable_gradient_checkpointing()
+        self.opt = {
+            "student": torch.optim.AdamW(self.roles.parameters("student"), lr=d.lr, betas=d.betas,
+                                         weight_decay=d.weight_decay),
+            "fake": torch.optim.AdamW(self.roles.parameters("fake"), lr=d.fake_lr, betas=d.betas,
+                                      weight_decay=d.weight_decay),
+        }
+        self.sched = {r: torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: lr_factor(s, d.warmup_steps, d.iterations, d.lr_schedule)) for r, o in self.opt.items()}
+        self.ema = EMA(self.roles.named_parameters("student"), d.ema_decay)
+        self.prompts = (digit_prompt_set(max(1000, d.batch_size), seed=d.seed) if d.prompts == "digits"
+                        else read_prompts(d.prompts))
+
+    # -- one iteration --------------------------------------------------------------------------------------
+    def _update(self, role: str, loss: torch.Tensor) -> torch.Tensor:
+        params = self.roles.parameters(role)
+        self.accelerator.backward(loss)
+        average_gradients(self.accelerator, params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.distill.grad_clip)
+        self.opt[role].step()
+        self.sched[role].step()
+        self.opt[role].zero_grad(set_to_none=True)
+        return grad_norm.detach()
+
+    def iteration(self, step: int) -> dict[str, torch.Tensor]:
+        d, roles, acc = self.cfg.distill, self.roles, self.accelerator
+        schedule, device = self.backbone.schedule, acc.device
+        g = step_generator(d.seed, step, acc.process_index)
+        per_process = d.batch_size // acc.num_processes
+        k = d.k if not d.unify else d.k_choices[int(torch.randint(len(d.k_choices), (1,), generator=g))]
+        grid = student_timesteps(k, d.total_steps)
+        t_clean = int(schedule.t_clean)
+        prompt_idx = torch.randint(len(self.prompts), (per_process,), generator=g)
+        cond = self.backbone.encode_prompts([self.prompts[i] for i in prompt_idx])
+        noise = torch.randn((per_process, *self.backbone.sample_shape), generator=g).to(device)
+        k_cond = torch.full((per_process,), k, device=device) if d.unify else None
+
+        fake_pts = draw_points(grid, t_clean, per_process, self.cfg, g)
+        gen_pts = draw_points(grid, t_clean, per_process, self.cfg, g)
+        depth = int(torch.maximum(fake_pts.step.max(), gen_pts.step.max())) + 1
+        with acc.autocast():
+            traj = rollout(roles, noise, grid, cond, k_cond, depth)
+
+            # Fake score: DSM toward the student's own x0 around its trajectory.
+            x_tau, student_x0, n, m = diffused_points(roles, traj, fake_pts, g)
+            tau = fake_pts.tau.to(device)
+            fake_x0, _ = roles.x0_eps("fake", x_tau, tau, cond, k_cond)
+            is_w = importance_weight(m, n)
+            loss_fake = fake_score_loss(fake_x0, student_x0, schedule.snr(tau).to(device), is_w, d.snr_clamp)
+        grad_fake = self._update("fake", loss_fake)
+
+        with acc.autocast():
+            # Generator: teacher (CFG, one batched forward) and the updated fake score at fresh points.
+            x_tau, _, _, _ = diffused_points(roles, traj, gen_pts, g)
+            tau = gen_pts.tau.to(device)
+            with torch.no_grad():
+                teacher_x0 = roles.teacher_guided_x0(x_tau, tau, cond, d.guidance)
+                fake_x0, _ = roles.x0_eps("fake", x_tau, tau, cond, k_cond)
+            # Gradient through one student step: its prediction at the stored trajectory input.
+            x_in = _pick(traj.inputs, gen_pts.step)
+            student_x0, _ = roles.x0_eps("student", x_in, gen_pts.t_in.to(device), cond, k_cond)
+            loss_gen = generator_loss(student_x0, teacher_x0, fake_x0, d.metric, d.huber_c)
+        grad_gen = self._update("student", loss_gen)
+        self.ema.update(self.roles.named_parameters("student"))
+        return {"loss_fake": loss_fake.detach(), "loss_gen": loss_gen.detach(), "grad_norm_fake": grad_fake,
+                "grad_norm_gen": grad_gen, "is_weight_mean": is_w.mean().detach(), "is_weight_min": is_w.min().detach(),
+                "is_weight_max": is_w.max().detach(), "lr": torch.tensor(self.sched["student"].get_last_lr()[0]),
+                "lr_fake": torch.tensor(self.sched["fake"].get_last_lr()[0]), "k": torch.tensor(float(k))}
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"student": self.roles.state_dict("student"), "fake": self.roles.state_dict("fake"),
+                "opt_student": self.opt["student"].state_dict(), "opt_fake": self.opt["fake"].state_dict(),
+                "sched_student": self.sched["student"].state_dict(), "sched_fake": self.sched["fake"].state_dict(),
+                "ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.roles.load_state_dict("student", state["student"])
+        self.roles.load_state_dict("fake", state["fake"])
+        for role in ("student", "fake"):
+            self.opt[role].load_state_dict(state[f"opt_{role}"])
+            self.sched[role].load_state_dict(state[f"sched_{role}"])
+        self.ema.load_state_dict(state["ema"])
+
+    def trainable(self) -> list[torch.Tensor]:
+        return self.roles.parameters("student") + self.roles.parameters("fake")
+
+
+# -- the stage ------------------------------------------------------------------------------------------------
+def config_fingerprint(cfg: Config) -> str:
+    """What must match for a checkpoint to be resumed: the distillation math (not bookkeeping)."""
+    relevant = dump(cfg)[STAGE]
+    for bookkeeping in ("eval_samples", "checkpoint_every", "log_every"):
+        relevant.pop(bookkeeping)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_inputs(cfg: Config) -> None:
+    """Everything the stage reads, checked before any model is built; errors name the key."""
+    from tdm.backbones import resolve_model_path
+
+    d = cfg.distill
+    try:
+        folder = resolve_model_path(d.teacher)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"distill.teacher: {err} (run `tdm teacher-ft` first?)") from None
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"distill.teacher: not a model folder (no model_index.json): {folder}")
+    if d.k > d.total_steps or max(d.k_choices) > d.total_steps:
+        raise ValueError(f"distill.k: must be <= distill.total_steps ({d.total_steps})")
+    if d.batch_size % max(1, int(__import__("os").environ.get("WORLD_SIZE", "1"))):
+        raise ValueError(f"distill.batch_size {d.batch_size} is not divisible by the number of processes")
+
+
+def train(cfg: Config, paths: StagePaths, progress: bool = True,
+          stop_after: int | None = None) -> tuple[TDMTrainer, dict]:
+    """Run (or resume) TDM distillation; `stop_after` ends early at that iteration (a checkpoint is written)."""
+    d = cfg.distill
+    check_inputs(cfg)
+    accelerator = Accelerator(mixed_precision=d.mixed_precision, cpu=not torch.cuda.is_available())
+    torch.manual_seed(d.seed)
+    backbone = load_backbone(d.teacher).to(accelerator.device)
+    if d.total_steps > backbone.schedule.num_train_timesteps:
+        raise ValueError(f"distill.total_steps {d.total_steps} exceeds the teacher's "
+                         f"{backbone.schedule.num_train_timesteps} training timesteps")
+    trainer = TDMTrainer(cfg, backbone, accelerator)
+
+    ckpt_root = paths.out_dir / "checkpoints"
+    fingerprint = config_fingerprint(cfg)
+    start, resumed_from, past_time = 0, None, 0.0
+    found = ckpt.load_latest(ckpt_root)
+    if found is not None and found[1]["fingerprint"] != fingerprint:
+        accelerator.print(f"distill: params changed since {found[0]}; starting afresh")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.prune_checkpoints(ckpt_root, keep=0)
+        found = None
+    if found is not None:
+        path, state = found
+        trainer.load_state_dict(state["trainer"])
+        start = resumed_from = int(state["step"])
+        past_time = float(state["train_time_s"])
+        accelerator.print(f"distill: resuming from {path} (iteration {start})")
+    log = MetricsLog(paths.out_dir / "metrics.jsonl", resume_from_step=resumed_from) \
+        if accelerator.is_main_process else None
+
+    t0 = time.perf_counter()
+    last: dict = {}
+
+    def flush() -> None:
+        # Host sync only here: losses come to the CPU every log_every steps, and are checked for NaN.
+        rows = log.flush() if log is not None else []
+        if rows:
+            last.update(rows[-1])
+        bad = [r for r in rows if not all(v == v and abs(v) != float("inf") for v in r.values())]
+        if bad or not all_finite(trainer.trainable()):
+            raise TrainingDiverged(f"distill: non-finite loss or weights by iteration {bad[0]['step'] if bad else step}; "
+                                   f"stopped. Last good checkpoint: {ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. "
+                                   f"Lower distill.lr / distill.fake_lr.")
+
+    def save(step: int) -> None:
+        flush()
+        if not replicas_identical(accelerator, trainer.trainable()):
+            raise RuntimeError(f"distill: replicas differ across processes at iteration {step}")
+        if accelerator.is_main_process:
+            ckpt.save_state(ckpt.step_dir(ckpt_root, step), {
+                "step": step, "fingerprint": fingerprint, "trainer": trainer.state_dict(),
+                "train_time_s": past_time + time.perf_counter() - t0})
+            ckpt.prune_checkpoints(ckpt_root, keep=2)
+        accelerator.wait_for_everyone()
+
+    end = d.iterations if stop_after is None else min(d.iterations, stop_after)
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=d.iterations, initial=start, desc="distill", unit="it", dynamic_ncols=True)
+    step = start
+    for step in range(start, end):
+        metrics = trainer.iteration(step)
+        if log is not None:
+            log.log(step + 1, metrics)
+        if (step + 1) % d.log_every == 0:
+            flush()
+            if bar is not None and last:
+                bar.set_postfix(fake=f"{last['loss_fake']:.4f}", gen=f"{last['loss_gen']:.4f}")
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % d.checkpoint_every == 0 or step + 1 == end:
+            save(step + 1)
+    if bar is not None:
+        bar.close()
+    summary = {"iterations": end, "resumed_from": resumed_from,
+               "train_time_s": round(past_time + (time.perf_counter() - t0 if end > start else 0.0), 2),
+               **{k: v for k, v in last.items() if k.startswith(("loss_", "grad_norm_"))}}
+    return trainer, summary
+
+
+def save_student(trainer: TDMTrainer, folder: Path) -> None:
+    """The EMA student as a model folder `tdm sample --student` runs (LoRA merged in), plus what it needs
+    to sample (K, total_steps) in tdm_student.json; LoRA mode also writes the adapter alone."""
+    d = trainer.cfg.distill
+    roles = trainer.roles
+    weights = trainer.ema.shadow
+    net = roles.merged_net("student", weights)
+    info = {"k": d.k, "total_steps": d.total_steps, "unify": d.unify, "k_choices": list(d.k_choices),
+            "guidance": d.guidance, "mode": d.mode, "teacher": d.teacher}
+    trainer.backbone.save(folder, net=net, k_embedding=roles.k_embedding("student", weights),
+                          extra_files={"tdm_student.json": json.dumps(info, indent=2),
+                                       "tdm_params.json": json.dumps(dump(trainer.cfg), indent=2)})
+    if d.mode == "lora":
+        from safetensors.torch import save_file
+
+        with torch.no_grad():  # the adapter with the EMA weights
+            live = roles.state_dict("student")
+            roles.load_state_dict("student", {n: w.to(live[n].dtype) for n, w in weights.items()})
+            adapter = {k: v.contiguous() for k, v in roles.adapter_state_dict("student").items()}
+            roles.load_state_dict("student", live)
+        with atomic_folder(folder.parent / "student_lora") as tmp:
+            save_file(adapter, tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_text(json.dumps(roles.lora_config.to_dict(), indent=2, default=list))
+
+
+def student_info(folder: str | Path) -> dict:
+    path = Path(folder) / "tdm_student.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def evaluate_student(cfg: Config, folder: Path, out_dir: Path, progress: bool = True) -> dict:
+    """Sample the saved student at K (every K of k_choices for TDM-unify) and score it (digits)."""
+    from tdm.evaluation.digits import evaluate_samples
+    from tdm.sampler import sample_images
+
+    d = cfg.distill
+    if d.eval_samples == 0 or cfg.model.family != "digits":
+        return {}
+    backbone = load_backbone(folder)
+    prompts = digit_prompt_set(d.eval_samples, seed=cfg.sample.seed)
+    results = {}
+    for k in (d.k_choices if d.unify else (d.k,)):
+        images = sample_images(backbone, backbone.net, prompts, steps=k, student=True, total_steps=d.total_steps,
+                               seed=cfg.sample.seed, batch_size=cfg.sample.batch_size, progress=progress)
+        save_samples(out_dir / f"samples_k{k}.npz", images, prompts, steps=k)
+        scores = evaluate_samples(images.numpy(), prompts, cfg.eval.weights_dir)
+        results.update({f"eval_k{k}_{name}": v for name, v in scores.items()})
+    return results
+
+
+def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> dict:
+    """The distill stage: distil, save the EMA student to outputs/distill/student, score it, write metrics."""
+    from accelerate import PartialState
+
+    paths = paths or StagePaths.of(STAGE)
+    trainer, summary = train(cfg, paths, progress=progress)
+    state = PartialState()
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return {}
+    folder = paths.out_dir / "student"
+    save_student(trainer, folder)
+    metrics = {**summary, "k": cfg.distill.k, "guidance": cfg.distill.guidance, "mode": cfg.distill.mode}
+    metrics.update(evaluate_student(cfg, folder, paths.out_dir, progress))
+    write_json(paths.metrics, metrics)
+    state.wait_for_everyone()
+    return metrics

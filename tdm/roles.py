@@ -1,0 +1,157 @@
+"""Teacher, student and fake score: three roles over one architecture.
+
+LoRA mode keeps ONE frozen base network (the teacher) with two peft adapters on it, "student" and "fake";
+the teacher's predictions run with the adapters disabled, so memory holds one model. Full mode keeps three
+copies. Either way callers ask for a role by name and never touch adapters themselves.
+
+TDM-unify: with `k_max` set, student and fake each own a zero-initialised embedding of K that is added to
+the denoiser's time embedding (a forward hook), so at init they equal the unconditioned teacher exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Literal
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from tdm.backbones.base import Backbone, Cond
+
+Role = Literal["teacher", "student", "fake"]
+TRAINABLE: tuple[Role, Role] = ("student", "fake")
+
+
+class Roles:
+    def __init__(self, backbone: Backbone, mode: Literal["lora", "full"], lora_rank: int = 16,
+                 lora_alpha: float | None = None, k_max: int | None = None):
+        if mode not in ("lora", "full"):
+            raise ValueError(f"distill.mode must be 'lora' or 'full', got {mode!r}")
+        self.backbone, self.mode = backbone, mode
+        base = backbone.net.eval().requires_grad_(False)
+        if mode == "lora":
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights=True,
+                                target_modules=backbone.lora_target_modules)
+            for role in TRAINABLE:
+                inject_adapter_in_model(config, base, adapter_name=role)
+            self.lora_config = config
+            self.nets = {"teacher": base, "student": base, "fake": base}
+        else:
+            self.nets = {"teacher": base, **{r: copy.deepcopy(base).train().requires_grad_(True) for r in TRAINABLE}}
+        self._active: Role | None = None
+        # TDM-unify: one zero-initialised K embedding per trainable role, added to the time embedding.
+        self.k_max = k_max
+        self.k_embeddings = nn.ModuleDict()
+        if k_max is not None:
+            dim = backbone.time_embed_dim(base)
+            for role in TRAINABLE:
+                self.k_embeddings[role] = nn.Embedding(k_max + 1, dim).to(backbone.device)
+                nn.init.zeros_(self.k_embeddings[role].weight)
+        self.activate("teacher")
+
+    # -- switching ----------------------------------------------------------------------------------------
+    def activate(self, role: Role) -> nn.Module:
+        """Make `role` the one the shared network computes (LoRA mode) and return its network."""
+        if self.mode == "lora" and role != self._active:
+            for layer in self.nets["teacher"].modules():
+                if isinstance(layer, BaseTunerLayer):
+                    if role == "teacher":
+                        layer.enable_adapters(False)
+                    else:
+                        layer.enable_adapters(True)
+                        layer.set_adapter(role)
+        self._active = role
+        return self.nets[role]
+
+    @contextlib.contextmanager
+    def k_condition(self, role: Role, k: torch.Tensor | None) -> Iterator[None]:
+        """While active, the role's K embedding (per sample) is added to its time embedding."""
+        if k is None or self.k_max is None or role == "teacher":
+            yield
+            return
+        with self.backbone.time_offset(self.nets[role], self.k_embeddings[role](k.to(self.backbone.device))):
+            yield
+
+    # -- predictions -----------------------------------------------------------------------------------------
+    def x0_eps(self, role: Role, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
+               k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        net = self.activate(role)
+        with self.k_condition(role, k):
+            return self.backbone.predict_x0_eps(net, x_t, t, cond)
+
+    def teacher_guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+        from tdm.sampler import guided_x0_eps
+
+        return guided_x0_eps(self.backbone, self.activate("teacher"), x_t, t, cond, guidance)[0]
+
+    # -- parameters and state --------------------------------------------------------------------------------
+    def named_parameters(self, role: Role) -> dict[str, nn.Parameter]:
+        """The trainable parameters of a role (adapter weights in LoRA mode, the whole copy in full mode)."""
+        if self.mode == "lora":
+            marker = f".{role}."
+            params = {n: p for n, p in self.nets["teacher"].named_parameters() if "lora_" in n and marker in n}
+        else:
+            params = dict(self.nets[role].named_parameters())
+        if self.k_max is not None:
+            params.update({f"k_embedding.{n}": p for n, p in self.k_embeddings[role].named_parameters()})
+        return params
+
+    def parameters(self, role: Role) -> list[nn.Parameter]:
+        return list(self.named_parameters(role).values())
+
+    def state_dict(self, role: Role) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_parameters(role).items()}
+
+    def k_embedding(self, role: Role, weights: dict[str, torch.Tensor] | None = None) -> nn.Embedding | None:
+        """A copy of the role's K embedding (with `weights`' values when given), for a saved K-aware model."""
+        if self.k_max is None:
+            return None
+        emb = copy.deepcopy(self.k_embeddings[role]).requires_grad_(False)
+        if weights is not None:
+            emb.weight.copy_(weights["k_embedding.weight"])
+        return emb
+
+    @torch.no_grad()
+    def load_state_dict(self, role: Role, state: dict[str, torch.Tensor]) -> None:
+        params = self.named_parameters(role)
+        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+        if missing or unexpected:
+            raise ValueError(f"{role} state does not match: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        for name, p in params.items():
+            p.copy_(state[name])
+
+    def adapter_state_dict(self, role: Role) -> dict[str, torch.Tensor]:
+        """LoRA mode: the role's adapter in peft's naming (for export)."""
+        return get_peft_model_state_dict(self.nets["teacher"], adapter_name=role)
+
+    def load_adapter_state_dict(self, role: Role, state: dict[str, torch.Tensor]) -> None:
+        set_peft_model_state_dict(self.nets["teacher"], state, adapter_name=role)
+
+    def merged_net(self, role: Role, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A plain copy of the architecture computing `role` (LoRA merged into the base), optionally with
+        `weights` (e.g. the EMA) in place of the role's current trainable parameters."""
+        if self.mode == "full":
+            net = copy.deepcopy(self.nets[role])
+            if weights is not None:
+                net.load_state_dict({n: w for n, w in weights.items() if not n.startswith("k_embedding.")})
+            return net.eval().requires_grad_(False)
+        shared = copy.deepcopy(self.nets["teacher"])
+        if weights is not None:
+            own = {n: p for n, p in shared.named_parameters() if "lora_" in n and f".{role}." in n}
+            with torch.no_grad():
+                for n, p in own.items():
+                    p.copy_(weights[n])
+        for layer in shared.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.merge(adapter_names=[role])
+        plain = {}
+        for name, tensor in shared.state_dict().items():
+            if "lora_" in name:
+                continue
+            plain[name.replace(".base_layer.", ".")] = tensor
+        net = type(self.backbone.net).from_config(self.backbone.net.config) if hasattr(self.backbone.net, "config") \
+            else copy.deepcopy(self.backbone.net)
+        net.load_state_dict(plain)
+        return net.to(self.backbone.device).eval().requires_grad_(False)
