@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,7 +227,7 @@ def check_inputs(cfg: Config) -> None:
         raise FileNotFoundError(f"distill.teacher: not a model folder (no model_index.json): {folder}")
     if d.k > d.total_steps or max(d.k_choices) > d.total_steps:
         raise ValueError(f"distill.k: must be <= distill.total_steps ({d.total_steps})")
-    if d.batch_size % max(1, int(__import__("os").environ.get("WORLD_SIZE", "1"))):
+    if d.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise ValueError(f"distill.batch_size {d.batch_size} is not divisible by the number of processes")
 
 

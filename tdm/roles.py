@@ -135,7 +135,9 @@ class Roles:
         if self.mode == "full":
             net = copy.deepcopy(self.nets[role])
             if weights is not None:
-                net.load_state_dict({n: w for n, w in weights.items() if not n.startswith("k_embedding.")})
+                with torch.no_grad():
+                    for n, p in net.named_parameters():
+                        p.copy_(weights[n])
             return net.eval().requires_grad_(False)
         shared = copy.deepcopy(self.nets["teacher"])
         if weights is not None:

@@ -1,0 +1,194 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import PARAMS
+from tdm import checkpoint as ckpt
+from tdm import config
+from tdm.backbones import load_backbone
+from tdm.config import StagePaths
+from tdm.distill import TDMTrainer, draw_points, run, student_info, train
+from tdm.roles import Roles
+from tdm.schedule import student_timesteps
+from tdm.training import TrainingDiverged
+
+TINY = ["distill.batch_size=8", "distill.iterations=4", "distill.log_every=2", "distill.checkpoint_every=2",
+        "distill.eval_samples=0", "distill.fake_lr=1e-3", "distill.lr=2e-4"]
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tiny_digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher") / "model"
+    tiny_digits.save(folder)
+    return folder
+
+
+def _cfg(teacher_dir, tmp_path, *extra):
+    return config.load(PARAMS, [f"distill.teacher={teacher_dir}", f"eval.weights_dir={tmp_path / 'w'}", *TINY, *extra])
+
+
+def test_draws_respect_the_intervals(teacher_dir, tmp_path):
+    grid = student_timesteps(4, 900)
+    g = torch.Generator().manual_seed(0)
+    for interval, random_mid in [("separate", False), ("shared", False), ("separate", True)]:
+        cfg = _cfg(teacher_dir, tmp_path, f"distill.interval={interval}", f"distill.random_mid={random_mid}")
+        p = draw_points(grid, -1, 4000, cfg, g)
+        assert set(p.step.tolist()) == {0, 1, 2, 3}
+        assert torch.equal(p.t_in, grid[p.step])
+        following = torch.tensor([674, 449, 224, -1])[p.step]
+        assert (p.t_mid >= following).all() and (p.t_mid < p.t_in).all()
+        if not random_mid:
+            assert torch.equal(p.t_mid, following)
+        assert (p.tau >= p.t_mid.clamp(min=20)).all()
+        upper = p.t_in - 10 if interval == "separate" else torch.full_like(p.t_in, 890)
+        assert (p.tau < upper).all()
+        if interval == "shared":  # some taus land above their own step's input time
+            assert (p.tau > p.t_in).any()
+
+
+def _snapshot(params):
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_iteration_trains_student_and_fake_only(teacher_dir, tmp_path, mode):
+    from accelerate import Accelerator
+
+    cfg = _cfg(teacher_dir, tmp_path, f"distill.mode={mode}")
+    backbone = load_backbone(teacher_dir)
+    trainer = TDMTrainer(cfg, backbone, Accelerator(cpu=True))
+    base = _snapshot({n: p for n, p in backbone.net.named_parameters() if "lora_" not in n})
+    student, fake = _snapshot(trainer.roles.named_parameters("student")), _snapshot(trainer.roles.named_parameters("fake"))
+    metrics = trainer.iteration(0)
+    metrics = trainer.iteration(1)  # LoRA B starts at zero: the A side moves from the second step
+    assert all(torch.isfinite(v) for v in metrics.values())
+    for name in ("loss_fake", "loss_gen", "grad_norm_fake", "grad_norm_gen", "is_weight_mean"):
+        assert metrics[name] > 0
+    changed = lambda before, now: any(not torch.equal(before[n], p) for n, p in now.items())  # noqa: E731
+    assert changed(student, trainer.roles.named_parameters("student"))
+    assert changed(fake, trainer.roles.named_parameters("fake"))
+    for n, p in backbone.net.named_parameters():  # the teacher (LoRA: the shared base) never moves
+        if "lora_" not in n:
+            assert torch.equal(base[n], p), n
+    if mode == "lora":
+        assert len(trainer.roles.parameters("student")) < len(base)  # adapters only
+
+
+def test_lora_roles_switch_and_teacher_is_the_bare_base(tiny_digits, teacher_dir):
+    backbone = load_backbone(teacher_dir)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([300, 700])
+    cond = backbone.encode_prompts(["a handwritten digit two"] * 2)
+    with torch.no_grad():
+        bare = backbone.predict_x0_eps(backbone.net, x, t, cond)[0]
+    roles = Roles(backbone, "lora", lora_rank=4)
+    with torch.no_grad():
+        for p in roles.parameters("student"):
+            p.normal_(0, 0.1)
+        teacher = roles.x0_eps("teacher", x, t, cond)[0]
+        student = roles.x0_eps("student", x, t, cond)[0]
+        fake = roles.x0_eps("fake", x, t, cond)[0]  # its B is still zero: equals the base
+        teacher_again = roles.x0_eps("teacher", x, t, cond)[0]
+        merged = roles.merged_net("student")
+        merged_x0 = backbone.predict_x0_eps(merged, x, t, cond)[0]
+    torch.testing.assert_close(teacher, bare, atol=0, rtol=0)
+    torch.testing.assert_close(teacher_again, bare, atol=0, rtol=0)
+    torch.testing.assert_close(fake, bare, atol=1e-6, rtol=1e-6)
+    assert (student - bare).abs().max() > 1e-3
+    torch.testing.assert_close(merged_x0, student, atol=1e-4, rtol=1e-4)  # LoRA merged into a plain copy
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_k_conditioning_at_init_equals_the_unconditioned_model(teacher_dir, mode):
+    backbone = load_backbone(teacher_dir)
+    roles = Roles(backbone, mode, lora_rank=4, k_max=4)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([100, 500, 899])
+    cond = backbone.encode_prompts(["a handwritten digit six"] * 3)
+    with torch.no_grad():
+        plain = roles.x0_eps("teacher", x, t, cond)[0]
+        for k in (1, 2, 4):
+            torch.testing.assert_close(roles.x0_eps("student", x, t, cond, torch.full((3,), k))[0], plain)
+        roles.k_embeddings["student"].weight.normal_()
+        assert (roles.x0_eps("student", x, t, cond, torch.full((3,), 1))[0] - plain).abs().max() > 1e-4
+        torch.testing.assert_close(roles.x0_eps("teacher", x, t, cond)[0], plain)  # the teacher ignores K
+
+
+def test_stage_saves_a_sampleable_student(teacher_dir, tmp_path):
+    from tdm.sampler import sample_images
+
+    cfg = _cfg(teacher_dir, tmp_path, "distill.mode=lora", "distill.unify=true", "distill.eval_samples=10")
+    paths = StagePaths.of("distill", tmp_path)
+    metrics = run(cfg, paths, progress=False)
+    assert metrics["iterations"] == 4 and {"eval_k1_fid", "eval_k2_fid", "eval_k4_fid"} <= metrics.keys()
+    assert json.loads(paths.metrics.read_text())["iterations"] == 4
+    folder = paths.out_dir / "student"
+    assert student_info(folder)["total_steps"] == 900 and student_info(folder)["unify"]
+    student = load_backbone(folder)
+    assert student.k_embedding is not None
+    for k in (1, 2, 4):
+        images = sample_images(student, student.net, ["a handwritten digit one"] * 3, steps=k, student=True,
+                               total_steps=900)
+        assert images.shape == (3, 8, 8, 1)
+    assert (paths.out_dir / "student_lora" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (paths.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and {"loss_fake", "grad_norm_gen", "lr", "k"} <= rows[0].keys()
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path):
+    cfg = _cfg(teacher_dir, tmp_path, "distill.iterations=40", "distill.lr=1e12", "distill.fake_lr=1e12",
+               "distill.grad_clip=1e30", "distill.warmup_steps=0", "distill.checkpoint_every=1", "distill.log_every=1")
+    paths = StagePaths.of("distill", tmp_path)
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        train(cfg, paths, progress=False)
+    for c in ckpt.list_checkpoints(paths.out_dir / "checkpoints"):
+        state = ckpt.load_state(c)["trainer"]
+        assert all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+def _distill_cmd(teacher_dir, iterations, every):
+    return [sys.executable, "-m", "tdm.cli", "distill", "-q", "-S", f"distill.teacher={teacher_dir}",
+            *[a for o in TINY for a in ("-S", o)], "-S", f"distill.iterations={iterations}",
+            "-S", f"distill.checkpoint_every={every}", "-S", "distill.log_every=1"]
+
+
+def test_sigkill_and_resume_is_bitwise_identical(teacher_dir, tmp_path):
+    """A run killed with SIGKILL mid-way and resumed ends bitwise identical to an uninterrupted run."""
+    env = {**os.environ, "TDM_NUM_THREADS": "1"}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    cmd = _distill_cmd(teacher_dir, 12, 3)
+    subprocess.run(cmd, cwd=tmp_path / "a", env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(cmd, cwd=tmp_path / "b", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root_b = tmp_path / "b/outputs/distill/checkpoints"
+    deadline = time.time() + 240
+    while ckpt.latest_checkpoint(root_b) is None or ckpt.latest_checkpoint(root_b).name < "step-0000006":
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ckpt.latest_checkpoint(root_b).name
+    assert killed_at < "step-0000012"
+    subprocess.run(cmd, cwd=tmp_path / "b", env=env, check=True, capture_output=True, timeout=300)
+    a = ckpt.load_state(ckpt.latest_checkpoint(tmp_path / "a/outputs/distill/checkpoints"))
+    b = ckpt.load_state(ckpt.latest_checkpoint(root_b))
+    assert a["step"] == b["step"] == 12
+    for part in ("student", "fake"):
+        for name, tensor in a["trainer"][part].items():
+            assert torch.equal(tensor, b["trainer"][part][name]), (part, name)
+    for name, tensor in a["trainer"]["ema"]["shadow"].items():
+        assert torch.equal(tensor, b["trainer"]["ema"]["shadow"][name])
+    log_a = (tmp_path / "a/outputs/distill/metrics.jsonl").read_text()
+    assert log_a == (tmp_path / "b/outputs/distill/metrics.jsonl").read_text()
+
+
+def test_two_processes_keep_identical_replicas(teacher_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TDM_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           *_distill_cmd(teacher_dir, 4, 2)[1:], "-S", "distill.mode=lora"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]  # distill checks a weight signature across ranks at each checkpoint
+    assert json.loads((tmp_path / "metrics/distill.json").read_text())["iterations"] == 4
