@@ -37,8 +37,8 @@ class ModelConfig(_Section):
     @field_validator("channels")
     @classmethod
     def _unet_levels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not 2 <= len(v) <= 4 or any(c <= 0 or c % 32 for c in v):
-            raise ValueError("need 2-4 UNet levels (8x8 down to 1x1), each a positive multiple of 32 (GroupNorm)")
+        if not 2 <= len(v) <= 4 or any(c <= 0 or c % 8 for c in v):
+            raise ValueError("need 2-4 UNet levels (8x8 down to 1x1), each a positive multiple of 8 (GroupNorm)")
         return v
 
     @field_validator("pretrained")

@@ -21,7 +21,7 @@ def test_committed_params_are_valid():
     ("sample.guidance=0.5", "sample.guidance"),
     ("teacher_ft.data=/no/such/folder", "teacher_ft.data"),
     ("model.pretrained=./no/such/model", "model.pretrained"),
-    ("model.channels=[48, 64]", "model.channels"),
+    ("model.channels=[36, 64]", "model.channels"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

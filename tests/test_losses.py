@@ -51,7 +51,7 @@ def test_pseudo_huber_by_hand():
     assert per_sample.item() == pytest.approx(5.0)
     # Small differences behave like L2 / (2c): the metric's point.
     tiny = pseudo_huber(torch.tensor([[1e-5]]), torch.zeros(1, 1), c=1e-3, per_sample=False)
-    assert tiny.item() == pytest.approx(1e-10 / 2e-3, rel=1e-3)
+    assert tiny.item() == pytest.approx(1e-10 / 2e-3, rel=1e-2)  # float32 cancellation
 
 
 def test_paper_huber_constant_scales_with_dimension():

@@ -32,6 +32,9 @@ class DigitsArch:
 
     channels: tuple[int, ...] = (32, 64, 64)  # UNet widths per level: 8x8, 4x4, 2x2; cross-attention below 8x8
     layers_per_block: int = 1
+    # GroupNorm groups. diffusers' default 32 assumes wide layers: at 32 channels it normalises each channel
+    # alone and so erases the per-channel time-embedding shift the resnets add (the UNet goes time-blind).
+    norm_groups: int = 8
     attention_heads: int = 4
     text_dim: int = 64
     text_layers: int = 2
@@ -40,8 +43,9 @@ class DigitsArch:
     beta_schedule: str = "squaredcos_cap_v2"  # cosine: the linear schedule destroys 8x8 images too early
 
     def __post_init__(self):
-        if len(self.channels) < 2 or any(c % 32 for c in self.channels):
-            raise ValueError(f"model.channels: need >= 2 levels, each a multiple of 32 (GroupNorm), got {self.channels}")
+        if len(self.channels) < 2 or any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"model.channels: need >= 2 levels, each a multiple of {self.norm_groups} (GroupNorm), "
+                             f"got {self.channels}")
         if 8 % 2 ** (len(self.channels) - 1):
             raise ValueError(f"model.channels: {len(self.channels)} levels do not divide an 8x8 image")
 
@@ -82,7 +86,7 @@ class DigitsBackbone(Backbone):
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
             layers_per_block=arch.layers_per_block, cross_attention_dim=arch.text_dim,
-            attention_head_dim=arch.attention_heads, norm_num_groups=32,
+            attention_head_dim=arch.attention_heads, norm_num_groups=arch.norm_groups,
         )
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=arch.beta_schedule,
                                   beta_start=0.0001, beta_end=0.02, prediction_type="epsilon", clip_sample=False)
