@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Iterator, Literal
 
 import torch
@@ -34,8 +35,10 @@ class Roles:
         if mode == "lora":
             config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights=True,
                                 target_modules=backbone.lora_target_modules)
-            for role in TRAINABLE:
-                inject_adapter_in_model(config, base, adapter_name=role)
+            with warnings.catch_warnings():  # peft warns on a second adapter: two is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                for role in TRAINABLE:
+                    inject_adapter_in_model(config, base, adapter_name=role)
             self.lora_config = config
             self.nets = {"teacher": base, "student": base, "fake": base}
         else:
