@@ -111,7 +111,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         if not args.no_teacher:
             jobs += [pool.submit(run_teacher, s, g, teacher, weights) for s, g in TEACHER_ROWS]
-        names = args.only or list(VARIANTS)
+        names = list(VARIANTS) if args.only is None else args.only
         jobs += [pool.submit(run_variant, n, VARIANTS[n], teacher, weights) for n in names]
         for job in jobs:
             row = job.result()
