@@ -1,0 +1,94 @@
+"""EMA, artifacts (atomic files/folders, sample archives), the metrics log, training helpers."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tdm.artifacts import atomic_folder, image_grid, load_samples, save_samples, write_json
+from tdm.ema import EMA
+from tdm.tracking import MetricsLog
+from tdm.training import lr_factor, step_generator
+
+
+def test_ema_follows_the_warmup_decay_and_round_trips():
+    p = {"w": torch.zeros(3)}
+    ema = EMA(p, decay=0.9)
+    p["w"] = torch.ones(3)
+    ema.update(p)  # n=1: decay min(0.9, 2/11)
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), 1 - 2 / 11))
+    for _ in range(100):
+        ema.update(p)
+    assert torch.allclose(ema.shadow["w"], torch.ones(3), atol=1e-4)
+    other = EMA({"w": torch.zeros(3)}, decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.shadow["w"], ema.shadow["w"]) and other.num_updates == 101
+    net = torch.nn.Linear(3, 1, bias=False)
+    copy = EMA({"weight": torch.full((1, 3), 2.0)}, 0.9).averaged_copy(net)
+    assert torch.equal(copy.weight, torch.full((1, 3), 2.0)) and not copy.weight.requires_grad
+    with pytest.raises(ValueError):
+        other.load_state_dict({"shadow": {"v": torch.zeros(1)}, "num_updates": 0})
+
+
+def test_samples_archive_and_grid(tmp_path):
+    images = np.arange(5 * 8 * 8, dtype=np.uint8).reshape(5, 8, 8, 1)
+    npz, png = save_samples(tmp_path / "s.npz", images, [f"p{i}" for i in range(5)], steps=4)
+    back, prompts = load_samples(npz)
+    assert np.array_equal(back, images) and prompts == ["p0", "p1", "p2", "p3", "p4"]
+    from PIL import Image
+
+    assert Image.open(png).size == image_grid(images, scale=8).shape[1::-1]
+    grid = image_grid(images, ncol=5, pad=1)
+    assert grid.shape == (10, 46, 1) and np.array_equal(grid[1:9, 1:9], images[0])
+    with pytest.raises(ValueError, match="uint8"):
+        save_samples(tmp_path / "x.npz", images.astype(np.float32), ["a"] * 5)
+    with pytest.raises(ValueError, match="prompts"):
+        save_samples(tmp_path / "x.npz", images, ["a"])
+
+
+def test_write_json_is_strict_and_atomic(tmp_path):
+    write_json(tmp_path / "m.json", {"a": 1.5})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5}
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "m.json", {"a": float("nan")})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5}  # the old file survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    assert oct((tmp_path / "m.json").stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+
+
+def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with atomic_folder(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "a").write_text("2")
+            raise RuntimeError("crash mid-write")
+    assert (target / "a").read_text() == "1"
+    with atomic_folder(target) as tmp:
+        (tmp / "b").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert os.stat(target).st_mode & 0o055  # readable by others, unlike mkdtemp's 0700
+
+
+def test_metrics_log_batches_and_truncates_on_resume(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for step in range(1, 6):
+        log.log(step, {"loss": torch.tensor(step * 0.5), "lr": 1e-3})
+    rows = log.flush()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[1]["loss"] == 1.0
+    resumed = MetricsLog(tmp_path / "m.jsonl", resume_from_step=3)
+    resumed.log(4, {"loss": torch.tensor(9.0)})
+    resumed.flush()
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[-1]["loss"] == 9.0
+
+
+def test_step_generators_are_independent_and_reproducible():
+    a = torch.rand(3, generator=step_generator(0, 5))
+    assert torch.equal(a, torch.rand(3, generator=step_generator(0, 5)))
+    assert not torch.equal(a, torch.rand(3, generator=step_generator(0, 6)))
+    assert not torch.equal(a, torch.rand(3, generator=step_generator(0, 5, process=1)))
+    assert lr_factor(5, 0, 10, "constant") == 1.0
