@@ -31,6 +31,7 @@ VARIANTS: dict[str, list[str]] = {
     "tdm_k4_g2_seed2": ["distill.seed=2"],
     "tdm_k4_g1": ["distill.guidance=1"],
     "tdm_k1_g2": ["distill.k=1"],
+    "tdm_k1_g2_top1000": ["distill.k=1", "distill.total_steps=1000"],  # K=1 from t=999, not 899
     "tdm_k4_g2_l2": ["distill.metric=l2"],
     "tdm_k4_g2_huber_sample": ["distill.metric=huber_sample"],
     "tdm_k4_g2_shared": ["distill.interval=shared"],
