@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from tdm import checkpoint as ckpt
 from tdm.artifacts import atomic_folder, save_samples, write_json
 from tdm.backbones import Backbone, load_backbone
-from tdm.backbones.base import Cond, index_cond
+from tdm.backbones.base import Cond
 from tdm.config import Config, StagePaths, dump
 from tdm.data import digit_prompt_set, read_prompts
 from tdm.ema import EMA
@@ -34,7 +34,7 @@ from tdm.roles import Roles
 from tdm.schedule import student_timesteps
 from tdm.tracking import MetricsLog
 from tdm.training import (TrainingDiverged, all_finite, average_gradients, lr_factor, replicas_identical,
-                          step_generator)
+                          resumable_checkpoint, step_generator)
 
 STAGE = "distill"
 
@@ -247,13 +247,7 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
     ckpt_root = paths.out_dir / "checkpoints"
     fingerprint = config_fingerprint(cfg)
     start, resumed_from, past_time = 0, None, 0.0
-    found = ckpt.load_latest(ckpt_root)
-    if found is not None and found[1]["fingerprint"] != fingerprint:
-        accelerator.print(f"distill: params changed since {found[0]}; starting afresh")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            ckpt.prune_checkpoints(ckpt_root, keep=0)
-        found = None
+    found = resumable_checkpoint(accelerator, ckpt_root, fingerprint, STAGE)
     if found is not None:
         path, state = found
         trainer.load_state_dict(state["trainer"])

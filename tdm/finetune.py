@@ -27,7 +27,8 @@ from tdm.backbones import Backbone, build_backbone
 from tdm.config import Config, StagePaths, dump
 from tdm.data import PROMPT_TEMPLATES, ImageCaptionFolder, digit_prompt, digit_prompt_set, digits_split
 from tdm.ema import EMA
-from tdm.training import TrainingDiverged, all_finite, lr_factor, replicas_identical, step_generator
+from tdm.training import (TrainingDiverged, all_finite, lr_factor, replicas_identical, resumable_checkpoint,
+                          step_generator)
 
 STAGE = "teacher_ft"
 
@@ -147,13 +148,7 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
     ckpt_root = paths.out_dir / "checkpoints"
     fingerprint = config_fingerprint(cfg)
     start, resumed_from, loss_value, past_time = 0, None, float("nan"), 0.0
-    found = ckpt.load_latest(ckpt_root)
-    if found is not None and found[1]["fingerprint"] != fingerprint:
-        accelerator.print(f"teacher_ft: params changed since {found[0]}; starting afresh")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            ckpt.prune_checkpoints(ckpt_root, keep=0)
-        found = None
+    found = resumable_checkpoint(accelerator, ckpt_root, fingerprint, STAGE)
     if found is not None:
         path, state = found
         net.load_state_dict(state["net"])

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from tdm.backbones.base import Backbone, Cond, cat_cond, index_cond
+from tdm.backbones.base import Backbone, Cond, cat_cond
 from tdm.schedule import ddim_timesteps, student_timesteps
 
 
@@ -103,4 +103,4 @@ def sample_images(backbone: Backbone, net: nn.Module, prompts: Sequence[str], *,
     return torch.cat(out)
 
 
-__all__ = ["guided_x0_eps", "teacher_sample", "student_sample", "make_noise", "sample_images", "index_cond"]
+__all__ = ["clip_prediction", "guided_x0_eps", "teacher_sample", "student_sample", "make_noise", "sample_images"]

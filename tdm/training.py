@@ -56,3 +56,18 @@ def replicas_identical(accelerator, params: Iterable[torch.Tensor]) -> bool:
     signature = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
     everyone = accelerator.gather(signature.to(accelerator.device))
     return bool(torch.all(everyone == everyone[0]))
+
+
+def resumable_checkpoint(accelerator, root, fingerprint: str, stage: str):
+    """(path, state) of the newest loadable checkpoint under `root` made with the same params, else None.
+    Checkpoints made with other params are deleted (the run starts afresh, as DVC would)."""
+    from tdm import checkpoint as ckpt
+
+    found = ckpt.load_latest(root)
+    if found is not None and found[1]["fingerprint"] != fingerprint:
+        accelerator.print(f"{stage}: params changed since {found[0]}; starting afresh")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.prune_checkpoints(root, keep=0)
+        found = None
+    return found
