@@ -192,3 +192,16 @@ def test_two_processes_keep_identical_replicas(teacher_dir, tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]  # distill checks a weight signature across ranks at each checkpoint
     assert json.loads((tmp_path / "metrics/distill.json").read_text())["iterations"] == 4
+
+
+def test_gradient_checkpointing_gives_the_same_iteration(teacher_dir, tmp_path):
+    from accelerate import Accelerator
+
+    results = []
+    for flag in ("false", "true"):
+        cfg = _cfg(teacher_dir, tmp_path, f"distill.gradient_checkpointing={flag}")
+        trainer = TDMTrainer(cfg, load_backbone(teacher_dir), Accelerator(cpu=True))
+        trainer.iteration(0)
+        results.append(trainer.roles.state_dict("student"))
+    for name, tensor in results[0].items():
+        torch.testing.assert_close(results[1][name], tensor, atol=1e-5, rtol=1e-5)
