@@ -104,3 +104,4 @@ def sample_images(backbone: Backbone, net: nn.Module, prompts: Sequence[str], *,
 
 
 __all__ = ["clip_prediction", "guided_x0_eps", "teacher_sample", "student_sample", "make_noise", "sample_images"]
+from tdm.scheduler import TDMScheduler  # noqa: E402,F401  (the diffusers scheduler of the student trajectory)

@@ -1,0 +1,104 @@
+"""TDMScheduler: a stock diffusers pipeline with `pipe.scheduler = TDMScheduler.from_config(...)` takes exactly the
+steps of our own student sampler (`tdm.sampler.student_sample`): same timesteps, same images, bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lora_tiny_sd import build_tiny_sd_pipeline
+
+from tdm.backbones.base import Backbone
+from tdm.sampler import TDMScheduler, student_sample
+from tdm.schedule import VPSchedule, student_timesteps
+
+
+class PipelineBackbone(Backbone):
+    """Our sampler's view of a diffusers SD pipeline's parts (text encoder + UNet, latent space)."""
+
+    family = "sd15-test"
+
+    def __init__(self, pipe):
+        self.pipe, self.net = pipe, pipe.unet
+        self.schedule = VPSchedule.from_scheduler(pipe.scheduler)
+        self.prediction_type = pipe.scheduler.config.prediction_type
+
+    @property
+    def sample_shape(self):
+        return (self.net.config.in_channels, self.net.config.sample_size, self.net.config.sample_size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        embeds, _ = self.pipe.encode_prompt(list(prompts), "cpu", 1, False)
+        return {"encoder_hidden_states": embeds}
+
+    def predict(self, net, x_t, t, cond):
+        return net(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+
+    def encode_images(self, images):
+        raise NotImplementedError
+
+    def decode(self, x0):
+        raise NotImplementedError
+
+    @property
+    def lora_target_modules(self):
+        return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    def save(self, folder, net=None, extra_files=None, k_embedding=None):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("k", [4, 1])
+def test_stock_pipeline_matches_our_student_sampler_exactly(tmp_path, k):
+    pipe = build_tiny_sd_pipeline(tmp_path)
+    backbone = PipelineBackbone(pipe)  # built before the swap: our sampler reads the SD schedule itself
+    pipe.scheduler = TDMScheduler.from_config(pipe.scheduler.config, total_steps=900)
+    prompts = ["a photo of a cat", "a red car"]
+    noise = torch.randn((2, *backbone.sample_shape), generator=torch.Generator().manual_seed(0))
+
+    ours = student_sample(backbone, pipe.unet, backbone.encode_prompts(prompts), noise, k, 900)
+    theirs = pipe(prompts, num_inference_steps=k, guidance_scale=1.0, latents=noise.clone(), output_type="latent").images
+    assert pipe.scheduler.timesteps.tolist() == student_timesteps(k, 900).tolist()
+    assert torch.equal(theirs, ours)
+    # ... and so the decoded images are the same too.
+    images = pipe(prompts, num_inference_steps=k, guidance_scale=1.0, latents=noise.clone(), output_type="np").images
+    decoded = pipe.image_processor.postprocess(
+        pipe.vae.decode(ours / pipe.vae.config.scaling_factor, return_dict=False)[0].detach(), output_type="np")
+    assert (images == decoded).all()
+
+
+def test_digits_student_loop_matches_with_x0_clipping(tiny_digits):
+    """Pixel-space models clip x0 (clip_sample=True), as our sampler does for the digits family."""
+    scheduler = TDMScheduler.from_config(tiny_digits.scheduler.config, clip_sample=True, total_steps=900)
+    cond = tiny_digits.encode_prompts(["a handwritten digit seven", "a handwritten digit two"])
+    noise = torch.randn((2, *tiny_digits.sample_shape), generator=torch.Generator().manual_seed(1))
+    ours = student_sample(tiny_digits, tiny_digits.net, cond, noise, 4, 900)
+
+    scheduler.set_timesteps(4)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = tiny_digits.net(x, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+            x = scheduler.step(out, t, x).prev_sample
+    assert torch.equal(x, ours)
+    assert x.abs().max() <= 1.0
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    from diffusers import DDIMScheduler
+
+    sd = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    scheduler = TDMScheduler.from_config(sd.config, total_steps=1000)
+    torch.testing.assert_close(scheduler.alphas_cumprod, sd.alphas_cumprod, rtol=0, atol=0)
+    scheduler.save_pretrained(tmp_path)
+    again = TDMScheduler.from_pretrained(tmp_path)
+    assert again.config.total_steps == 1000 and again.config.beta_schedule == "scaled_linear"
+    again.set_timesteps(4)
+    assert again.timesteps.tolist() == [999, 749, 499, 249]
+    with pytest.raises(ValueError, match="not on the student grid"):
+        again.step(torch.zeros(1, 4, 8, 8), 500, torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="set_timesteps"):
+        TDMScheduler().step(torch.zeros(1, 1, 2, 2), 899, torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="total_steps"):
+        TDMScheduler(total_steps=2000)
+    with pytest.raises(ValueError, match="prediction_type"):
+        TDMScheduler(prediction_type="flow")
