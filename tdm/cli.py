@@ -24,11 +24,25 @@ def _load_config(args):
     return config.load(args.params, args.set or [])
 
 
+def _tracked(stage: str, cfg, run_fn) -> dict:
+    """Run a stage inside its MLflow run (tdm/tracking.py); an unreachable server fails here, before compute."""
+    from tdm import tracking
+    from tdm.config import StagePaths, dump
+
+    paths = StagePaths.of(stage)
+    tags = {"backbone": cfg.model.family, "k": str(cfg.distill.k)}
+    with tracking.stage_run(stage, dump(cfg), extra_tags=tags) as run:
+        result = run_fn()
+        if run is not None:
+            run.log_result(result, paths.metrics, paths.out_dir)
+    return result
+
+
 def cmd_teacher_ft(args) -> dict:
     from tdm import finetune
 
     cfg = _load_config(args)
-    return finetune.run(cfg, progress=not args.quiet)
+    return _tracked("teacher_ft", cfg, lambda: finetune.run(cfg, progress=not args.quiet))
 
 
 def cmd_distill(args) -> dict:
@@ -36,7 +50,18 @@ def cmd_distill(args) -> dict:
 
     cfg = _load_config(args)
     distill.check_inputs(cfg)
-    return distill.run(cfg, progress=not args.quiet)
+    return _tracked("distill", cfg, lambda: distill.run(cfg, progress=not args.quiet))
+
+
+def cmd_evaluate(args) -> dict:
+    from tdm import evaluate
+    from tdm.evaluation.runner import markdown_table
+
+    cfg = _load_config(args)
+    result = evaluate.run(cfg, progress=not args.quiet)
+    if not args.quiet:
+        print(markdown_table(result["rows"], result["metrics_skipped"]), file=sys.stderr)
+    return result
 
 
 def cmd_sample(args) -> dict:
@@ -102,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage("teacher-ft", cmd_teacher_ft, "fine-tune (digits: train) the teacher -> outputs/teacher_ft/model")
     stage("distill", cmd_distill, "TDM-distil the teacher into a K-step student -> outputs/distill/student")
+    stage("evaluate", cmd_evaluate, "sample + score teacher, student (and LoRA-transfer rows) -> metrics/evaluate.json")
 
     p = sub.add_parser("sample", help="sample a model to an npz (+ PNG grid)")
     p.add_argument("--model", required=True, help="a saved model folder (e.g. outputs/teacher_ft/model)")
@@ -130,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, value)
     args = build_parser().parse_args(argv)
     from tdm.config import ConfigError
+    from tdm.tracking import TrackingUnavailable
 
     try:
         _set_threads(args.threads)
         result = args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, TrackingUnavailable) as err:
         print(f"tdm: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))

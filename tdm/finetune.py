@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from tdm import checkpoint as ckpt
+from tdm import tracking
 from tdm.artifacts import save_samples, write_json
 from tdm.backbones import Backbone, build_backbone
 from tdm.config import Config, StagePaths, dump
@@ -178,6 +179,7 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
             raise RuntimeError(f"teacher_ft: model replicas differ across processes at step {step}")
         if accelerator.is_main_process:
             _append_loss_log(paths.out_dir / "loss.csv", pending, fresh=start == 0 and step == len(pending))
+            tracking.log_steps([{"step": s, "loss": loss, "lr": lr} for s, loss, lr in pending])
             state = {"step": step, "fingerprint": fingerprint, "net": accelerator.unwrap_model(net).state_dict(),
                      "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
                      "ema": ema.state_dict(), "rng": ckpt.rng_state(), "loss": loss_value,

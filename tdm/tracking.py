@@ -1,15 +1,33 @@
-"""Where per-step training metrics go: one interface, a local JSONL log that works alone.
+"""Run tracking: a local JSONL log that works alone, and MLflow conventions in one place.
 
-The orchestration layer adds MLflow behind the same `log` call. Values arrive as tensors and stay on the
-device until `flush` (every `log_every` steps), so the training loop has no per-step host sync.
+Per-step training values go through `MetricsLog`: they arrive as tensors and stay on the device until `flush`
+(every `log_every` steps), so the training loop has no per-step host sync; a flush also forwards the rows to
+the active MLflow stage run in one batched call (one MLflow call costs ~50 ms: never one per metric).
+
+MLflow layout: one experiment (`tdm`); a parent run per pipeline run (made by the Prefect flow, passed to the
+stage processes as TDM_MLFLOW_PARENT_RUN_ID) and a child run per stage, with params, per-step losses, eval
+metrics per (model, NFE), sample grids, system metrics and tags (git commit, dvc.lock hash, backbone, K).
+A stage run without a parent (`tdm distill` alone, `dvc repro`) is a top-level run tagged `standalone`.
+The store is a sqlite file under the project unless MLFLOW_TRACKING_URI says otherwise; TDM_MLFLOW=0 turns
+tracking off.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
+import re
+import subprocess
+import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
+
+EXPERIMENT = "tdm"
+PARENT_ENV = "TDM_MLFLOW_PARENT_RUN_ID"
 
 
 class MetricsLog:
@@ -40,4 +58,230 @@ class MetricsLog:
                 f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                                     for k, v in row.items()}) + "\n")
         self._pending.clear()
+        if _active is not None:
+            _active.log_steps(rows)
         return rows
+
+
+# ---------------------------------------------------------------------------------------------- MLflow
+
+class TrackingUnavailable(RuntimeError):
+    """The configured MLflow server cannot be reached (reported before any compute)."""
+
+
+def enabled() -> bool:
+    return os.environ.get("TDM_MLFLOW", "1").lower() not in ("0", "false", "off", "no")
+
+
+def tracking_uri(root: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI, else a sqlite store in the project (absolute: sqlite needs four slashes)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def check_server(uri: str, timeout: float = 3.0) -> None:
+    """Fail in one clear line when an http(s) tracking server does not answer (sqlite/file stores need none)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = str(getattr(err, "reason", err))
+    raise TrackingUnavailable(f"MLflow server {uri} is unreachable ({reason}); start it (bash scripts/servers.sh "
+                              f"start), point MLFLOW_TRACKING_URI elsewhere, or set TDM_MLFLOW=0 to run untracked")
+
+
+def metric_key(*parts: object) -> str:
+    """An MLflow-legal metric name (letters, digits, _ - . / and spaces only)."""
+    return "/".join(re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(p)) for p in parts)
+
+
+def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_params(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def _numeric_leaves(tree: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_numeric_leaves(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[metric_key(name)] = float(value)
+    return out
+
+
+def run_tags(root: str | Path = ".") -> dict[str, str]:
+    """Provenance: git commit (+ dirty flag) and the dvc.lock hash."""
+    root = Path(root)
+    tags = {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            tags["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=10)
+            tags["git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        tags["dvc_lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
+    return tags
+
+
+def experiment_id(client, root: str | Path = ".") -> str:
+    name = os.environ.get("TDM_MLFLOW_EXPERIMENT", EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = client.tracking_uri
+    # A local store keeps artifacts beside the database; a server decides for itself.
+    location = None if uri.startswith(("http://", "https://")) else (Path(root).resolve() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
+    except Exception:  # created concurrently by another stage process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class StageRun:
+    """The MLflow run of one stage (a child of the pipeline run when there is one)."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_steps(self, rows: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(row["step"])) for row in rows for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)]
+        for i in range(0, len(metrics), 1000):  # the REST API's batch limit
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def log_result(self, result: dict, metrics_file: Path | None, out_dir: Path | None) -> None:
+        """A stage's outcome: its numeric results, per-(model, NFE) eval rows, metrics file and sample grids."""
+        values = _numeric_leaves({k: v for k, v in result.items() if k != "rows"})
+        for row in result.get("rows", []) or []:
+            for name, value in (row.get("metrics") or {}).items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    values[metric_key(name, row.get("model"), f"nfe{row.get('nfe')}")] = float(value)
+        if values:
+            self.log_metrics(values)
+        if result.get("rows"):
+            self.client.log_dict(self.run_id, {"rows": result["rows"]}, "eval_rows.json")
+        if metrics_file is not None and metrics_file.is_file():
+            self.client.log_artifact(self.run_id, str(metrics_file), "metrics")
+        if out_dir is not None and out_dir.is_dir():
+            for png in sorted(out_dir.glob("*.png")) + sorted(out_dir.glob("*/*.png")):
+                if png.stat().st_size < 5_000_000:
+                    self.client.log_artifact(self.run_id, str(png), "images" + (
+                        "" if png.parent == out_dir else f"/{png.parent.name}"))
+
+
+_active: StageRun | None = None
+
+
+def log_steps(rows: list[dict]) -> None:
+    """Forward per-step rows ({"step": n, name: value, ...}) to the active stage run, if any."""
+    if _active is not None and rows:
+        _active.log_steps(rows)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict, root: str | Path = ".", extra_tags: dict | None = None,
+              ) -> Iterator[StageRun | None]:
+    """Record one stage as an MLflow run (None when tracking is off or on a non-main process).
+    The run ends FAILED when the stage raises; MetricsLog flushes inside it are forwarded to it."""
+    global _active
+    if not enabled() or not _is_main_process():
+        yield None
+        return
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(root)
+    check_server(uri)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = experiment_id(client, root)
+    parent = os.environ.get(PARENT_ENV)
+    tags = {"stage": stage, **run_tags(root), **(extra_tags or {}),
+            **({} if parent else {"standalone": "true"})}
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+    run = mlflow.start_run(experiment_id=exp, run_name=stage, tags=tags, log_system_metrics=True,
+                           parent_run_id=parent)
+    stage_run_ = StageRun(client, run.info.run_id)
+    params_flat = flat_params(params)
+    mlflow.log_params(params_flat)
+    _active = stage_run_
+    status = "FAILED"
+    try:
+        yield stage_run_
+        status = "FINISHED"
+    finally:
+        _active = None
+        mlflow.end_run(status)
+
+
+def start_pipeline_run(name: str, params: dict | None = None, root: str | Path = ".",
+                       tags: dict | None = None) -> str:
+    """The parent run of one pipeline run (the Prefect flow's); returns its id for TDM_MLFLOW_PARENT_RUN_ID."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(root)
+    check_server(uri)
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(client, root), run_name=name,
+                            tags={"stage": "pipeline", **run_tags(root), **(tags or {})})
+    if params:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in flat_params(params).items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def end_pipeline_run(run_id: str, status: str = "FINISHED", root: str | Path = ".") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri(root)).set_terminated(run_id, status)
+
+
+def run_url(run_id: str, root: str | Path = ".") -> str | None:
+    """The MLflow UI address of a run (servers only)."""
+    uri = tracking_uri(root)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(run_id)
+    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -1,0 +1,88 @@
+"""MLflow tracking through the real client on a local sqlite store: a stage run alone, a stage as the child of
+a pipeline run, batched per-step losses, eval rows per (model, NFE), grids, tags; an unreachable server fails
+before compute."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tdm import tracking
+from tdm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["-S", "model.channels=[32, 32]", "-S", "teacher_ft.steps=4", "-S", "teacher_ft.batch_size=8",
+        "-S", "teacher_ft.checkpoint_every=2", "-S", "teacher_ft.eval_samples=10", "-S", "sample.steps=2"]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TDM_MLFLOW", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("TDM_MLFLOW_EXPERIMENT", "tdm-test")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _runs(client, where=""):
+    exp = client.get_experiment_by_name("tdm-test")
+    return client.search_runs([exp.experiment_id], filter_string=where)
+
+
+def test_stage_alone_is_a_tagged_run_with_params_losses_and_grids(store, monkeypatch):
+    assert main(["teacher-ft", "-q", *TINY]) == 0
+    (run,) = _runs(store)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "teacher_ft" and run.data.tags["standalone"] == "true"
+    assert run.data.tags["backbone"] == "digits"
+    assert run.data.params["teacher_ft.steps"] == "4" and run.data.params["model.channels"] == "[32, 32]"
+    history = store.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]  # every step, logged in batches at checkpoints
+    assert all(m.value > 0 for m in history)
+    assert 0 <= run.data.metrics["eval_accuracy"] <= 1 and run.data.metrics["eval_fid"] > 0
+    artifacts = {a.path for a in store.list_artifacts(run.info.run_id, "images")}
+    assert any(p.endswith(".png") for p in artifacts)
+    assert {a.path for a in store.list_artifacts(run.info.run_id, "metrics")} == {"metrics/teacher_ft.json"}
+
+
+def test_stage_under_a_pipeline_run_is_its_child_and_eval_rows_become_metrics(store, monkeypatch, tmp_path):
+    parent = tracking.start_pipeline_run("pipeline-test", {"distill": {"k": 4}}, root=tmp_path)
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    result = {"rows": [{"model": "teacher", "nfe": 100, "metrics": {"fid_digits": 5.1}},
+                       {"model": "digits:thick+tdm_lora", "nfe": 4, "metrics": {"fid_digits": 6.2}}],
+              "wall_time_s": 3.5}
+    with tracking.stage_run("evaluate", {"distill": {"k": 4}}, root=tmp_path) as run:
+        run.log_result(result, None, None)
+    tracking.end_pipeline_run(parent, root=tmp_path)
+    (child,) = _runs(store, "tags.stage = 'evaluate'")
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.metrics["fid_digits/teacher/nfe100"] == 5.1
+    assert child.data.metrics["fid_digits/digits_thick_tdm_lora/nfe4"] == 6.2
+    assert child.data.metrics["wall_time_s"] == 3.5
+    rows = json.loads(Path(store.download_artifacts(child.info.run_id, "eval_rows.json", str(tmp_path))).read_text())
+    assert rows["rows"][1]["model"] == "digits:thick+tdm_lora"
+    (pipeline,) = _runs(store, "tags.stage = 'pipeline'")
+    assert pipeline.info.status == "FINISHED" and pipeline.data.params["distill.k"] == "4"
+
+
+def test_failed_stage_ends_its_run_failed(store, tmp_path):
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("distill", {}, root=tmp_path):
+            raise RuntimeError("boom")
+    (run,) = _runs(store)
+    assert run.info.status == "FAILED"
+
+
+def test_unreachable_server_fails_in_one_line_before_compute(tmp_path, monkeypatch, capsys):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TDM_MLFLOW", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert main(["teacher-ft", "-q", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "MLflow server http://127.0.0.1:9 is unreachable" in err
+    assert not (tmp_path / "outputs").exists()
