@@ -64,6 +64,13 @@ def cmd_evaluate(args) -> dict:
     return result
 
 
+def cmd_report(args) -> dict:
+    from tdm import report
+
+    cfg = _load_config(args)
+    return _tracked("report", cfg, lambda: report.run(cfg))
+
+
 def cmd_sample(args) -> dict:
     from tdm.artifacts import save_samples
     from tdm.backbones import load_backbone
@@ -111,6 +118,46 @@ def cmd_sample(args) -> dict:
     return result
 
 
+def cmd_lora_transfer(args) -> dict:
+    from tdm import lora_transfer
+
+    cfg = _load_config(args)
+    lora_transfer.check_inputs(cfg)
+    return _tracked("lora_transfer", cfg, lambda: lora_transfer.run(cfg, progress=not args.quiet))
+
+
+def cmd_lora(args) -> dict:
+    """`tdm lora export|info|fuse|extract`: the student's LoRA as files other tools load (docs/lora.md)."""
+    from tdm import lora as L
+    from tdm.backbones import load_backbone
+
+    if args.lora_command == "extract":
+        base, student = load_backbone(args.base), load_backbone(args.student)
+        lora, report = L.extract(base.net, student.net, args.rank, targets=base.lora_target_modules)
+        out = L.save_lora(lora, args.out, args.format, args.component)
+        if out.is_dir():
+            (out / "tdm_extraction.json").write_text(json.dumps({**report, "base": args.base,
+                                                                 "student": args.student}, indent=2))
+        return {"out": str(out), "format": args.format, **report}
+    lora = L.load_lora(args.lora, args.component)
+    if args.lora_command == "info":
+        rows = lora.summary()
+        return {"lora": args.lora, "format": lora.meta.get("source_format"), "modules": len(rows),
+                "ranks": sorted(lora.ranks), "parameters": sum(m.down.numel() + m.up.numel() for m in lora.modules.values()),
+                "touches": rows if args.verbose else sorted({r["module"].rsplit(".", 1)[-1] for r in rows})}
+    if args.scale < 0:
+        raise ValueError(f"--scale must be >= 0, got {args.scale}")
+    if args.lora_command == "fuse":
+        out = L.fuse_into_model(args.model, lora, args.out, args.scale)
+        return {"out": str(out), "scale": args.scale, "modules": len(lora.modules)}
+    if lora.meta.get("flat_names"):  # kohya names: the model tells where each module lives
+        if args.model is None:
+            raise ValueError("--model is needed to export a kohya LoRA to another format (to resolve module names)")
+        lora = lora.resolved(load_backbone(args.model).net)
+    out = L.save_lora(lora.scaled(args.scale), args.out, args.format, args.component)
+    return {"out": str(out), "format": args.format, "scale": args.scale, "modules": len(lora.modules)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdm", description=__doc__)
     parser.add_argument("--threads", type=int, default=None,
@@ -127,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage("teacher-ft", cmd_teacher_ft, "fine-tune (digits: train) the teacher -> outputs/teacher_ft/model")
     stage("distill", cmd_distill, "TDM-distil the teacher into a K-step student -> outputs/distill/student")
+    stage("report", cmd_report, "tables, sample grids and plots of every stage -> outputs/report/index.html")
     stage("evaluate", cmd_evaluate, "sample + score teacher, student (and LoRA-transfer rows) -> metrics/evaluate.json")
 
     p = sub.add_parser("sample", help="sample a model to an npz (+ PNG grid)")
@@ -147,6 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="params file (for eval.weights_dir)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    stage("lora-transfer", cmd_lora_transfer,
+          "the TDM LoRA on custom models: many-step custom vs custom + LoRA at K steps -> outputs/lora_transfer")
+    p = sub.add_parser("lora", help="export / inspect / fuse / extract the student's LoRA (docs/lora.md)")
+    lsub = p.add_subparsers(dest="lora_command", required=True)
+    for name, help in (("export", "write a LoRA as diffusers (pipe.load_lora_weights), kohya (webui) or peft"),
+                       ("info", "which modules a LoRA touches, its ranks and size"),
+                       ("fuse", "a merged checkpoint: a model folder with the LoRA fused in")):
+        q = lsub.add_parser(name, help=help)
+        q.add_argument("lora", help="a LoRA: peft/diffusers folder or .safetensors file")
+        q.add_argument("--component", default="unet", help="the denoiser's key prefix in diffusers files")
+        if name == "info":
+            q.add_argument("-v", "--verbose", action="store_true", help="list every module")
+        else:
+            q.add_argument("--out", required=True, help="output folder (kohya: a .safetensors file)")
+            q.add_argument("--scale", type=float, default=1.0, help="LoRA strength baked into the output")
+            q.add_argument("--model", required=name == "fuse", help="model folder or hub id (fuse: the base; "
+                           "export: resolves kohya module names)")
+        if name == "export":
+            q.add_argument("--format", required=True, choices=("diffusers", "kohya", "peft"))
+    q = lsub.add_parser("extract", help="a full-mode student as a LoRA: truncated SVD of its weight delta")
+    q.add_argument("--base", required=True, help="the teacher model folder the student was distilled from")
+    q.add_argument("--student", required=True, help="the full-mode student model folder")
+    q.add_argument("--rank", type=int, default=16)
+    q.add_argument("--format", default="peft", choices=("diffusers", "kohya", "peft"))
+    q.add_argument("--component", default="unet")
+    q.add_argument("--out", required=True, help="output folder (kohya: a .safetensors file)")
+    p.set_defaults(func=cmd_lora)
     return parser
 
 

@@ -1,0 +1,286 @@
+"""Prefect flow `tdm`: the DVC pipeline, one task per stage, tracked as one MLflow pipeline run.
+
+Thin on purpose: every task runs `dvc repro --single-item <stage>` in the project, so DVC decides what is
+already up to date and a Prefect run leaves `dvc repro` a no-op. No ML code lives here.
+
+- `full-pipeline`: optional `section.key=value` overrides are validated, then written into params.yaml (as
+  `dvc exp run -S` does), then teacher_ft -> distill -> lora_transfer -> evaluate -> report run in order.
+- `ablation`: each variant (a list of overrides) runs as a named DVC experiment in a temporary copy
+  (`dvc exp run --temp`, the workspace stays as it is) under its own MLflow pipeline run; a comparison table
+  of the variants' evaluation rows is published as an artifact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               update_progress_artifact)
+from prefect.runtime import flow_run
+
+PROJECT = Path(__file__).resolve().parents[1]
+STAGES = ["teacher_ft", "distill", "lora_transfer", "evaluate", "report"]
+DEFAULT_VARIANTS = {"k1": ["distill.k=1"], "k2": ["distill.k=2"], "k4": ["distill.k=4"]}
+_TQDM = re.compile(r"(\d+)/(\d+) \[")
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero. `transient` failures (killed, crashed) are retried: the stage resumes from its
+    last checkpoint; bad input (tdm's exit code 2) and DVC errors are not."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _retry_if_transient(task_, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageFailed as err:
+        return err.transient
+    except Exception:
+        return False
+    return False
+
+
+def _tool(name: str) -> str:
+    """`dvc` / `tdm` beside the running interpreter (the project's venv), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _env(parent_run_id: str | None) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if parent_run_id:
+        env["TDM_MLFLOW_PARENT_RUN_ID"] = parent_run_id
+    return env
+
+
+def _run_streaming(cmd: list[str], cwd: Path, env: dict, on_progress=None) -> tuple[int, str]:
+    """Run `cmd`, log its output line by line, report tqdm progress (done/total) to `on_progress`."""
+    logger = get_run_logger()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail: list[str] = []
+    buffer = b""
+    last_report = 0.0
+    while True:
+        chunk = proc.stdout.read1(4096) if proc.stdout else b""
+        if not chunk:
+            break
+        buffer += chunk
+        parts = re.split(rb"[\r\n]", buffer)
+        buffer = parts.pop()
+        for raw in parts:
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            match = _TQDM.search(line)
+            if match:  # progress bars update the artifact (at most every 2 s), not the log
+                if on_progress and time.monotonic() - last_report > 2:
+                    on_progress(int(match.group(1)) / max(1, int(match.group(2))))
+                    last_report = time.monotonic()
+                continue
+            logger.info(line)
+            tail = (tail + [line])[-40:]
+    return proc.wait(), "\n".join(tail)
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_if_transient, task_run_name="{stage}")
+def run_stage(stage: str, project: str, parent_run_id: str | None, progress_id=None, done: int = 0) -> str:
+    """`dvc repro --single-item <stage>`: DVC skips it when its deps, params and outs are unchanged."""
+
+    def on_progress(fraction: float) -> None:
+        if progress_id is not None:
+            update_progress_artifact(progress_id, 100 * (done + fraction) / len(STAGES),
+                                     description=f"{stage}: {100 * fraction:.0f}%")
+
+    code, tail = _run_streaming([_tool("dvc"), "repro", "--single-item", stage], Path(project),
+                                _env(parent_run_id), on_progress)
+    if code != 0:
+        # One retry resumes from the stage's last checkpoint; bad input would only fail the same way again.
+        raise StageFailed(f"stage {stage} failed (exit {code}):\n{tail}", transient="tdm: error:" not in tail)
+    return tail
+
+
+def _prepare(project: Path, overrides: list[str]) -> dict:
+    """Validate params.yaml + overrides before anything runs, write the overrides in, return the params."""
+    sys.path.insert(0, str(project))
+    from tdm import config
+
+    params = project / "params.yaml"
+    config.load(params, overrides)  # raises ConfigError naming the key
+    if overrides:
+        from ruamel.yaml import YAML
+
+        yaml = YAML()
+        yaml.preserve_quotes = True  # `"no"` must stay a string for YAML 1.1 readers
+        tree = yaml.load(params)
+        for item in overrides:
+            key, _, value = item.partition("=")
+            section, _, name = key.partition(".")
+            tree[section][name] = YAML(typ="safe").load(value)
+        tmp = params.with_suffix(".yaml.tmp")
+        with tmp.open("w") as f:
+            yaml.dump(tree, f)
+        tmp.replace(params)
+    return config.dump(config.load(params))
+
+
+def _check_servers(project: Path) -> None:
+    from tdm import tracking
+
+    if tracking.enabled():
+        tracking.check_server(tracking.tracking_uri(project))
+
+
+def _metrics_markdown(project: Path) -> str:
+    """The evaluation rows (teacher vs student by NFE, LoRA transfer) as a markdown table."""
+    path = project / "metrics" / "evaluate.json"
+    if not path.is_file():
+        return "_no metrics/evaluate.json yet_"
+    rows = json.loads(path.read_text()).get("rows", [])
+    names = sorted({k for r in rows for k, v in (r.get("metrics") or {}).items() if isinstance(v, (int, float))})
+    lines = ["| model | steps | NFE | " + " | ".join(names) + " |", "|---|---:|---:|" + "---:|" * len(names)]
+    for r in rows:
+        vals = [r.get("metrics", {}).get(n) for n in names]
+        lines.append(f"| {r.get('model')} | {r.get('steps')} | {r.get('nfe')} | "
+                     + " | ".join("" if v is None else f"{v:.4g}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def _publish(project: Path, parent_run_id: str | None, key: str) -> None:
+    from tdm import tracking
+
+    create_markdown_artifact(_metrics_markdown(project), key=f"{key}-metrics",
+                             description="teacher vs student by NFE, LoRA transfer")
+    report = project / "outputs" / "report" / "index.html"
+    if report.is_file():
+        create_link_artifact(report.as_uri(), link_text="report", key=f"{key}-report")
+    url = tracking.run_url(parent_run_id, project) if parent_run_id else None
+    if url:
+        create_link_artifact(url, link_text="MLflow pipeline run", key=f"{key}-mlflow")
+
+
+def _pipeline_run(project: Path, name: str, params: dict, tags: dict) -> str | None:
+    from tdm import tracking
+
+    if not tracking.enabled():
+        return None
+    return tracking.start_pipeline_run(name, params, project, tags)
+
+
+def _end_run(project: Path, run_id: str | None, ok: bool) -> None:
+    if run_id:
+        from tdm import tracking
+
+        tracking.end_pipeline_run(run_id, "FINISHED" if ok else "FAILED", project)
+
+
+@flow(name="tdm", log_prints=True)
+def tdm(overrides: list[str] | None = None, stages: list[str] | None = None,
+        variants: dict[str, list[str]] | None = None, project: str | None = None) -> dict:
+    """Run the pipeline (or, given `variants`, an ablation of named variants) on the project at `project`."""
+    root = Path(project or PROJECT).resolve()
+    if variants:
+        return _ablation(root, variants, overrides or [])
+    chosen = stages or STAGES
+    unknown = sorted(set(chosen) - set(STAGES))
+    if unknown:
+        raise ValueError(f"stages: unknown {unknown}; choose from {STAGES}")
+    params = _prepare(root, overrides or [])
+    _check_servers(root)
+    run_id = _pipeline_run(root, f"pipeline {flow_run.get_name() or ''}".strip(), params,
+                           {"trigger": "prefect", "prefect_flow_run_id": str(flow_run.get_id() or ""),
+                            "backbone": params["model"]["family"], "k": str(params["distill"]["k"])})
+    progress = create_progress_artifact(0.0, key="pipeline-progress", description="starting")
+    ok = False
+    try:
+        for i, stage in enumerate(chosen):
+            run_stage(stage, str(root), run_id, progress, i)
+            update_progress_artifact(progress, 100 * (i + 1) / len(chosen), description=f"{stage}: done")
+        ok = True
+    finally:
+        _end_run(root, run_id, ok)
+    _publish(root, run_id, "pipeline")
+    return {"mlflow_run_id": run_id, "stages": chosen}
+
+
+def _ablation(root: Path, variants: dict[str, list[str]], common: list[str]) -> dict:
+    logger = get_run_logger()
+    for name, extra in variants.items():  # every variant validates before the first one runs
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            raise ValueError(f"variants: {name!r} is not a valid experiment name (letters, digits, _ and -)")
+        _validate(root, common + extra)
+    _check_servers(root)
+    env = _env(None)
+    env.setdefault("GIT_AUTHOR_NAME", "tdm")  # `dvc exp` commits experiment refs: it needs an identity
+    env.setdefault("GIT_AUTHOR_EMAIL", "tdm@localhost")
+    env.setdefault("GIT_COMMITTER_NAME", env["GIT_AUTHOR_NAME"])
+    env.setdefault("GIT_COMMITTER_EMAIL", env["GIT_AUTHOR_EMAIL"])
+    results = {}
+    for name, extra in variants.items():
+        sets = common + extra
+        run_id = _pipeline_run(root, f"ablation {name}", {"overrides": sets},
+                               {"trigger": "prefect-ablation", "variant": name})
+        if run_id:
+            env["TDM_MLFLOW_PARENT_RUN_ID"] = run_id
+        cmd = [_tool("dvc"), "exp", "run", "--temp", "-f", "-n", name] + [a for s in sets for a in ("-S", s)]
+        logger.info("variant %s: %s", name, " ".join(cmd[1:]))
+        code, tail = _run_streaming(cmd, root, env)
+        _end_run(root, run_id, code == 0)
+        if code != 0:
+            raise StageFailed(f"variant {name} failed (exit {code}):\n{tail}", transient=False)
+        results[name] = {"overrides": sets, "mlflow_run_id": run_id, "rows": _variant_rows(root, run_id)}
+    create_markdown_artifact(_comparison_markdown(results), key="ablation-comparison",
+                             description="evaluation rows per variant")
+    return results
+
+
+def _validate(root: Path, overrides: list[str]) -> None:
+    sys.path.insert(0, str(root))
+    from tdm import config
+
+    config.load(root / "params.yaml", overrides)
+
+
+def _variant_rows(root: Path, run_id: str | None) -> list[dict]:
+    """A variant's evaluation rows, read back from its MLflow evaluate run."""
+    if not run_id:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    from tdm import tracking
+
+    client = MlflowClient(tracking.tracking_uri(root))
+    parent = client.get_run(run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.stage = 'evaluate'")
+    if not children:
+        return []
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(children[0].info.run_id, "eval_rows.json", tmp)
+        return json.loads(Path(path).read_text())["rows"]
+
+
+def _comparison_markdown(results: dict) -> str:
+    lines = ["| variant | overrides | model | NFE | metrics |", "|---|---|---|---:|---|"]
+    for name, res in results.items():
+        for row in res["rows"] or [{}]:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in (row.get("metrics") or {}).items()
+                                if isinstance(v, (int, float)))
+            lines.append(f"| {name} | {' '.join(res['overrides'])} | {row.get('model', '')} | "
+                         f"{row.get('nfe', '')} | {metrics} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # run once, without a server: python flows/pipeline.py [section.key=value ...]
+    tdm(overrides=sys.argv[1:])

@@ -1,0 +1,242 @@
+"""The `report` stage: one self-contained HTML page (and a markdown twin) of what the pipeline produced.
+
+Reads what the stages wrote (metrics/<stage>.json, the evaluation rows and their sample grids, the loss logs)
+and, when present, the recorded ablation benchmark (benchmarks/results/distill_ablations.json). Images and
+plots are embedded as data URIs, so the page renders offline (no CDN, unlike `dvc plots show`).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from tdm.artifacts import atomic_folder
+
+STAGE = "report"
+STAGES = ("teacher_ft", "distill", "lora_transfer", "evaluate")
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> tuple[str, str]:
+    """(html, markdown) of one table."""
+    h = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows) + "</table>"
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join(
+        "| " + " | ".join(_fmt(v) for v in row) + " |\n" for row in rows)
+    return h, md
+
+
+def evaluation_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """Teacher vs student by NFE (and LoRA transfer rows): one row per (model, steps)."""
+    names = []
+    for r in rows:
+        for k, v in (r.get("metrics") or {}).items():
+            if isinstance(v, (int, float)) and k not in names:
+                names.append(k)
+    header = ["model", "steps", "NFE", "guidance", "n", *names]
+    body = [[r.get("model"), r.get("steps"), r.get("nfe"), r.get("guidance"), r.get("n"),
+             *[(r.get("metrics") or {}).get(n) for n in names]] for r in rows]
+    return header, body
+
+
+def ablation_table(bench: dict) -> tuple[list[str], list[list]]:
+    """The recorded distillation ablations: FID / accuracy of each variant at each K it was sampled with."""
+    body = []
+    for r in bench.get("rows", []):
+        ks = sorted({int(k.split("_")[1][1:]) for k in r if k.startswith("eval_k") and k.endswith("_fid")})
+        if not ks:  # a teacher baseline row
+            body.append([r["name"], "teacher", r.get("nfe"), r.get("fid"), r.get("accuracy")])
+        for k in ks:
+            body.append([r["name"], " ".join(r.get("overrides", [])) or "defaults", k,
+                         r.get(f"eval_k{k}_fid"), r.get(f"eval_k{k}_accuracy")])
+    return ["variant", "overrides", "NFE", "FID (digits)", "class accuracy"], body
+
+
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_metric_vs_nfe(rows: list[dict], metric: str) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        value = (r.get("metrics") or {}).get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and r.get("nfe"):
+            series.setdefault(str(r.get("model")), []).append((int(r["nfe"]), float(value)))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs NFE")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _figure_png(fig)
+
+
+def read_losses(root: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Loss curves: the teacher's loss.csv and distillation's metrics.jsonl (fake-score and generator losses)."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    teacher = root / "outputs" / "teacher_ft" / "loss.csv"
+    if teacher.is_file():
+        with teacher.open() as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            curves["teacher_ft loss"] = ([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+    distill = root / "outputs" / "distill" / "metrics.jsonl"
+    if distill.is_file():
+        rows = [json.loads(ln) for ln in distill.read_text().splitlines() if ln.strip()]
+        for key in ("loss_fake", "loss_gen"):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                curves[f"distill {key}"] = ([p[0] for p in pts], [p[1] for p in pts])
+    return curves
+
+
+def plot_losses(curves: dict[str, tuple[list[int], list[float]]]) -> bytes | None:
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.0), squeeze=False)
+    for ax, (name, (x, y)) in zip(axes[0], curves.items()):
+        ax.plot(x, y, lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log" if min(y) > 0 else "linear")
+        ax.grid(alpha=0.3)
+    return _figure_png(fig)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.grids{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0}figcaption{font-size:.85em;color:#555}img.grid{image-rendering:pixelated;width:260px}"""
+
+
+def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
+    """(html, markdown, {file name: png bytes}) of the report for the project at `root`."""
+    root = Path(root)
+    metrics = {s: _read_json(root / "metrics" / f"{s}.json") for s in STAGES}
+    evaluation = metrics["evaluate"] or {}
+    rows = evaluation.get("rows", [])
+    parts_html, parts_md, images = [], [], {}
+
+    def section(title: str, body_html: str, body_md: str) -> None:
+        parts_html.append(f"<h2>{html.escape(title)}</h2>{body_html}")
+        parts_md.append(f"## {title}\n\n{body_md}\n")
+
+    def figure(name: str, png: bytes | None, caption: str) -> tuple[str, str]:
+        if png is None:
+            return "", ""
+        images[name] = png
+        return (f"<figure><img src='{_png_data_uri(png)}' alt='{html.escape(caption)}'>"
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>", f"![{caption}]({name})\n")
+
+    if rows:
+        h, md = _table(*evaluation_table(rows))
+        section("Teacher vs student by NFE (evaluate stage)", h, md)
+        plots_h, plots_md = "", ""
+        for metric in ("fid_digits", "fid", "hps", "clip_score", "aesthetic"):
+            fh, fm = figure(f"{metric}_vs_nfe.png", plot_metric_vs_nfe(rows, metric), f"{metric} vs NFE")
+            plots_h, plots_md = plots_h + fh, plots_md + fm
+        if plots_h:
+            section("Quality vs NFE", plots_h, plots_md)
+        grids_h, grids_md = [], []
+        for i, r in enumerate(rows):
+            grid = Path(r.get("grid") or "")
+            if grid.is_file() or (root / grid).is_file():
+                data = (grid if grid.is_file() else root / grid).read_bytes()
+                caption = f"{r.get('model')}, {r.get('steps')} steps (NFE {r.get('nfe')})"
+                name = f"grid_{i:02d}.png"
+                images[name] = data
+                grids_h.append(f"<figure><img class='grid' src='{_png_data_uri(data)}'>"
+                               f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+                grids_md.append(f"![{caption}]({name})")
+        if grids_h:
+            section("Samples side by side", "<div class='grids'>" + "".join(grids_h) + "</div>",
+                    "\n".join(grids_md) + "\n")
+    transfer = metrics["lora_transfer"]
+    if transfer:
+        flat = [[k, v] for k, v in _flatten(transfer).items() if isinstance(v, (int, float, str))]
+        h, md = _table(["lora_transfer", "value"], flat)
+        section("LoRA transfer to custom models", h, md)
+    stage_rows = []
+    for stage in ("teacher_ft", "distill"):
+        m = metrics[stage] or {}
+        for key in ("train_time_s", "steps", "iterations", "parameters", "loss", "loss_fake", "loss_gen"):
+            if key in m:
+                stage_rows.append([stage, key, m[key]])
+    if stage_rows:
+        h, md = _table(["stage", "quantity", "value"], stage_rows)
+        section("Training", h, md)
+    fh, fm = figure("losses.png", plot_losses(read_losses(root)), "training losses vs step")
+    if fh:
+        section("Losses", fh, fm)
+    bench = _read_json(root / "benchmarks" / "results" / "distill_ablations.json")
+    if bench:
+        h, md = _table(*ablation_table(bench))
+        section("Distillation ablations (recorded: benchmarks/distill_ablations.py)", h, md)
+    if not parts_html:
+        raise FileNotFoundError(f"report: nothing to report under {root.resolve()}: run the stages first "
+                                f"(metrics/*.json missing)")
+    title = "TDM pipeline report"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head>"
+            f"<body><h1>{title}</h1>" + "".join(parts_html) + "</body></html>")
+    return page, f"# {title}\n\n" + "\n".join(parts_md), images
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif not isinstance(v, list):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run(cfg=None, root: str | Path = ".", progress: bool = True) -> dict:
+    """Write outputs/report/{index.html, report.md, *.png} atomically."""
+    root = Path(root)
+    page, markdown, images = build(root)
+    out = root / "outputs" / STAGE
+    with atomic_folder(out) as tmp:
+        (tmp / "index.html").write_text(page)
+        (tmp / "report.md").write_text(markdown)
+        for name, data in images.items():
+            (tmp / name).write_bytes(data)
+    return {"report": str(out / "index.html"), "markdown": str(out / "report.md"), "images": len(images)}
