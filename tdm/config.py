@@ -136,6 +136,52 @@ class DistillConfig(_Section):
         return v
 
 
+class LoraTransferConfig(_Section):
+    """The TDM LoRA on custom models of its base's family: each custom model at its usual many-step setting
+    (and at few-step DDIM) against custom + TDM LoRA at the student's K steps."""
+
+    lora: str = "outputs/distill/student_lora"  # a TDM LoRA: peft/diffusers folder or kohya .safetensors
+    student: Optional[str] = None  # folder with tdm_student.json (K, total_steps); null = "student" beside the LoRA
+    base: Optional[str] = None  # the LoRA's base model (digits styles fine-tune it); null = the student's teacher
+    # "digits:<style>" (a short fine-tune of the base on restyled digits: thick, invert), or model folders / hub ids
+    custom_models: tuple[str, ...] = ("digits:thick",)
+    scale: float = Field(1.0, ge=0)  # LoRA strength (0 = the custom model alone)
+    steps: Optional[int] = Field(None, ge=1)  # student steps with the LoRA; null = the student's K
+    total_steps: Optional[int] = Field(None, ge=2)  # null = the student's (tdm_student.json)
+    custom_steps: int = Field(50, ge=1)  # the custom model's usual many-step DDIM setting
+    custom_guidance: Optional[float] = Field(None, ge=1)  # its CFG; null = sample.guidance
+    few_steps: int = Field(4, ge=1)  # the custom model's own few-step DDIM baseline
+    n: int = Field(1000, ge=2)  # samples per row
+    prompts: str = "digits"  # "digits" or a .txt/.jsonl/.csv prompt file (cycled to n)
+    batch_size: int = Field(250, ge=1)
+    seed: int = 0
+    finetune_steps: int = Field(300, ge=1)  # digits styles: fine-tune length from the base (cached per style)
+    finetune_lr: float = Field(1e-3, gt=0)
+    finetune_batch_size: int = Field(128, ge=1)
+
+    @field_validator("custom_models")
+    @classmethod
+    def _known_styles(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from tdm.data import DIGIT_STYLES
+
+        if not v:
+            raise ValueError("need at least one custom model")
+        for name in v:
+            if name.startswith("digits:") and name.split(":", 1)[1] not in DIGIT_STYLES:
+                raise ValueError(f"unknown digits style in {name!r} (known: "
+                                 f"{', '.join('digits:' + s for s in DIGIT_STYLES)})")
+        if len(set(v)) != len(v):
+            raise ValueError("custom models must be distinct")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_file(cls, v: str) -> str:
+        if v != "digits" and not Path(v).expanduser().is_file():
+            raise ValueError(f"must be 'digits' or a prompt file; not found: {v}")
+        return v
+
+
 class SampleConfig(_Section):
     steps: int = Field(50, ge=1)  # teacher DDIM steps
     guidance: float = Field(1.5, ge=1)  # classifier-free guidance scale (1 = off)
@@ -151,6 +197,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     teacher_ft: TeacherFTConfig = TeacherFTConfig()
     distill: DistillConfig = DistillConfig()
+    lora_transfer: LoraTransferConfig = LoraTransferConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
 

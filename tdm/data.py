@@ -60,6 +60,20 @@ def digits_split(split: str, test_fraction: float = 0.25, seed: int = 0) -> tupl
     return torch.from_numpy(images[idx][:, None]), torch.from_numpy(labels[idx])
 
 
+# Digit styles for the LoRA-transfer demo's "custom model" (a fine-tune of the digits teacher on restyled digits).
+DIGIT_STYLES = ("thick", "invert")
+
+
+def digits_style(images: torch.Tensor, style: str) -> torch.Tensor:
+    """Restyle digits (N x 1 x 8 x 8 in [-1, 1]): "thick" widens every stroke by one pixel (a 2x2 grey-level max
+    filter), "invert" draws dark digits on a light ground. Both are plain to see and learnable at 8x8."""
+    if style == "thick":
+        return torch.nn.functional.max_pool2d(torch.nn.functional.pad(images, (0, 1, 0, 1), value=-1.0), 2, stride=1)
+    if style == "invert":
+        return -images
+    raise ValueError(f"unknown digit style {style!r} (known: {', '.join(DIGIT_STYLES)})")
+
+
 def digit_prompt_set(n: int, seed: int = 0) -> list[str]:
     """`n` prompts cycling through the ten digits, templates drawn at random (seeded)."""
     rng = np.random.default_rng(seed)

@@ -1,0 +1,295 @@
+"""The lora_transfer stage: the TDM student's LoRA on custom models of its base's family.
+
+For each custom model: its own samples at its usual many-step setting (DDIM + CFG) and at few-step DDIM, and
+custom + TDM LoRA at the student's K steps (no CFG: it is baked into the LoRA). The sample archives and
+`outputs/lora_transfer/manifest.json` go to `tdm evaluate`; the stage also scores digits rows itself
+(metrics/lora_transfer.json).
+
+On the digits default a custom model is named "digits:<style>": the LoRA's base fine-tuned for a few hundred
+steps on restyled digits (tdm.data.digits_style), cached under outputs/lora_transfer/custom/<style>/. Its rows
+are scored against the same style's held-out images: FID in the digit classifier's feature space and class
+accuracy (with the real styled images' own accuracy as the ceiling, since the classifier saw plain digits).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tdm.artifacts import atomic_folder, save_samples, write_json
+from tdm.config import Config, StagePaths
+from tdm.lora import LoRA, fuse, load_lora
+
+STAGE = "lora_transfer"
+LORA_SUFFIX = "+tdm_lora"
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------------
+def student_folder(cfg: Config) -> Path:
+    t = cfg.lora_transfer
+    return Path(t.student) if t.student is not None else Path(t.lora).parent / "student"
+
+
+def student_settings(cfg: Config) -> dict:
+    """K, total_steps, unify and teacher of the distilled student (tdm_student.json), with config overrides."""
+    from tdm.distill import student_info
+
+    t = cfg.lora_transfer
+    info = student_info(student_folder(cfg))
+    k, total = t.steps or info.get("k"), t.total_steps or info.get("total_steps")
+    if total is None:
+        raise ValueError(f"params.yaml: lora_transfer.total_steps: not set and no tdm_student.json in "
+                         f"{student_folder(cfg)} (set it, or lora_transfer.student)")
+    if k is None:
+        raise ValueError(f"params.yaml: lora_transfer.steps: not set and no tdm_student.json in {student_folder(cfg)}")
+    if k > total:
+        raise ValueError(f"params.yaml: lora_transfer.steps: must be <= total_steps {total} (got {k})")
+    base = t.base or info.get("teacher") or cfg.distill.teacher
+    return {"k": int(k), "total_steps": int(total), "unify": bool(info.get("unify", False)), "base": base,
+            "baked_guidance": info.get("guidance")}
+
+
+def check_inputs(cfg: Config) -> dict:
+    """Everything the stage reads, checked before any model is built; errors name the key."""
+    from tdm.backbones import resolve_model_path
+
+    t = cfg.lora_transfer
+    if not Path(t.lora).exists():
+        raise FileNotFoundError(f"params.yaml: lora_transfer.lora: not found: {t.lora} (run `tdm distill` in LoRA mode, "
+                                f"or `tdm lora extract` for a full-mode student)")
+    settings = student_settings(cfg)
+    needs_base = any(m.startswith("digits:") for m in t.custom_models)
+    if needs_base:
+        try:
+            resolve_model_path(settings["base"])
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"params.yaml: lora_transfer.base: {err}") from None
+    for name in t.custom_models:
+        if not name.startswith("digits:"):
+            try:
+                resolve_model_path(name)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"params.yaml: lora_transfer.custom_models: {err}") from None
+    return settings
+
+
+# -- digits custom models -------------------------------------------------------------------------------------------
+def _file_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def write_style_folder(folder: Path, style: str) -> Path:
+    """The styled digits train split as an image-caption folder (PNG + metadata.jsonl, every prompt phrasing)."""
+    from PIL import Image
+
+    from tdm.backbones.base import to_uint8
+    from tdm.data import PROMPT_TEMPLATES, digit_prompt, digits_split, digits_style
+
+    images, labels = digits_split("train")
+    pixels = to_uint8(digits_style(images, style)).numpy()[..., 0]
+    with atomic_folder(folder) as tmp:
+        rows = []
+        for i, (im, label) in enumerate(zip(pixels, labels.tolist())):
+            name = f"{i:04d}.png"
+            Image.fromarray(im).save(tmp / name)
+            rows += [json.dumps({"file_name": name, "text": digit_prompt(label, k)}) for k in range(len(PROMPT_TEMPLATES))]
+        (tmp / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def digits_custom_model(cfg: Config, style: str, base: str, out_dir: Path, progress: bool) -> Path:
+    """The base fine-tuned on `style` digits (teacher_ft's loop, a short run), cached by its recipe."""
+    from tdm import finetune
+    from tdm.backbones import resolve_model_path
+    from tdm.config import parse
+
+    t = cfg.lora_transfer
+    root = out_dir / "custom" / style
+    model_dir = root / "model"
+    recipe = {"style": style, "base_weights": _file_digest(resolve_model_path(base)), "steps": t.finetune_steps,
+              "lr": t.finetune_lr, "batch_size": t.finetune_batch_size, "seed": t.seed}
+    stamp = model_dir / "tdm_custom.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("recipe") == recipe:
+        return model_dir
+    data = write_style_folder(root / "data", style)
+    ft_cfg = parse({
+        "model": {"family": "digits", "pretrained": str(base)},
+        "teacher_ft": {"data": str(data), "resolution": 8, "steps": t.finetune_steps, "batch_size": t.finetune_batch_size,
+                       "lr": t.finetune_lr, "warmup_steps": min(20, t.finetune_steps // 10), "ema_decay": 0.99,
+                       "checkpoint_every": t.finetune_steps, "seed": t.seed, "eval_samples": 0},
+    }, source=f"lora_transfer fine-tune of digits:{style}")
+    paths = StagePaths(root / "train", root / "train" / "metrics.json")
+    shutil.rmtree(paths.out_dir / "checkpoints", ignore_errors=True)  # a changed recipe starts fresh
+    backbone, ema, result = finetune.train(ft_cfg, paths, progress=progress)
+    backbone.save(model_dir, net=ema.averaged_copy(backbone.net), extra_files={"tdm_custom.json": json.dumps(
+        {"recipe": recipe, "base": str(base), "train_time_s": round(result.train_time_s, 2),
+         "final_loss": result.final_loss}, indent=2)})
+    shutil.rmtree(paths.out_dir / "checkpoints", ignore_errors=True)  # the model is the product, not the optimiser
+    return model_dir
+
+
+def style_reference(style: str) -> np.ndarray:
+    """The custom style's held-out images (uint8 N x 8 x 8 x 1): the digits test split, restyled."""
+    from tdm.backbones.base import to_uint8
+    from tdm.data import digits_split, digits_style
+
+    return to_uint8(digits_style(digits_split("test")[0], style)).numpy()
+
+
+# -- scoring (digits) -----------------------------------------------------------------------------------------------
+class StyleScorer:
+    """FID against a style's held-out set in the digit classifier's feature space, and class accuracy."""
+
+    def __init__(self, style: str, weights_dir: str | Path):
+        from tdm.data import digits_split, digits_style
+        from tdm.evaluation.digits import load_classifier
+
+        self.style = style
+        self.classifier = load_classifier(weights_dir)
+        self.reference = self._features(style_reference(style))
+        test_labels = digits_split("test")[1]
+        self.real_accuracy = self._accuracy(style_reference(style), test_labels.tolist())
+        self._train = digits_style(digits_split("train")[0], style)
+
+    @torch.no_grad()
+    def _features(self, images: np.ndarray) -> np.ndarray:
+        from tdm.evaluation.digits import images_to_tensor, quantize
+
+        return self.classifier.features(quantize(images_to_tensor(images))).double().numpy()
+
+    def _accuracy(self, images: np.ndarray, labels: list) -> float | None:
+        from tdm.evaluation.digits import class_accuracy, images_to_tensor
+
+        keep = [i for i, label in enumerate(labels) if label is not None]
+        if not keep:
+            return None
+        return class_accuracy(images_to_tensor(images)[keep], torch.tensor([labels[i] for i in keep]), self.classifier)
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> dict:
+        from tdm.data import label_from_prompt
+        from tdm.evaluation.digits import frechet_distance
+
+        return {"fid": frechet_distance(self._features(images), self.reference),
+                "accuracy": self._accuracy(images, [label_from_prompt(p) for p in prompts]), "n": len(images)}
+
+    def floor(self, n: int) -> float:
+        """FID of n real styled train images vs the held-out set: where a perfect generator would sit."""
+        from tdm.backbones.base import to_uint8
+        from tdm.evaluation.digits import frechet_distance
+
+        pick = np.sort(np.random.default_rng(0).permutation(len(self._train))[:min(n, len(self._train))])
+        return frechet_distance(self._features(to_uint8(self._train[pick]).numpy()), self.reference)
+
+
+# -- the stage ------------------------------------------------------------------------------------------------------
+def with_lora(backbone, lora: LoRA, scale: float, student: Path, unify: bool):
+    """(backbone, net): a copy of the custom denoiser with the LoRA fused in at `scale`; a K-aware (TDM-unify)
+    student's K embedding comes along (it lives beside the LoRA's student, not in the LoRA)."""
+    from tdm.backbones.base import load_k_embedding
+
+    net = fuse(copy.deepcopy(backbone.net), lora, scale).eval().requires_grad_(False)
+    styled = copy.copy(backbone)
+    styled.k_embedding = load_k_embedding(student) if unify else None
+    if unify and styled.k_embedding is None:
+        raise FileNotFoundError(f"a TDM-unify LoRA needs its student's K embedding: not found in {student}")
+    if styled.k_embedding is not None:
+        styled.k_embedding = styled.k_embedding.to(backbone.device)
+    return styled, net
+
+
+def transfer_rows(cfg: Config, name: str, model: str | Path, lora: LoRA, settings: dict, prompts: list[str],
+                  out_dir: Path, reference: str | None, progress: bool) -> list[dict]:
+    """Sample one custom model three ways; returns the manifest rows (with the npz written)."""
+    from tdm.backbones import load_backbone
+    from tdm.sampler import sample_images
+
+    t = cfg.lora_transfer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = load_backbone(model).to(device)
+    lora = lora.resolved(backbone.net)  # a LoRA of another architecture fails here, before sampling
+    guidance = t.custom_guidance if t.custom_guidance is not None else cfg.sample.guidance
+    slug = name.replace(":", "_").replace("/", "--")
+    common = {"seed": t.seed, "batch_size": t.batch_size, "progress": progress}
+    rows = []
+    for steps in dict.fromkeys((t.custom_steps, t.few_steps)):
+        t0 = time.perf_counter()
+        images = sample_images(backbone, backbone.net, prompts, steps=steps, guidance=guidance, **common)
+        path = save_samples(out_dir / f"{slug}_ddim{steps}.npz", images, prompts, steps=steps, guidance=guidance)[0]
+        rows.append({"model": name, "steps": steps, "nfe": steps * (2 if guidance > 1 else 1), "guidance": guidance,
+                     "samples": str(path), "reference": reference, "sample_time_s": round(time.perf_counter() - t0, 2)})
+    styled, net = with_lora(backbone, lora, t.scale, student_folder(cfg), settings["unify"])
+    k = settings["k"]
+    t0 = time.perf_counter()
+    images = sample_images(styled, net, prompts, steps=k, student=True, total_steps=settings["total_steps"], **common)
+    path = save_samples(out_dir / f"{slug}{LORA_SUFFIX}_k{k}.npz", images, prompts, steps=k, scale=t.scale)[0]
+    rows.append({"model": name + LORA_SUFFIX, "steps": k, "nfe": k, "guidance": 1.0, "lora_scale": t.scale,
+                 "samples": str(path), "reference": reference, "sample_time_s": round(time.perf_counter() - t0, 2)})
+    return rows
+
+
+def score_rows(cfg: Config, rows: list[dict], styles: dict[str, str]) -> dict:
+    """Digits rows scored against their style's held-out set; metrics keyed "<model>@<steps>"."""
+    from tdm.artifacts import load_samples
+
+    metrics, scorers = {}, {}
+    for row in rows:
+        custom = row["model"].removesuffix(LORA_SUFFIX)
+        style = styles.get(custom)
+        if style is None:
+            continue
+        if style not in scorers:
+            scorers[style] = StyleScorer(style, cfg.eval.weights_dir)
+            scorer = scorers[style]
+            metrics[f"{custom}/reference"] = {"real_accuracy": scorer.real_accuracy,
+                                              "fid_floor": scorer.floor(cfg.lora_transfer.n)}
+        images, prompts = load_samples(row["samples"])
+        metrics[f"{row['model']}@{row['steps']}"] = {**scorers[style].score(images, prompts), "nfe": row["nfe"],
+                                                     "guidance": row["guidance"]}
+    return metrics
+
+
+def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> dict:
+    """The lora_transfer stage: rows for every custom model, the manifest for `tdm evaluate`, digits metrics."""
+    from tdm.data import digit_prompt_set, read_prompts
+
+    paths = paths or StagePaths.of(STAGE)
+    t = cfg.lora_transfer
+    settings = check_inputs(cfg)
+    lora = load_lora(t.lora)
+    listed = None if t.prompts == "digits" else read_prompts(t.prompts)
+    prompts = digit_prompt_set(t.n, seed=t.seed) if listed is None else [listed[i % len(listed)] for i in range(t.n)]
+    samples_dir = paths.out_dir / "samples"
+    rows, styles, t0 = [], {}, time.perf_counter()
+    for name in t.custom_models:
+        reference = None
+        if name.startswith("digits:"):
+            style = styles[name] = name.split(":", 1)[1]
+            model = digits_custom_model(cfg, style, settings["base"], paths.out_dir, progress)
+            ref_path = paths.out_dir / "references" / f"digits_{style}_test.npz"
+            ref_images = style_reference(style)
+            from tdm.data import digit_prompt, digits_split
+
+            save_samples(ref_path, ref_images, [digit_prompt(int(y)) for y in digits_split("test")[1]])
+            reference = str(ref_path)
+        else:
+            model = name
+        rows += transfer_rows(cfg, name, model, lora, settings, prompts, samples_dir, reference, progress)
+    write_json(paths.out_dir / "manifest.json", {"rows": rows, "lora": str(t.lora), "scale": t.scale,
+                                                 "student_steps": settings["k"], "total_steps": settings["total_steps"]})
+    metrics = {"rows": len(rows), "stage_time_s": round(time.perf_counter() - t0, 2), "lora_scale": t.scale,
+               **score_rows(cfg, rows, styles)}
+    write_json(paths.metrics, metrics)
+    return metrics
+
+
+__all__ = ["run", "check_inputs", "digits_custom_model", "style_reference", "StyleScorer", "transfer_rows",
+           "write_style_folder", "with_lora"]
