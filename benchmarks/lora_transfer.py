@@ -1,0 +1,163 @@
+"""LoRA transfer on the embedded default: does the TDM LoRA, distilled on the digits teacher, give 4-step
+sampling on a custom model it never saw (the teacher fine-tuned on restyled digits)?
+
+Runs the `lora_transfer` stage (custom model fine-tuned per style, then sampled at its 50-step CFG setting, at
+4-step DDIM, and with the TDM LoRA at 4 student steps; FID against the style's held-out set + class accuracy),
+adds the base teacher's rows for reference (50-step, 4-step DDIM, base + LoRA, and the saved merged student, which
+must equal base + LoRA), and a LoRA scale sweep on the first style.
+
+    .venv/bin/python benchmarks/lora_transfer.py --run /path/with/outputs   # outputs/teacher_ft/model, outputs/distill
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", default=str(REPO), help="folder holding outputs/teacher_ft/model and outputs/distill")
+    parser.add_argument("--out", default=None, help="stage output folder (default: <run>/outputs/lora_transfer)")
+    parser.add_argument("--styles", nargs="+", default=["thick", "invert"])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--scales", type=float, nargs="*", default=[0.5, 0.75, 1.25])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from tdm import lora_transfer
+    from tdm.backbones import load_backbone
+    from tdm.config import StagePaths, load
+    from tdm.data import digit_prompt_set
+    from tdm.distill import student_info
+    from tdm.evaluation.digits import evaluate_samples
+    from tdm.lora import load_lora
+    from tdm.sampler import sample_images
+
+    run = Path(args.run).resolve()
+    teacher, student = run / "outputs/teacher_ft/model", run / "outputs/distill/student"
+    out = Path(args.out) if args.out else run / "outputs/lora_transfer"
+    weights = run / "outputs/weights"
+    overrides = [f"lora_transfer.lora={run / 'outputs/distill/student_lora'}", f"lora_transfer.base={teacher}",
+                 f"lora_transfer.custom_models={json.dumps(['digits:' + s for s in args.styles])}",
+                 f"lora_transfer.n={args.n}", f"lora_transfer.finetune_steps={args.finetune_steps}",
+                 f"eval.weights_dir={weights}"]
+    cfg = load(REPO / "params.yaml", overrides)
+    t = cfg.lora_transfer
+    info = student_info(student)
+
+    # 1. The stage itself.
+    t0 = time.perf_counter()
+    stage = lora_transfer.run(cfg, StagePaths(out, out / "metrics.json"), progress=False)
+    stage_time = time.perf_counter() - t0
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = []
+    for row in manifest["rows"]:
+        m = stage[f"{row['model']}@{row['steps']}"]
+        custom = row["model"].removesuffix("+tdm_lora")
+        rows.append({"model": row["model"], "steps": row["steps"], "nfe": row["nfe"], "guidance": row["guidance"],
+                     "fid": m["fid"], "accuracy": m["accuracy"], "reference": f"{custom} held-out",
+                     "sample_time_s": row["sample_time_s"]})
+    refs = {k.split("/")[0]: v for k, v in stage.items() if k.endswith("/reference")}
+    ft_times = {s: json.loads((out / "custom" / s / "model" / "tdm_custom.json").read_text())["train_time_s"]
+                for s in args.styles}
+
+    # 2. The base teacher for reference: its 50-step and 4-step DDIM, base + LoRA, and the saved merged student.
+    lora = load_lora(t.lora)
+    prompts = digit_prompt_set(t.n, seed=t.seed)
+    base = load_backbone(teacher)
+    g = cfg.sample.guidance
+    k, total = info["k"], info["total_steps"]
+    samples = {}
+    for steps in (t.custom_steps, t.few_steps):
+        samples[("base", steps)] = (sample_images(base, base.net, prompts, steps=steps, guidance=g, seed=t.seed,
+                                                  batch_size=t.batch_size), steps * 2, g)
+    styled, net = lora_transfer.with_lora(base, lora, 1.0, student, info.get("unify", False))
+    samples[("base+tdm_lora", k)] = (sample_images(styled, net, prompts, steps=k, student=True, total_steps=total,
+                                                   seed=t.seed, batch_size=t.batch_size), k, 1.0)
+    merged = load_backbone(student)
+    samples[("distilled student (merged)", k)] = (sample_images(merged, merged.net, prompts, steps=k, student=True,
+                                                                total_steps=total, seed=t.seed,
+                                                                batch_size=t.batch_size), k, 1.0)
+    same = samples[("base+tdm_lora", k)][0]
+    merged_diff = int((same.int() - samples[("distilled student (merged)", k)][0].int()).abs().max())
+    for (name, steps), (images, nfe, guidance) in samples.items():
+        s = evaluate_samples(images.numpy(), prompts, weights)
+        rows.append({"model": name, "steps": steps, "nfe": nfe, "guidance": guidance, "fid": s["fid"],
+                     "accuracy": s["accuracy"], "reference": "digits held-out"})
+    base_floor = evaluate_samples(same.numpy(), prompts, weights)["fid_floor"]
+
+    # 3. LoRA scale sweep on the first style.
+    style = args.styles[0]
+    scorer = lora_transfer.StyleScorer(style, weights)
+    custom = load_backbone(out / "custom" / style / "model")
+    sweep = []
+    for scale in sorted({*args.scales, 1.0}):
+        styled, net = lora_transfer.with_lora(custom, lora, scale, student, info.get("unify", False))
+        images = sample_images(styled, net, prompts, steps=k, student=True, total_steps=total, seed=t.seed,
+                               batch_size=t.batch_size)
+        sweep.append({"scale": scale, **scorer.score(images.numpy(), prompts)})
+
+    result = {"command": " ".join(["benchmarks/lora_transfer.py", *sys.argv[1:]]), "machine": machine_info(),
+              "n": t.n, "student": {"k": k, "total_steps": total, "baked_guidance": info.get("guidance"),
+                                    "lora_rank": sorted(lora.ranks), "lora_modules": len(lora.modules)},
+              "finetune_steps": args.finetune_steps, "finetune_time_s": ft_times, "stage_time_s": round(stage_time, 1),
+              "rows": rows, "style_references": refs, "digits_fid_floor": base_floor,
+              "merged_student_vs_base_plus_lora_max_pixel_diff": merged_diff, "scale_sweep": {style: sweep}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lora_transfer.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "lora_transfer.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def _f(v, digits=2):
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        "# LoRA transfer: the TDM LoRA on custom digits models it never saw", "",
+        f"Command: `.venv/bin/python {r['command']}`", "",
+        f"Device: {m['cpu']} (1 torch thread), commit {m['git_commit']}, torch {m['torch']}. "
+        f"{r['n']} samples per row, the same prompts and starting noise in every row. The TDM LoRA (rank "
+        f"{r['student']['lora_rank']}, {r['student']['lora_modules']} modules) was distilled on the base digits "
+        f"teacher (K = {r['student']['k']}, total_steps {r['student']['total_steps']}, CFG "
+        f"{r['student']['baked_guidance']} baked in). Each custom model is the base teacher fine-tuned for "
+        f"{r['finetune_steps']} steps on restyled digits (`digits:thick`: strokes one pixel wider; `digits:invert`: "
+        f"dark on light); fine-tune time {', '.join(f'{k} {v:.0f} s' for k, v in r['finetune_time_s'].items())}; "
+        f"whole stage {r['stage_time_s']:.0f} s.", "",
+        "FID and class accuracy are measured against the row's reference set (a style's held-out images: the "
+        "digits test split, restyled) with the digits metric classifier trained on that style (on plain digits "
+        "for the base rows); its accuracy on the real held-out images is the ceiling (below).", "",
+        "| model | steps | NFE | CFG | FID | class accuracy | reference |", "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['model']} | {row['steps']} | {row['nfe']} | {row['guidance']} | {_f(row['fid'])} | "
+                     f"{_f(row['accuracy'], 3)} | {row['reference']} |")
+    lines += ["", "Reference points (real images, same n): "
+              + "; ".join(f"{k}: FID floor {_f(v['fid_floor'])}, real accuracy {_f(v['real_accuracy'], 3)}"
+                          for k, v in r["style_references"].items())
+              + f"; plain digits: FID floor {_f(r['digits_fid_floor'])}.", "",
+              f"Base + TDM LoRA (the LoRA file fused into the teacher) vs the saved merged student: max pixel "
+              f"difference {r['merged_student_vs_base_plus_lora_max_pixel_diff']} (of 255).", ""]
+    for style, sweep in r["scale_sweep"].items():
+        lines += [f"LoRA scale sweep on {style} (4 student steps):", "", "| scale | FID | class accuracy |",
+                  "|---|---|---|"]
+        lines += [f"| {s['scale']} | {_f(s['fid'])} | {_f(s['accuracy'], 3)} |" for s in sweep]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
