@@ -25,6 +25,6 @@ pip_install -e ".[test]"
 rm -f "$log"
 # Fail loudly (and leave no stamp) if anything did not install.
 .venv/bin/python -c "import tdm, torch, torchvision, diffusers, transformers, accelerate, peft, safetensors, sklearn, \
-scipy, open_clip, pydantic, yaml, tqdm, PIL, huggingface_hub, pytest, hypothesis, \
+scipy, open_clip, pydantic, yaml, tqdm, PIL, huggingface_hub, sentencepiece, pytest, hypothesis, \
 prefect, mlflow, dvc"
 echo "$want" > "$stamp"

@@ -25,9 +25,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: Literal["digits"] = "digits"
+    # digits (the embedded default) or a real backbone (docs/backbones.md): sd15 (and its fine-tunes), sdxl,
+    # pixart_alpha, sd3, cogvideox.
+    family: Literal["digits", "sd15", "sdxl", "pixart_alpha", "sd3", "cogvideox"] = "digits"
     # A diffusers folder or hub id to start from; null = a fresh digits model (there is no pretrained one).
-    pretrained: Optional[str] = None
+    pretrained: Optional[str] = Field(None, validate_default=True)
     channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
     # Noise schedule of a fresh model (a pretrained one keeps its own): DDPM's "linear", SD's "scaled_linear",
@@ -43,7 +45,10 @@ class ModelConfig(_Section):
 
     @field_validator("pretrained")
     @classmethod
-    def _folder_or_cached_hub_id(cls, v: Optional[str]) -> Optional[str]:
+    def _folder_or_cached_hub_id(cls, v: Optional[str], info) -> Optional[str]:
+        if v is None and info.data.get("family", "digits") != "digits":
+            raise ValueError(f"required for family {info.data['family']!r} (a diffusers folder or cached hub id; "
+                             f"only digits starts fresh)")
         if v is not None:
             from tdm.backbones import resolve_model_path
 

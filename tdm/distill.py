@@ -238,7 +238,10 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
     check_inputs(cfg)
     accelerator = Accelerator(mixed_precision=d.mixed_precision, cpu=not torch.cuda.is_available())
     torch.manual_seed(d.seed)
-    backbone = load_backbone(d.teacher).to(accelerator.device)
+    # LoRA mode: the frozen base (teacher, encoders, VAE) is held in the mixed-precision dtype; the adapters
+    # stay float32. Full mode keeps float32 weights for its trainable copies.
+    base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(d.mixed_precision) if d.mode == "lora" else None
+    backbone = load_backbone(d.teacher, dtype=base_dtype).to(accelerator.device)
     if d.total_steps > backbone.schedule.num_train_timesteps:
         raise ValueError(f"distill.total_steps {d.total_steps} exceeds the teacher's "
                          f"{backbone.schedule.num_train_timesteps} training timesteps")
@@ -327,7 +330,8 @@ def save_student(trainer: TDMTrainer, folder: Path) -> None:
         with torch.no_grad():  # the adapter with the EMA weights
             live = roles.state_dict("student")
             roles.load_state_dict("student", {n: w.to(live[n].dtype) for n, w in weights.items()})
-            adapter = {k: v.contiguous() for k, v in roles.adapter_state_dict("student").items()}
+            # Cloned: peft returns the live parameters, which the next line puts back to the non-EMA values.
+            adapter = {k: v.detach().clone().contiguous() for k, v in roles.adapter_state_dict("student").items()}
             roles.load_state_dict("student", live)
         with atomic_folder(folder.parent / "student_lora") as tmp:
             save_file(adapter, tmp / "adapter_model.safetensors")

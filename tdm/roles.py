@@ -39,6 +39,10 @@ class Roles:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 for role in TRAINABLE:
                     inject_adapter_in_model(config, base, adapter_name=role)
+            # Adapters train in float32 even over a bf16/fp16 base (peft casts their output back).
+            for name, p in base.named_parameters():
+                if "lora_" in name and p.dtype != torch.float32:
+                    p.data = p.data.float()
             self.lora_config = config
             self.nets = {"teacher": base, "student": base, "fake": base}
         else:

@@ -42,6 +42,7 @@ class NoiseSchedule:
     kind: str
     t_clean: float  # alpha = 1, sigma = 0
     t_max: float  # the noisiest timestep the schedule defines
+    zero_terminal_snr: bool = False  # alpha(t_max) = 0: x0 is undefined there for an epsilon model
 
     # --- subclass hook -----------------------------------------------------------------
     def _alpha_sigma64(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,11 +176,14 @@ class VPSchedule(NoiseSchedule):
         acp = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
         if acp.ndim != 1 or len(acp) < 1:
             raise ValueError(f"alphas_cumprod must be a non-empty 1-D tensor, got shape {tuple(acp.shape)}")
-        if not bool(((acp > 0) & (acp <= 1)).all()):
-            raise ValueError("alphas_cumprod must lie in (0, 1]")
+        # Zero terminal SNR (CogVideoX, `rescale_betas_zero_snr`): the last entry may be exactly 0 (pure noise);
+        # every other one must be a proper signal level.
+        if not bool(((acp[:-1] > 0) & (acp[:-1] <= 1)).all()) or not 0 <= float(acp[-1]) <= 1:
+            raise ValueError("alphas_cumprod must lie in (0, 1] (the last entry may be 0: zero terminal SNR)")
         self.num_train_timesteps = len(acp)
         self.t_max = float(len(acp) - 1)
         self.alphas_cumprod = acp
+        self.zero_terminal_snr = float(acp[-1]) == 0.0
         # Index t + 1 into [1, acp...]: t = -1 is the clean endpoint (DDIM's final_alpha_cumprod = 1).
         self._table = torch.cat([acp.new_ones(1), acp])
         self._tables: dict[torch.device, Tensor] = {}

@@ -6,9 +6,21 @@ import os
 from pathlib import Path
 
 from tdm.backbones.base import Backbone, Cond, cat_cond, cond_to, index_cond
+from tdm.backbones.cogvideox import CogVideoXBackbone
 from tdm.backbones.digits import DigitsArch, DigitsBackbone
+from tdm.backbones.pipeline import PipelineBackbone, UnsupportedModel
+from tdm.backbones.pixart import PixArtAlphaBackbone
+from tdm.backbones.sd3 import SD3Backbone
+from tdm.backbones.sd15 import SD15Backbone
+from tdm.backbones.sdxl import SDXLBackbone
 
-FAMILIES: dict[str, type[Backbone]] = {"digits": DigitsBackbone}
+FAMILIES: dict[str, type[Backbone]] = {
+    "digits": DigitsBackbone, "sd15": SD15Backbone, "sdxl": SDXLBackbone, "pixart_alpha": PixArtAlphaBackbone,
+    "sd3": SD3Backbone, "cogvideox": CogVideoXBackbone,
+}
+# A hub checkpoint's model_index.json names its pipeline class, not our family.
+PIPELINE_FAMILIES: dict[str, str] = {cls: name for name, adapter in FAMILIES.items()
+                                     for cls in getattr(adapter, "pipeline_classes", ())}
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -30,22 +42,37 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 
 def family_of(folder: str | Path) -> str:
-    """The family a saved model folder belongs to, from its model_index.json."""
+    """The family a model folder belongs to: `tdm_family` in its model_index.json (folders we wrote), else
+    the family that reads its pipeline class (hub checkpoints)."""
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"not a model folder (no model_index.json): {folder}")
     meta = json.loads(index.read_text())
-    family = meta.get("tdm_family")
+    family = meta.get("tdm_family") or PIPELINE_FAMILIES.get(meta.get("_class_name"))
     if family not in FAMILIES:
-        raise ValueError(f"{index}: unsupported model ({meta.get('_class_name')!r}, family {family!r}); "
-                         f"supported families: {', '.join(FAMILIES)}")
+        raise UnsupportedModel(f"{index}: unsupported model ({meta.get('_class_name')!r}, family {family!r}); "
+                               f"supported families: {', '.join(FAMILIES)} "
+                               f"(pipelines: {', '.join(PIPELINE_FAMILIES)})")
     return family
 
 
-def load_backbone(name_or_path: str | Path) -> Backbone:
-    """Load a model folder (or cached hub id) with the adapter its model_index.json names."""
+def check_model(name_or_path: str | Path) -> tuple[Path, str]:
+    """(folder, family) of a model, with everything checkable from its config files checked (no weights read)."""
     folder = resolve_model_path(name_or_path)
-    return FAMILIES[family_of(folder)].load(folder)
+    family = family_of(folder)
+    adapter = FAMILIES[family]
+    if issubclass(adapter, PipelineBackbone):
+        adapter.check_folder(folder)
+    return folder, family
+
+
+def load_backbone(name_or_path: str | Path, dtype=None) -> Backbone:
+    """Load a model folder (or cached hub id) with the adapter of its family; `dtype` (real families) loads
+    every part in that dtype (e.g. torch.bfloat16)."""
+    folder, family = check_model(name_or_path)
+    if family == "digits":
+        return DigitsBackbone.load(folder)
+    return FAMILIES[family].load(folder, dtype=dtype)
 
 
 def build_backbone(model_cfg, seed: int = 0) -> Backbone:
@@ -62,5 +89,7 @@ def build_backbone(model_cfg, seed: int = 0) -> Backbone:
     return DigitsBackbone.create(arch, seed=seed)
 
 
-__all__ = ["Backbone", "Cond", "cat_cond", "cond_to", "index_cond", "DigitsArch", "DigitsBackbone", "FAMILIES",
-           "family_of", "load_backbone", "build_backbone"]
+__all__ = ["Backbone", "Cond", "cat_cond", "cond_to", "index_cond", "DigitsArch", "DigitsBackbone", "SD15Backbone",
+           "SDXLBackbone", "PixArtAlphaBackbone", "SD3Backbone", "CogVideoXBackbone", "PipelineBackbone",
+           "UnsupportedModel", "FAMILIES", "PIPELINE_FAMILIES", "family_of", "check_model", "load_backbone",
+           "build_backbone"]

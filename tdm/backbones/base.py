@@ -114,6 +114,29 @@ class Backbone(ABC):
         """Write a diffusers-style model folder atomically (with `net` in place of the teacher when given,
         plus `extra_files` {name: text})."""
 
+    def load_lora(self, folder: str | Path, adapter_name: str = "default") -> nn.Module:
+        """Inject a LoRA saved as plain peft + safetensors (adapter_config.json + adapter_model.safetensors, as
+        `tdm distill` writes `student_lora/`) into `net` and activate it. Works for every family, PixArt too
+        (diffusers has no LoRA mixin for it)."""
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"not a LoRA folder (no {name}): {folder}")
+        import json
+
+        config = LoraConfig(**{k: v for k, v in json.loads((folder / "adapter_config.json").read_text()).items()
+                               if k in LoraConfig.__dataclass_fields__})
+        inject_adapter_in_model(config, self.net, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(self.net, load_file(folder / "adapter_model.safetensors"),
+                                           adapter_name=adapter_name)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder}: LoRA weights do not fit this {self.family} model "
+                             f"(unexpected {sorted(result.unexpected_keys)[:3]})")
+        return self.net
+
     def to(self, device: torch.device | str) -> "Backbone":
         for module in self.modules().values():
             module.to(device)

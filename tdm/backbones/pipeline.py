@@ -1,0 +1,198 @@
+"""The shared half of every real backbone: a diffusers pipeline folder behind the `Backbone` protocol.
+
+A family adapter (sd15.py, sdxl.py, pixart.py, sd3.py, cogvideox.py) says which pipeline class it reads, which
+denoiser classes, prediction types and schedulers it handles, and how its denoiser is called. This module does
+the rest once: checks a folder before loading any weights, loads it with `from_pretrained` (a local folder or a
+cached hub id), builds the schedule view from the scheduler, encodes prompts without a graph, moves images to
+latents and back through the VAE (scaling and shift factors), and saves a folder that diffusers and
+`load_backbone` both read back.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from tdm.backbones.base import Backbone, Cond, load_k_embedding, save_k_embedding, to_uint8
+from tdm.schedule import FlowSchedule, NoiseSchedule, VPSchedule
+
+# The LoRA targets of diffusers' SD/SDXL UNets (attention, feed-forward, resnets, resamplers): the set the
+# authors' and DMD2's UNet LoRAs use.
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+class UnsupportedModel(ValueError):
+    """A folder this adapter cannot run: wrong pipeline or denoiser class, prediction type or schedule."""
+
+
+def read_model_index(folder: Path) -> dict:
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"not a model folder (no model_index.json): {folder}")
+    return json.loads(index.read_text())
+
+
+def schedule_view(scheduler, where: str) -> tuple[NoiseSchedule, str]:
+    """(schedule, prediction type) of a diffusers scheduler: VP from `alphas_cumprod`, or rectified flow."""
+    name = type(scheduler).__name__
+    if name in FLOW_SCHEDULERS:
+        if getattr(scheduler.config, "invert_sigmas", False):
+            raise UnsupportedModel(f"{where}: {name} with invert_sigmas is not handled")
+        return FlowSchedule(scheduler.config.num_train_timesteps), "flow"
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        raise UnsupportedModel(f"{where}: {name} is neither a VP scheduler (alphas_cumprod) nor a flow-matching "
+                               f"one ({', '.join(FLOW_SCHEDULERS)}); its schedule is not handled")
+    schedule = VPSchedule.from_scheduler(scheduler)
+    return schedule, scheduler.config.prediction_type
+
+
+class PipelineBackbone(Backbone):
+    """A diffusers pipeline as a backbone; subclasses fill in the family specifics."""
+
+    pipeline_classes: tuple[str, ...]  # model_index.json `_class_name`s this family reads
+    net_name: str = "unet"  # the denoiser's component name
+    net_classes: tuple[str, ...] = ("UNet2DConditionModel",)
+    prediction_types: tuple[str, ...] = ("epsilon", "v_prediction")
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    load_kwargs: dict = {}  # extra `from_pretrained` arguments (e.g. no safety checker)
+
+    def __init__(self, pipe, where: str = "model"):
+        self.pipe = pipe
+        self.net = getattr(pipe, self.net_name)
+        self.vae = pipe.vae.eval().requires_grad_(False)
+        for name in self.text_encoders:
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                encoder.eval().requires_grad_(False)
+        self.scheduler = pipe.scheduler
+        self.schedule, self.prediction_type = self.check_schedule(pipe.scheduler, where)
+        self.k_embedding = None
+        self._null_cache = None
+
+    # -- checks (cheap: config files only) ----------------------------------------------------------------------
+    @classmethod
+    def check_schedule(cls, scheduler, where: str) -> tuple[NoiseSchedule, str]:
+        schedule, ptype = schedule_view(scheduler, where)
+        if ptype not in cls.prediction_types:
+            raise UnsupportedModel(f"{where}: prediction type {ptype!r} of {type(scheduler).__name__} is not handled "
+                                   f"by the {cls.family} adapter (handles {', '.join(cls.prediction_types)})")
+        if schedule.zero_terminal_snr and ptype == "epsilon":
+            raise UnsupportedModel(f"{where}: an epsilon model on a zero-terminal-SNR schedule has no x0 at t = T; "
+                                   f"not handled")
+        return schedule, ptype
+
+    @classmethod
+    def check_folder(cls, folder: Path) -> None:
+        """Fail before loading any weights if this adapter cannot run the folder."""
+        import diffusers
+
+        meta = read_model_index(folder)
+        where = str(Path(folder) / "model_index.json")
+        if meta.get("_class_name") not in cls.pipeline_classes:
+            raise UnsupportedModel(f"{where}: pipeline {meta.get('_class_name')!r} is not a {cls.family} model "
+                                   f"(expects {', '.join(cls.pipeline_classes)})")
+        net = (meta.get(cls.net_name) or [None, None])[1]
+        if net not in cls.net_classes:
+            raise UnsupportedModel(f"{where}: {cls.net_name} class {net!r} is not handled by the {cls.family} adapter "
+                                   f"(expects {', '.join(cls.net_classes)})")
+        sched_name = (meta.get("scheduler") or [None, None])[1]
+        sched_cls = getattr(diffusers, str(sched_name), None)
+        if sched_cls is None:
+            raise UnsupportedModel(f"{where}: unknown scheduler class {sched_name!r}")
+        config_file = Path(folder) / "scheduler" / "scheduler_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file}: missing (the schedule is read from it)")
+        cls.check_schedule(sched_cls.from_config(json.loads(config_file.read_text())), str(config_file))
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: str | Path, dtype: torch.dtype | None = None) -> "PipelineBackbone":
+        import diffusers
+
+        folder = Path(folder)
+        cls.check_folder(folder)
+        meta = read_model_index(folder)
+        pipe = getattr(diffusers, meta["_class_name"]).from_pretrained(folder, torch_dtype=dtype, **cls.load_kwargs)
+        backbone = cls(pipe, where=str(folder))
+        backbone.k_embedding = load_k_embedding(folder)
+        return backbone
+
+    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None,
+             k_embedding: nn.Embedding | None = None) -> None:
+        """The whole pipeline with `save_pretrained` (diffusers reads it back as is), `net` in place of the
+        teacher when given. Written atomically. The pipeline class in model_index.json names the family (a
+        `tdm_family` key there would make diffusers warn on every load)."""
+        from tdm.artifacts import atomic_folder
+
+        with atomic_folder(folder) as tmp:
+            original = getattr(self.pipe, self.net_name)
+            try:
+                if net is not None:
+                    setattr(self.pipe, self.net_name, net)
+                self.pipe.save_pretrained(tmp)
+            finally:
+                setattr(self.pipe, self.net_name, original)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            save_k_embedding(tmp, k_embedding if k_embedding is not None else self.k_embedding)
+
+    # -- shapes ---------------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(height, width) of the latents the denoiser is configured for."""
+        size = self.net.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        h, w = self.latent_size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.net.config.in_channels, *self.latent_size)
+
+    # -- prompts --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        return self._encode(list(prompts))
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    # -- latents --------------------------------------------------------------------------------------------------
+    def _shift(self) -> float:
+        return getattr(self.vae.config, "shift_factor", None) or 0.0
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> scaled latents (the VAE posterior mean: deterministic)."""
+        latents = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mean
+        return ((latents - self._shift()) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        latents = x0.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + self._shift()
+        return to_uint8(self.vae.decode(latents, return_dict=False)[0].float())
+
+    # -- LoRA -----------------------------------------------------------------------------------------------------
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return list(UNET_LORA_TARGETS)
+
+    def modules(self) -> dict[str, nn.Module]:
+        mods = {"net": self.net, "vae": self.vae}
+        for name in self.text_encoders:
+            if getattr(self.pipe, name, None) is not None:
+                mods[name] = getattr(self.pipe, name)
+        return mods
