@@ -22,9 +22,12 @@ pip_install() {  # quiet on success, the whole log on failure
 pip_install --upgrade pip
 pip_install torch==2.14.1 torchvision==0.29.1
 pip_install -e ".[test]"
+# HPSv2's reference package, for the cross-check test only: --no-deps (it pins protobuf<4 and pytest 7); clint is
+# the one import of its own that it needs.
+pip_install --no-deps hpsv2x==1.2.0 clint==0.5.1 args==0.1.0
 rm -f "$log"
 # Fail loudly (and leave no stamp) if anything did not install.
 .venv/bin/python -c "import tdm, torch, torchvision, diffusers, transformers, accelerate, peft, safetensors, sklearn, \
 scipy, open_clip, pydantic, yaml, tqdm, PIL, huggingface_hub, sentencepiece, pytest, hypothesis, \
-prefect, mlflow, dvc"
+prefect, mlflow, dvc, torchmetrics, torch_fidelity, hpsv2.src.open_clip"
 echo "$want" > "$stamp"

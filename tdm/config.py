@@ -195,7 +195,71 @@ class SampleConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Metric settings shared by every scorer (docs/evaluation.md lists the weight files)."""
+
     weights_dir: str = "outputs/weights"  # metric weights and caches (the digit classifier lives here)
+    hps_version: Literal["v2.1", "v2"] = "v2.1"
+    clip_model: str = "ViT-g-14:laion2b_s12b_b42k"  # CLIP score model, open_clip ARCH:TAG
+    aesthetic_clip_model: str = "ViT-L-14:openai"  # the aesthetic MLP reads this model's embeddings
+    vbench_venv: str = ".venv-vbench"  # built by scripts/vbench_env.sh
+
+    @field_validator("clip_model", "aesthetic_clip_model")
+    @classmethod
+    def _arch_tag(cls, v: str) -> str:
+        arch, sep, tag = v.partition(":")
+        if not (arch and sep and tag):
+            raise ValueError("must be an open_clip ARCH:TAG, e.g. ViT-L-14:openai")
+        return v
+
+
+class EvaluateConfig(_Section):
+    """The evaluate stage: teacher and student (and LoRA-transfer rows) sampled and scored per (model, NFE)."""
+
+    teacher: Optional[str] = "outputs/teacher_ft/model"  # model folder; null = no teacher rows
+    teacher_steps: Optional[int] = Field(None, ge=1)  # null = sample.steps
+    teacher_guidance: Optional[float] = Field(None, ge=1)  # null = sample.guidance
+    student: Optional[str] = "outputs/distill/student"  # student folder (tdm_student.json); null = none
+    student_steps: tuple[int, ...] = (1, 2, 4)  # a TDM-unify student is sampled at each
+    fixed_k_steps: Literal["own", "all"] = "own"  # a fixed-K student: its own K only, or student_steps too
+    n: int = Field(1000, ge=2)  # samples per row
+    prompts: str = "digits"  # "digits" or a .txt/.jsonl/.csv prompt file (cycled to n)
+    metrics: Optional[tuple[str, ...]] = None  # null = digits_fid + class_accuracy (digits), else hps/aesthetic/clip/fid
+    fid_reference: Optional[str] = None  # reference image folder (or npz) for `fid`
+    skip_missing: bool = False  # skip (and record) a metric whose weights are missing instead of failing
+    lora_manifest: Optional[str] = "outputs/lora_transfer/manifest.json"  # absent file = no transfer rows
+
+    @field_validator("student_steps")
+    @classmethod
+    def _steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("need at least one step count, each >= 1")
+        return tuple(sorted(set(v)))
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
+        from tdm.evaluation import METRICS
+
+        if v is not None:
+            unknown = [m for m in v if m not in METRICS]
+            if unknown or not v:
+                raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)})" if unknown
+                                 else "need at least one metric (or null for the family's default)")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_file(cls, v: str) -> str:
+        if v != "digits" and not Path(v).expanduser().is_file():
+            raise ValueError(f"must be 'digits' or a prompt file; not found: {v}")
+        return v
+
+    @field_validator("fid_reference")
+    @classmethod
+    def _reference(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not Path(v).expanduser().exists():
+            raise ValueError(f"reference images not found: {v}")
+        return v
 
 
 class Config(_Section):
@@ -205,6 +269,7 @@ class Config(_Section):
     lora_transfer: LoraTransferConfig = LoraTransferConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,161 @@
+"""The evaluate stage: sample the teacher (many steps, CFG) and the student (1/2/4 steps), score every set, and
+score the LoRA-transfer stage's sets (its manifest), one row per (model, NFE).
+
+Writes outputs/evaluate/ (samples_<model>_s<steps>.npz + PNG grids, table.md) and metrics/evaluate.json:
+  {"rows": [{"model", "steps", "nfe", "guidance", "n", "samples", "grid", "metrics": {...}}, ...],
+   "metrics_skipped": {metric: why}}
+`guidance` is the CFG scale the samples reflect: the teacher's sampling scale, the student's distillation scale
+(baked in). `nfe` counts network evaluations per sample: 2 per teacher step under CFG (cond + uncond), 1 per
+student step. The teacher row samples exactly as `tdm sample --score` does (same prompts, noise, batches),
+so its digits numbers equal that command's.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from tdm.artifacts import atomic_folder, atomic_write_file, save_samples, write_json
+from tdm.config import Config, StagePaths
+from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS
+
+STAGE = "evaluate"
+
+
+def metric_names(cfg: Config) -> tuple[str, ...]:
+    e = cfg.evaluate
+    if e.metrics is not None:
+        return e.metrics
+    return DIGITS_METRICS if cfg.model.family == "digits" else IMAGE_METRICS
+
+
+def prompt_list(cfg: Config) -> list[str]:
+    e = cfg.evaluate
+    if e.prompts == "digits":
+        from tdm.data import digit_prompt_set
+
+        return digit_prompt_set(e.n, seed=cfg.sample.seed)
+    from tdm.data import read_prompts
+
+    listed = read_prompts(e.prompts)
+    return [listed[i % len(listed)] for i in range(e.n)]
+
+
+def _model_folder(path: Optional[str], key: str) -> Optional[Path]:
+    if path is None:
+        return None
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"evaluate.{key}: not a model folder (no model_index.json): {folder}")
+    return folder
+
+
+def read_manifest(path: Optional[str]) -> list[dict]:
+    """The lora_transfer stage's rows; an absent file means none. Bad rows fail naming the key."""
+    if path is None or not Path(path).is_file():
+        return []
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: expected {{\"rows\": [...]}} ({err})") from None
+    base = Path(path).parent
+    out = []
+    for i, row in enumerate(rows):
+        for key in ("model", "steps", "nfe", "guidance", "samples"):
+            if key not in row:
+                raise ValueError(f"{path}: rows[{i}].{key}: missing")
+        samples = Path(row["samples"])
+        reference = row.get("reference")
+        # Relative paths are taken from the project root, else beside the manifest.
+        resolve = lambda p: p if p.exists() or p.is_absolute() else base / p  # noqa: E731
+        samples = resolve(samples)
+        if not samples.is_file():
+            raise FileNotFoundError(f"{path}: rows[{i}].samples: not found: {row['samples']}")
+        if reference is not None:
+            reference = resolve(Path(reference))
+            if not reference.exists():
+                raise FileNotFoundError(f"{path}: rows[{i}].reference: not found: {row['reference']}")
+        out.append({**row, "samples": str(samples), "reference": None if reference is None else str(reference)})
+    return out
+
+
+def plan(cfg: Config) -> list[dict]:
+    """The rows to sample: (model, folder, steps, guidance, student, total_steps). Checks inputs, no compute."""
+    from tdm.distill import student_info
+
+    e = cfg.evaluate
+    rows = []
+    teacher = _model_folder(e.teacher, "teacher")
+    if teacher is not None:
+        steps = e.teacher_steps or cfg.sample.steps
+        guidance = e.teacher_guidance if e.teacher_guidance is not None else cfg.sample.guidance
+        rows.append({"model": "teacher", "folder": teacher, "steps": steps, "guidance": guidance, "student": False,
+                     "nfe": steps * (2 if guidance != 1.0 else 1), "sample_guidance": guidance})
+    student = _model_folder(e.student, "student")
+    if student is not None:
+        info = student_info(student)
+        if "total_steps" not in info:
+            raise FileNotFoundError(f"evaluate.student: {student / 'tdm_student.json'} missing or without "
+                                    "total_steps (is it a distill stage student?)")
+        own = [info["k"]] if "k" in info else []
+        ks = e.student_steps if info.get("unify") or e.fixed_k_steps == "all" or not own else own
+        for k in sorted(set(ks)):
+            rows.append({"model": "student", "folder": student, "steps": k, "guidance": float(info.get("guidance", 1.0)),
+                         "student": True, "total_steps": info["total_steps"], "nfe": k, "sample_guidance": 1.0})
+    return rows
+
+
+def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> dict:
+    """The stage: returns (and writes to metrics/evaluate.json) {"rows": [...], "metrics_skipped": {...}}."""
+    import torch
+
+    from tdm.backbones import load_backbone
+    from tdm.evaluation.runner import Evaluator, MetricSettings, markdown_table
+    from tdm.sampler import sample_images
+
+    paths = paths or StagePaths.of(STAGE)
+    e = cfg.evaluate
+    start = time.perf_counter()
+    # Everything that can fail without compute fails here: folders, manifest, prompts, metric weights.
+    to_sample = plan(cfg)
+    transfer = read_manifest(e.lora_manifest)
+    prompts = prompt_list(cfg) if to_sample else []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluator = Evaluator(metric_names(cfg), MetricSettings.from_config(cfg, e.fid_reference, device),
+                          skip_missing=e.skip_missing)
+
+    rows = []
+    out_dir = paths.out_dir
+    with atomic_folder(out_dir) as tmp:
+        loaded: dict[Path, object] = {}
+        for r in to_sample:
+            if r["folder"] not in loaded:
+                loaded.clear()  # one model in memory at a time
+                loaded[r["folder"]] = load_backbone(r["folder"]).to(device)
+            backbone = loaded[r["folder"]]
+            images = sample_images(backbone, backbone.net, prompts, steps=r["steps"], guidance=r["sample_guidance"],
+                                   student=r["student"], total_steps=r.get("total_steps"), seed=cfg.sample.seed,
+                                   batch_size=cfg.sample.batch_size, progress=progress)
+            name = f"samples_{r['model']}_s{r['steps']}.npz"
+            save_samples(tmp / name, images, prompts, steps=r["steps"], guidance=r["sample_guidance"])
+            rows.append({"model": r["model"], "steps": r["steps"], "nfe": r["nfe"], "guidance": r["guidance"],
+                         "n": len(prompts), "samples": str(out_dir / name),
+                         "grid": str(out_dir / Path(name).with_suffix(".png")),
+                         "metrics": evaluator.score(images.numpy(), prompts)})
+        loaded.clear()
+        for t in transfer:
+            from tdm.evaluation.runner import load_sample_set
+
+            images, row_prompts = load_sample_set(t["samples"])
+            grid = Path(t["samples"]).with_suffix(".png")
+            rows.append({"model": t["model"], "steps": int(t["steps"]), "nfe": int(t["nfe"]),
+                         "guidance": float(t["guidance"]), "n": len(images), "samples": t["samples"],
+                         "grid": str(grid) if grid.is_file() else None,
+                         "metrics": evaluator.score(images, row_prompts, reference=t["reference"])})
+        table = markdown_table(rows, evaluator.skipped)
+        atomic_write_file(tmp / "table.md", lambda p: Path(p).write_text(table))
+    result = {"rows": rows, "metrics_skipped": evaluator.skipped,
+              "wall_time_s": round(time.perf_counter() - start, 2)}
+    write_json(paths.metrics, result)
+    return result

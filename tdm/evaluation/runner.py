@@ -1,0 +1,192 @@
+"""The metric runner: load each requested metric once, score sample sets, build the per-(model, NFE) table.
+
+Metric names (the `evaluate.metrics` list):
+  digits_fid      FID in the digit classifier's feature space   -> fid_digits, fid_digits_floor
+  class_accuracy  does the sample show the prompted digit        -> class_accuracy
+  hps             HPSv2.1 (x 100)                                -> hps
+  aesthetic       LAION aesthetic predictor                      -> aesthetic
+  clip            CLIP score (x 100)                             -> clip_score
+  fid             Inception FID against a reference folder/npz   -> fid
+A metric whose weights are missing raises `MissingWeights` when the Evaluator is built (before any sampling);
+with `skip_missing=True` it is recorded in `skipped` instead.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from tdm.evaluation.weights import MissingWeights, default_device
+
+from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS, METRICS  # noqa: F401 (re-exported)
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    weights_dir: str
+    device: str = "cpu"
+    hps_version: str = "v2.1"
+    clip_model: str = "ViT-g-14:laion2b_s12b_b42k"
+    aesthetic_clip_model: str = "ViT-L-14:openai"
+    fid_reference: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, cfg, fid_reference: Optional[str] = None, device: Optional[str] = None) -> "MetricSettings":
+        e = cfg.eval
+        return cls(weights_dir=e.weights_dir, device=device or default_device(), hps_version=e.hps_version,
+                   clip_model=e.clip_model, aesthetic_clip_model=e.aesthetic_clip_model, fid_reference=fid_reference)
+
+
+class DigitsFID:
+    """FID in the digit classifier's feature space: against the held-out split, or a given reference."""
+
+    name = "digits_fid"
+
+    def __init__(self, weights_dir: str | Path) -> None:
+        from tdm.evaluation.digits import load_classifier
+
+        self.classifier = load_classifier(weights_dir)
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], reference=None) -> dict:
+        from tdm.data import digits_split
+        from tdm.evaluation.digits import _features, digits_fid, frechet_distance, images_to_tensor, real_fid_floor
+
+        x = images_to_tensor(images)
+        if reference is not None:  # a row's own reference images (e.g. the LoRA-transfer target model's)
+            from tdm.artifacts import load_samples
+
+            ref = images_to_tensor(load_samples(reference)[0])
+            return {"fid_digits": frechet_distance(_features(x, self.classifier), _features(ref, self.classifier))}
+        floor_n = min(max(len(x), 2), len(digits_split("train")[1]))
+        return {"fid_digits": digits_fid(x, self.classifier),
+                "fid_digits_floor": real_fid_floor(self.classifier, n=floor_n)}
+
+
+class ClassAccuracy:
+    """Fraction of samples whose prompt names a digit that the classifier sees; None when no prompt does."""
+
+    name = "class_accuracy"
+
+    def __init__(self, weights_dir: str | Path) -> None:
+        from tdm.evaluation.digits import load_classifier
+
+        self.classifier = load_classifier(weights_dir)
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], reference=None) -> dict:
+        from tdm.data import label_from_prompt
+        from tdm.evaluation.digits import class_accuracy, images_to_tensor
+
+        x = images_to_tensor(images)
+        asked = [label_from_prompt(str(p)) for p in prompts]
+        keep = [i for i, label in enumerate(asked) if label is not None]
+        if not keep:
+            return {"class_accuracy": None}
+        return {"class_accuracy": class_accuracy(x[keep], torch.tensor([asked[i] for i in keep]), self.classifier)}
+
+
+def load_metric(name: str, s: MetricSettings) -> Callable:
+    """Build one metric (loading its weights); MissingWeights if they are not on disk."""
+    if name == "digits_fid":
+        return DigitsFID(s.weights_dir)
+    if name == "class_accuracy":
+        return ClassAccuracy(s.weights_dir)
+    if name == "hps":
+        from tdm.evaluation.hps import HPS
+
+        return HPS(s.weights_dir, version=s.hps_version, device=s.device)
+    if name == "aesthetic":
+        from tdm.evaluation.aesthetic import Aesthetic
+
+        return Aesthetic(s.weights_dir, device=s.device, clip_model=s.aesthetic_clip_model)
+    if name == "clip":
+        from tdm.evaluation.clip_score import ClipScore
+
+        return ClipScore(s.weights_dir, device=s.device, clip_model=s.clip_model)
+    if name == "fid":
+        from tdm.evaluation.fid import FID
+
+        return FID(s.weights_dir, reference=s.fid_reference, device=s.device)
+    raise ValueError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
+
+
+class Evaluator:
+    """Loads `metrics` once; `score(images, prompts, reference)` runs them all on one sample set."""
+
+    def __init__(self, metrics: Sequence[str], settings: MetricSettings, skip_missing: bool = False) -> None:
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)})")
+        self.metrics: dict[str, Callable] = {}
+        self.skipped: dict[str, str] = {}
+        for name in dict.fromkeys(metrics):
+            try:
+                self.metrics[name] = load_metric(name, settings)
+            except MissingWeights as err:
+                if not skip_missing:
+                    raise
+                self.skipped[name] = str(err)
+
+    def score(self, images: np.ndarray, prompts: Sequence[str], reference: str | Path | None = None) -> dict:
+        out: dict = {}
+        for metric in self.metrics.values():
+            out.update(metric(images, prompts, reference=reference))
+        return out
+
+
+# --- sample sets -----------------------------------------------------------------------------
+
+def load_sample_set(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """uint8 N x H x W x C images and their prompts, from a `tdm sample` npz or an image folder (prompts from
+    its metadata.jsonl: {"file_name": ..., "text"|"prompt": ...} per line; none = empty prompts)."""
+    path = Path(path)
+    if path.is_file():
+        from tdm.artifacts import load_samples
+
+        return load_samples(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"samples not found (an npz or an image folder): {path}")
+    from PIL import Image
+
+    from tdm.evaluation.fid import list_images
+
+    files = list_images(path)
+    prompts = {}
+    meta = path / "metadata.jsonl"
+    if meta.is_file():
+        for line in meta.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                prompts[row["file_name"]] = row.get("text", row.get("prompt", ""))
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    if len({im.shape for im in images}) > 1:
+        raise ValueError(f"{path}: images differ in size; resize them to one size first")
+    return np.stack(images), [str(prompts.get(str(f.relative_to(path)), "")) for f in files]
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+_COLUMNS = [("fid_digits", "FID (digits)", "{:.2f}"), ("fid_digits_floor", "FID floor", "{:.2f}"),
+            ("class_accuracy", "class acc.", "{:.3f}"), ("hps", "HPS", "{:.2f}"), ("aesthetic", "AeS", "{:.2f}"),
+            ("clip_score", "CLIP", "{:.2f}"), ("fid", "FID", "{:.2f}")]
+
+
+def markdown_table(rows: Sequence[dict], skipped: dict | None = None) -> str:
+    """One line per (model, steps): the metrics any row has, in the paper's order."""
+    present = [c for c in _COLUMNS if any(c[0] in r["metrics"] for r in rows)]
+    extra = sorted({k for r in rows for k in r["metrics"]} - {c[0] for c in _COLUMNS})
+    head = ["model", "steps", "NFE", "guidance", "n"] + [c[1] for c in present] + extra
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], str(r["steps"]), str(r["nfe"]), f"{r['guidance']:g}", str(r["n"])]
+        for key, _, fmt in present:
+            v = r["metrics"].get(key)
+            cells.append("-" if v is None else fmt.format(v))
+        cells += [f"{r['metrics'][k]:.4g}" if isinstance(r["metrics"].get(k), (int, float)) else "-" for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, why in (skipped or {}).items():
+        lines.append(f"\nSkipped `{name}`: {why}")
+    return "\n".join(lines) + "\n"
