@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -62,15 +61,13 @@ def main() -> None:
     t0 = time.perf_counter()
     stage = lora_transfer.run(cfg, StagePaths(out, out / "metrics.json"), progress=False)
     stage_time = time.perf_counter() - t0
-    manifest = json.loads((out / "manifest.json").read_text())
     rows = []
-    for row in manifest["rows"]:
-        m = stage[f"{row['model']}@{row['steps']}"]
+    for row in stage["rows"]:
         custom = row["model"].removesuffix("+tdm_lora")
         rows.append({"model": row["model"], "steps": row["steps"], "nfe": row["nfe"], "guidance": row["guidance"],
-                     "fid": m["fid"], "accuracy": m["accuracy"], "reference": f"{custom} held-out",
-                     "sample_time_s": row["sample_time_s"]})
-    refs = {k.split("/")[0]: v for k, v in stage.items() if k.endswith("/reference")}
+                     "fid": row["metrics"]["fid"], "accuracy": row["metrics"]["accuracy"],
+                     "reference": f"{custom} held-out", "sample_time_s": row["sample_time_s"]})
+    refs = stage["references"]
     ft_times = {s: json.loads((out / "custom" / s / "model" / "tdm_custom.json").read_text())["train_time_s"]
                 for s in args.styles}
 

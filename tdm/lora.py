@@ -56,11 +56,11 @@ class LoRA:
     modules: dict[str, LoRAModule]
     meta: dict = field(default_factory=dict)
 
-    def scaled(self, scale: float) -> "LoRA":
+    def scaled(self, scale: float) -> LoRA:
         """The same LoRA with every update multiplied by `scale` (kept in alpha, so it survives export)."""
         return replace(self, modules={n: replace(m, alpha=m.alpha * scale) for n, m in self.modules.items()})
 
-    def resolved(self, net: nn.Module) -> "LoRA":
+    def resolved(self, net: nn.Module) -> LoRA:
         """Module names mapped onto `net`'s own (dotted) paths; shapes checked. Fails before any compute."""
         table = _layer_table(net)
         out = {}
@@ -185,7 +185,7 @@ def load_lora(path: str | Path, component: str = "unet") -> LoRA:
     state = load_file(path)
     with safe_open(path, "pt") as f:
         header = f.metadata() or {}
-    if any(k.startswith("lora_unet_") or k.startswith("lora_transformer_") for k in state):
+    if any(k.startswith(("lora_unet_", "lora_transformer_")) for k in state):
         lora = _from_kohya(state)
     else:
         lora = _from_diffusers(state, header, component, path)

@@ -3,7 +3,7 @@
 For each custom model: its own samples at its usual many-step setting (DDIM + CFG) and at few-step DDIM, and
 custom + TDM LoRA at the student's K steps (no CFG: it is baked into the LoRA). The sample archives and
 `outputs/lora_transfer/manifest.json` go to `tdm evaluate`; the stage also scores digits rows itself
-(metrics/lora_transfer.json).
+(metrics/lora_transfer.json, laid out as metrics/evaluate.json: rows with a `metrics` dict).
 
 On the digits default a custom model is named "digits:<style>": the LoRA's base fine-tuned for a few hundred
 steps on restyled digits (tdm.data.digits_style), cached under outputs/lora_transfer/custom/<style>/. Its rows
@@ -278,25 +278,25 @@ def transfer_rows(cfg: Config, name: str, model: str | Path, lora: LoRA, setting
     return rows
 
 
-def score_rows(cfg: Config, rows: list[dict], styles: dict[str, str]) -> dict:
-    """Digits rows scored against their style's held-out set; metrics keyed "<model>@<steps>"."""
+def score_rows(cfg: Config, rows: list[dict], styles: dict[str, str]) -> tuple[list[dict], dict]:
+    """Each row with its digits `metrics` (FID vs the style's held-out set, class accuracy; {} for models
+    without a reference set: `tdm evaluate` scores those), and per style the real images' reference points."""
     from tdm.artifacts import load_samples
 
-    metrics, scorers = {}, {}
+    scored, references, scorers = [], {}, {}
     for row in rows:
         custom = row["model"].removesuffix(LORA_SUFFIX)
         style = styles.get(custom)
-        if style is None:
-            continue
-        if style not in scorers:
-            scorers[style] = StyleScorer(style, cfg.eval.weights_dir)
-            scorer = scorers[style]
-            metrics[f"{custom}/reference"] = {"real_accuracy": scorer.real_accuracy,
-                                              "fid_floor": scorer.floor(cfg.lora_transfer.n)}
-        images, prompts = load_samples(row["samples"])
-        metrics[f"{row['model']}@{row['steps']}"] = {**scorers[style].score(images, prompts), "nfe": row["nfe"],
-                                                     "guidance": row["guidance"]}
-    return metrics
+        metrics = {}
+        if style is not None:
+            if style not in scorers:
+                scorer = scorers[style] = StyleScorer(style, cfg.eval.weights_dir)
+                references[custom] = {"real_accuracy": scorer.real_accuracy,
+                                      "fid_floor": scorer.floor(cfg.lora_transfer.n)}
+            images, prompts = load_samples(row["samples"])
+            metrics = scorers[style].score(images, prompts)
+        scored.append({**row, "metrics": metrics})
+    return scored, references
 
 
 def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> dict:
@@ -327,11 +327,13 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
         rows += transfer_rows(cfg, name, model, lora, settings, prompts, samples_dir, reference, progress)
     write_json(paths.out_dir / "manifest.json", {"rows": rows, "lora": str(t.lora), "scale": t.scale,
                                                  "student_steps": settings["k"], "total_steps": settings["total_steps"]})
-    metrics = {"rows": len(rows), "stage_time_s": round(time.perf_counter() - t0, 2), "lora_scale": t.scale,
-               **score_rows(cfg, rows, styles)}
+    scored, references = score_rows(cfg, rows, styles)
+    # The layout of metrics/evaluate.json (rows with a `metrics` dict), so tracking and reports read both alike.
+    metrics = {"rows": scored, "references": references, "lora_scale": t.scale,
+               "stage_time_s": round(time.perf_counter() - t0, 2)}
     write_json(paths.metrics, metrics)
     return metrics
 
 
-__all__ = ["run", "check_inputs", "digits_custom_model", "style_reference", "style_classifier", "StyleScorer", "transfer_rows",
-           "write_style_folder", "with_lora"]
+__all__ = ["run", "check_inputs", "digits_custom_model", "style_reference", "style_classifier", "StyleScorer",
+           "transfer_rows", "score_rows", "write_style_folder", "with_lora"]

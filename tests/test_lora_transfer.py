@@ -80,10 +80,13 @@ def test_stage_writes_rows_manifest_and_style_metrics(run_dir, weights_dir, tmp_
 
     saved = json.loads(paths.metrics.read_text())
     assert saved == json.loads(json.dumps(metrics))
-    for key in ("digits:thick@3", "digits:thick@2", "digits:thick+tdm_lora@2"):
-        assert saved[key]["fid"] > 0 and 0 <= saved[key]["accuracy"] <= 1 and saved[key]["n"] == 20
-    assert 0 < saved["digits:thick/reference"]["fid_floor"] < saved["digits:thick@3"]["fid"]
-    assert not any(k.startswith(other) for k in saved)  # no reference set: left to `tdm evaluate`
+    assert [(r["model"], r["steps"], r["samples"]) for r in saved["rows"]] == [
+        (r["model"], r["steps"], r["samples"]) for r in rows]
+    for row in saved["rows"][:3]:
+        assert row["metrics"]["fid"] > 0 and 0 <= row["metrics"]["accuracy"] <= 1 and row["metrics"]["n"] == 20
+    assert all(row["metrics"] == {} for row in saved["rows"][3:])  # no reference set: left to `tdm evaluate`
+    assert 0 < saved["references"]["digits:thick"]["fid_floor"] < saved["rows"][0]["metrics"]["fid"]
+    assert saved["references"]["digits:thick"]["real_accuracy"] > 0.9  # the style's own classifier reads it
 
     # The fine-tuned custom model is cached: a second run reuses it.
     model = paths.out_dir / "custom" / "thick" / "model"
