@@ -117,7 +117,7 @@ class PipelineBackbone(Backbone):
         folder = Path(folder)
         cls.check_folder(folder)
         meta = read_model_index(folder)
-        pipe = getattr(diffusers, meta["_class_name"]).from_pretrained(folder, torch_dtype=dtype, **cls.load_kwargs)
+        pipe = getattr(diffusers, meta["_class_name"]).from_pretrained(folder, dtype=dtype, **cls.load_kwargs)
         backbone = cls(pipe, where=str(folder))
         backbone.k_embedding = load_k_embedding(folder)
         return backbone

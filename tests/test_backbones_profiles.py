@@ -1,0 +1,53 @@
+"""The per-family params files in profiles/: each validates, and each runs `tdm distill` as written (bf16 and
+all) once its hub ids are pointed at the tiny model of its family.
+
+Validation policy: the hub ids in the profiles are not in this machine's HF cache, so the one error allowed
+when loading a profile as is, is "model.pretrained: ... not in the HF cache". The profile is then validated
+completely with that path check relaxed (hub ids resolve to an existing folder).
+"""
+from pathlib import Path
+
+import pytest
+
+import tiny_models
+from tdm import config
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+
+
+def test_every_family_has_a_profile():
+    assert {p.stem for p in PROFILES} == set(tiny_models.FAMILIES)
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_profile_validates(profile, monkeypatch):
+    monkeypatch.chdir(ROOT)  # prompt files are relative to the repository root
+    try:
+        config.load(profile)
+    except config.ConfigError as err:  # the hub id is not cached here: the only acceptable error
+        lines = str(err).splitlines()
+        assert all(line.startswith(f"{profile}: model.pretrained:") and "not in the HF cache" in line
+                   for line in lines), str(err)
+    import tdm.backbones
+
+    monkeypatch.setattr(tdm.backbones, "resolve_model_path", lambda name: ROOT)
+    cfg = config.load(profile)
+    assert cfg.model.family == profile.stem
+    assert cfg.distill.prompts != "digits" and (ROOT / cfg.distill.prompts).is_file()
+    assert cfg.distill.mixed_precision == "bf16" and cfg.distill.k == 4
+    assert cfg.distill.teacher == cfg.model.pretrained
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_profile_runs_distill_on_the_tiny_model_of_its_family(profile, tmp_path, monkeypatch):
+    from tdm import cli
+
+    model = tiny_models.save_pipeline(tiny_models.build(profile.stem), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)  # outputs/ goes here
+    rc = cli.main(["distill", "--params", str(profile), "-q", "-S", f"model.pretrained={model}",
+                   "-S", f"distill.teacher={model}", "-S", f"distill.prompts={ROOT / 'profiles/prompts/example.txt'}",
+                   "-S", "distill.iterations=1", "-S", "distill.batch_size=2", "-S", "distill.lora_rank=4"])
+    assert rc == 0
+    assert (tmp_path / "outputs/distill/student/model_index.json").is_file()
+    assert (tmp_path / "metrics/distill.json").is_file()
