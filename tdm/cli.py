@@ -64,6 +64,21 @@ def cmd_evaluate(args) -> dict:
     return result
 
 
+def cmd_score(args) -> dict:
+    from tdm import config
+    from tdm.evaluation.runner import Evaluator, MetricSettings, markdown_table, score_sets
+
+    cfg = config.load(args.params, args.set or [])
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    for path in [*args.samples, *([args.reference] if args.reference else [])]:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"not found: {path}")
+    evaluator = Evaluator(metrics, MetricSettings.from_config(cfg, args.reference), skip_missing=args.skip_missing)
+    rows = score_sets([{"samples": p} for p in args.samples], evaluator)
+    print(markdown_table(rows, evaluator.skipped), file=sys.stderr)
+    return {"rows": rows, "metrics_skipped": evaluator.skipped}
+
+
 def cmd_report(args) -> dict:
     from tdm import report
 
@@ -176,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     stage("distill", cmd_distill, "TDM-distil the teacher into a K-step student -> outputs/distill/student")
     stage("report", cmd_report, "tables, sample grids and plots of every stage -> outputs/report/index.html")
     stage("evaluate", cmd_evaluate, "sample + score teacher, student (and LoRA-transfer rows) -> metrics/evaluate.json")
+
+    p = sub.add_parser("score", help="score sample sets (tdm sample npz files or image folders): a row per set")
+    p.add_argument("samples", nargs="+", help="npz files from `tdm sample`, or image folders (+ metadata.jsonl)")
+    p.add_argument("--metrics", default="digits_fid,class_accuracy",
+                   help="comma-separated: digits_fid, class_accuracy, hps, aesthetic, clip, fid, vbench_<dim>")
+    p.add_argument("--reference", default=None, help="reference images for fid (folder or npz)")
+    p.add_argument("--skip-missing", action="store_true", help="skip metrics whose weights are missing")
+    p.add_argument("--params", default="params.yaml", help="params file (eval section: weights_dir, models)")
+    p.add_argument("-S", "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a param")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("sample", help="sample a model to an npz (+ PNG grid)")
     p.add_argument("--model", required=True, help="a saved model folder (e.g. outputs/teacher_ft/model)")

@@ -238,12 +238,13 @@ class EvaluateConfig(_Section):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, v: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
-        from tdm.evaluation import METRICS
+        from tdm.evaluation import METRICS, is_metric
 
         if v is not None:
-            unknown = [m for m in v if m not in METRICS]
+            unknown = [m for m in v if not is_metric(m)]
             if unknown or not v:
-                raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)})" if unknown
+                raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)}, vbench_<dimension>)"
+                                 if unknown
                                  else "need at least one metric (or null for the family's default)")
         return v
 

@@ -111,7 +111,7 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
     import torch
 
     from tdm.backbones import load_backbone
-    from tdm.evaluation.runner import Evaluator, MetricSettings, markdown_table
+    from tdm.evaluation.runner import Evaluator, MetricSettings, markdown_table, score_sets
     from tdm.sampler import sample_images
 
     paths = paths or StagePaths.of(STAGE)
@@ -144,15 +144,7 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
                          "grid": str(out_dir / Path(name).with_suffix(".png")),
                          "metrics": evaluator.score(images.numpy(), prompts)})
         loaded.clear()
-        for t in transfer:
-            from tdm.evaluation.runner import load_sample_set
-
-            images, row_prompts = load_sample_set(t["samples"])
-            grid = Path(t["samples"]).with_suffix(".png")
-            rows.append({"model": t["model"], "steps": int(t["steps"]), "nfe": int(t["nfe"]),
-                         "guidance": float(t["guidance"]), "n": len(images), "samples": t["samples"],
-                         "grid": str(grid) if grid.is_file() else None,
-                         "metrics": evaluator.score(images, row_prompts, reference=t["reference"])})
+        rows += score_sets(transfer, evaluator)
         table = markdown_table(rows, evaluator.skipped)
         atomic_write_file(tmp / "table.md", lambda p: Path(p).write_text(table))
     result = {"rows": rows, "metrics_skipped": evaluator.skipped,

@@ -155,3 +155,27 @@ def test_bad_manifest_row_names_the_key(project, models, weights_dir, capsys):
     (project / "m.json").write_text(json.dumps({"rows": [{"model": "x", "steps": 4, "nfe": 4, "guidance": 1.0}]}))
     assert main(_args(models, weights_dir, "evaluate.lora_manifest=m.json")) == 2
     assert "rows[0].samples" in capsys.readouterr().err
+
+
+def test_score_command_on_an_npz_and_an_image_folder(project, models, weights_dir, capsys):
+    from PIL import Image
+
+    assert main(_args(models, weights_dir, "evaluate.student=null")) == 0
+    row = json.loads((project / "metrics/evaluate.json").read_text())["rows"][0]
+    folder = project / "as_pngs"
+    folder.mkdir()
+    with np.load(project / row["samples"]) as z:
+        images, prompts = z["images"], [str(p) for p in z["prompts"]]
+    lines = []
+    for i, (im, prompt) in enumerate(zip(images, prompts)):
+        Image.fromarray(im[..., 0]).save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": prompt}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["score", row["samples"], str(folder), "--metrics", "digits_fid,class_accuracy",
+                 "-S", f"eval.weights_dir={weights_dir}"]) == 0
+    captured = capsys.readouterr()
+    npz_row, folder_row = json.loads(captured.out)["rows"]
+    assert (npz_row["steps"], npz_row["nfe"], npz_row["guidance"]) == (3, 6, 1.5)  # read from the npz
+    assert npz_row["metrics"] == row["metrics"] == folder_row["metrics"]  # same images, same numbers
+    assert "| samples_teacher_s3 | 3 | 6 | 1.5 | 20 |" in captured.err

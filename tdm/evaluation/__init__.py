@@ -4,3 +4,11 @@
 METRICS = ("digits_fid", "class_accuracy", "hps", "aesthetic", "clip", "fid")
 DIGITS_METRICS = ("digits_fid", "class_accuracy")
 IMAGE_METRICS = ("hps", "aesthetic", "clip", "fid")
+# VBench dimensions usable in custom_input mode, as metrics `vbench_<dimension>` (video sample sets).
+VBENCH_DIMENSIONS = ("temporal_flickering", "subject_consistency", "background_consistency", "aesthetic_quality",
+                     "imaging_quality", "motion_smoothness", "dynamic_degree", "human_action", "temporal_style",
+                     "overall_consistency")
+
+
+def is_metric(name: str) -> bool:
+    return name in METRICS or (name.startswith("vbench_") and name[len("vbench_"):] in VBENCH_DIMENSIONS)

@@ -7,6 +7,7 @@ Metric names (the `evaluate.metrics` list):
   aesthetic       LAION aesthetic predictor                      -> aesthetic
   clip            CLIP score (x 100)                             -> clip_score
   fid             Inception FID against a reference folder/npz   -> fid
+  vbench_<dim>    a VBench dimension on video sets (N x T x H x W x C), in VBench's own venv -> vbench_<dim>
 A metric whose weights are missing raises `MissingWeights` when the Evaluator is built (before any sampling);
 with `skip_missing=True` it is recorded in `skipped` instead.
 """
@@ -22,7 +23,7 @@ import torch
 
 from tdm.evaluation.weights import MissingWeights, default_device
 
-from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS, METRICS  # noqa: F401 (re-exported)
+from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS, METRICS, is_metric  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,14 @@ class MetricSettings:
     clip_model: str = "ViT-g-14:laion2b_s12b_b42k"
     aesthetic_clip_model: str = "ViT-L-14:openai"
     fid_reference: Optional[str] = None
+    vbench_venv: str = ".venv-vbench"
 
     @classmethod
     def from_config(cls, cfg, fid_reference: Optional[str] = None, device: Optional[str] = None) -> "MetricSettings":
         e = cfg.eval
         return cls(weights_dir=e.weights_dir, device=device or default_device(), hps_version=e.hps_version,
-                   clip_model=e.clip_model, aesthetic_clip_model=e.aesthetic_clip_model, fid_reference=fid_reference)
+                   clip_model=e.clip_model, aesthetic_clip_model=e.aesthetic_clip_model, fid_reference=fid_reference,
+                   vbench_venv=e.vbench_venv)
 
 
 class DigitsFID:
@@ -88,6 +91,27 @@ class ClassAccuracy:
         return {"class_accuracy": class_accuracy(x[keep], torch.tensor([asked[i] for i in keep]), self.classifier)}
 
 
+class VBenchDimension:
+    """One VBench dimension on a video set; the subprocess starts per call (a few seconds of imports)."""
+
+    def __init__(self, dimension: str, s: MetricSettings) -> None:
+        from tdm.evaluation.vbench import check_dimensions, vbench_python
+
+        vbench_python(s.vbench_venv)
+        check_dimensions([dimension], s.weights_dir)  # missing weights fail now, not after sampling
+        self.dimension, self.settings = dimension, s
+        self.name = f"vbench_{dimension}"
+
+    def __call__(self, videos: np.ndarray, prompts: Sequence[str], reference=None) -> dict:
+        from tdm.evaluation.vbench import run_vbench
+
+        if np.asarray(videos).ndim != 5:
+            raise ValueError(f"{self.name} scores videos (N x T x H x W x C), got shape {np.shape(videos)}")
+        out = run_vbench([self.dimension], self.settings.weights_dir, self.settings.vbench_venv, videos=videos,
+                         prompts=list(prompts), device=self.settings.device)
+        return {self.name: out["scores"][self.dimension]}
+
+
 def load_metric(name: str, s: MetricSettings) -> Callable:
     """Build one metric (loading its weights); MissingWeights if they are not on disk."""
     if name == "digits_fid":
@@ -110,6 +134,8 @@ def load_metric(name: str, s: MetricSettings) -> Callable:
         from tdm.evaluation.fid import FID
 
         return FID(s.weights_dir, reference=s.fid_reference, device=s.device)
+    if is_metric(name) and name.startswith("vbench_"):
+        return VBenchDimension(name[len("vbench_"):], s)
     raise ValueError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
 
 
@@ -117,9 +143,9 @@ class Evaluator:
     """Loads `metrics` once; `score(images, prompts, reference)` runs them all on one sample set."""
 
     def __init__(self, metrics: Sequence[str], settings: MetricSettings, skip_missing: bool = False) -> None:
-        unknown = [m for m in metrics if m not in METRICS]
+        unknown = [m for m in metrics if not is_metric(m)]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)})")
+            raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)}, vbench_<dimension>)")
         self.metrics: dict[str, Callable] = {}
         self.skipped: dict[str, str] = {}
         for name in dict.fromkeys(metrics):
@@ -161,10 +187,41 @@ def load_sample_set(path: str | Path) -> tuple[np.ndarray, list[str]]:
             if line.strip():
                 row = json.loads(line)
                 prompts[row["file_name"]] = row.get("text", row.get("prompt", ""))
-    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    def read(f: Path) -> np.ndarray:
+        with Image.open(f) as im:  # greyscale stays 1-channel (N x H x W x 1), as `tdm sample` stores digits
+            return np.asarray(im.convert("L"))[..., None] if im.mode in ("L", "1") else np.asarray(im.convert("RGB"))
+
+    images = [read(f) for f in files]
     if len({im.shape for im in images}) > 1:
         raise ValueError(f"{path}: images differ in size; resize them to one size first")
     return np.stack(images), [str(prompts.get(str(f.relative_to(path)), "")) for f in files]
+
+
+def sample_set_meta(path: str | Path) -> dict:
+    """steps / guidance recorded in a `tdm sample` npz (empty for folders and other files)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k].item() for k in ("steps", "guidance") if k in z and z[k].ndim == 0}
+
+
+def score_sets(sets: Sequence[dict], evaluator: Evaluator) -> list[dict]:
+    """Rows for sample sets given as {"samples": npz|folder, "model"?, "steps"?, "nfe"?, "guidance"?,
+    "reference"?}; missing fields come from the npz (`tdm sample` records steps and guidance) or the path."""
+    rows = []
+    for s in sets:
+        path = Path(s["samples"])
+        images, prompts = load_sample_set(path)
+        meta = sample_set_meta(path)
+        steps = int(s.get("steps", meta.get("steps", 0)))
+        guidance = float(s.get("guidance", meta.get("guidance", 1.0)))
+        grid = path.with_suffix(".png")
+        rows.append({"model": s.get("model", path.stem), "steps": steps,
+                     "nfe": int(s.get("nfe", steps * (2 if guidance != 1.0 else 1))), "guidance": guidance,
+                     "n": len(images), "samples": str(path), "grid": str(grid) if grid.is_file() else None,
+                     "metrics": evaluator.score(images, prompts, reference=s.get("reference"))})
+    return rows
 
 
 # --- tables ----------------------------------------------------------------------------------

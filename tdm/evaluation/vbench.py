@@ -44,8 +44,8 @@ DIMENSION_FILES: dict[str, tuple[tuple[str, str], ...]] = {
 DRIVER = Path(__file__).with_name("_vbench_driver.py")
 
 
-class VBenchUnavailable(RuntimeError):
-    """The VBench virtual environment is not built."""
+class VBenchUnavailable(MissingWeights):
+    """The VBench virtual environment is not built (skipped like missing weights under skip_missing)."""
 
 
 def vbench_python(venv: str | Path) -> Path:

@@ -1,0 +1,85 @@
+"""VBench through its own virtual environment: temporal_flickering for real on small videos made here."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tdm.evaluation import VBENCH_DIMENSIONS
+from tdm.evaluation.runner import Evaluator, MetricSettings
+from tdm.evaluation.vbench import DIMENSION_FILES, VBenchUnavailable, check_dimensions, run_vbench
+from tdm.evaluation.weights import MissingWeights
+
+VENV = Path(os.environ.get("TDM_VBENCH_VENV", Path(__file__).resolve().parents[1] / ".venv-vbench"))
+needs_venv = pytest.mark.skipif(not (VENV / "bin" / "python").is_file(),
+                                reason=f"VBench venv not built at {VENV} (run scripts/vbench_env.sh)")
+
+
+def _videos(seed: int = 0) -> dict[str, np.ndarray]:
+    """Three kinds of 8-frame 32x32 clips: still, slowly drifting, and flickering noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    still = np.stack([np.repeat(base[None], 8, axis=0)] * 2)
+    drift = np.stack([np.stack([np.roll(base, t, axis=1) for t in range(8)])] * 2)
+    noise = rng.integers(0, 256, (2, 8, 32, 32, 3), dtype=np.uint8)
+    return {"still": still, "drift": drift, "noise": noise}
+
+
+@needs_venv
+def test_temporal_flickering_runs_for_real(tmp_path):
+    scores = {}
+    videos = _videos()
+    for name in ("still", "noise"):
+        out = run_vbench(["temporal_flickering"], tmp_path / "w", VENV, videos=videos[name],
+                         prompts=["a test pattern"] * 2)
+        assert len(out["per_video"]["temporal_flickering"]) == 2
+        scores[name] = out["scores"]["temporal_flickering"]
+    assert scores["still"] == pytest.approx(1.0, abs=1e-3)  # identical frames: no flicker
+    assert 0 < scores["noise"] < 0.9  # independent noise frames flicker
+
+
+@needs_venv
+def test_vbench_as_a_runner_metric_and_from_a_folder(tmp_path):
+    settings = MetricSettings(weights_dir=str(tmp_path / "w"), vbench_venv=str(VENV))
+    ev = Evaluator(["vbench_temporal_flickering"], settings)
+    drift = ev.score(_videos()["drift"], ["a drifting pattern"] * 2)["vbench_temporal_flickering"]
+    assert 0.5 < drift < 1.0
+    with pytest.raises(ValueError, match="scores videos"):
+        ev.score(np.zeros((2, 8, 8, 3), np.uint8), ["x", "y"])
+    # A folder of .mp4 files (what a video pipeline writes), encoded here with VBench's own OpenCV.
+    import subprocess
+
+    folder = tmp_path / "mp4"
+    folder.mkdir()
+    np.savez(tmp_path / "v.npz", videos=_videos()["still"])
+    subprocess.run([str(VENV / "bin" / "python"), "-P", "-c",
+                    "import sys; sys.path.insert(0, sys.argv[1]); import _vbench_driver as d; "
+                    "d.write_videos(sys.argv[2], sys.argv[3], 8)",
+                    str(Path(__file__).resolve().parents[1] / "tdm/evaluation"), str(tmp_path / "v.npz"), str(folder)],
+                   check=True)
+    out = run_vbench(["temporal_flickering"], tmp_path / "w", VENV, video_folder=folder)
+    assert out["scores"]["temporal_flickering"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_dimensions_need_their_weights_and_fail_fast(tmp_path):
+    assert set(DIMENSION_FILES) == set(VBENCH_DIMENSIONS)
+    check_dimensions(["temporal_flickering"], tmp_path)  # needs nothing
+    start = time.perf_counter()
+    with pytest.raises(MissingWeights, match="dino_vitbase16_pretrain.pth"):
+        check_dimensions(["temporal_flickering", "subject_consistency"], tmp_path)
+    with pytest.raises(MissingWeights, match=str(tmp_path / "vbench" / "amt_model" / "amt-s.pth")):
+        Evaluator(["vbench_motion_smoothness"], MetricSettings(weights_dir=str(tmp_path), vbench_venv=str(VENV)))
+    assert time.perf_counter() - start < 1.0
+    with pytest.raises(ValueError, match="not available in custom_input"):
+        check_dimensions(["object_class"], tmp_path)
+    ev = Evaluator(["vbench_dynamic_degree"], MetricSettings(weights_dir=str(tmp_path), vbench_venv=str(VENV)),
+                   skip_missing=True)
+    assert "raft-things.pth" in ev.skipped["vbench_dynamic_degree"]
+
+
+def test_missing_venv_names_the_script(tmp_path):
+    with pytest.raises(VBenchUnavailable, match="scripts/vbench_env.sh"):
+        run_vbench(["temporal_flickering"], tmp_path, tmp_path / "no-venv", videos=_videos()["still"])
