@@ -1,0 +1,319 @@
+"""One TDM iteration per real family: wall time and peak memory.
+
+GPU (what the issue asks for; needs no downloads): every family at its real architecture and shape with
+random weights, the frozen parts in bf16, the iteration under bf16 autocast, each family's profile
+(profiles/<family>.yaml: LoRA or full mode, K, gradient checkpointing) at a per-device batch of --batch-size:
+
+    .venv/bin/python benchmarks/backbone_iteration.py                  # all five families, results/backbone_iteration_gpu.*
+    .venv/bin/python benchmarks/backbone_iteration.py --family sdxl --batch-size 4
+
+Real shapes: SD1.5 512 px (4x64x64 latents), SDXL / PixArt-alpha / SD3-medium 1024 px (4 or 16 x128x128),
+CogVideoX-2B 49 frames at 480x720 (13x16x60x90 latents); text encoders at full size (CLIP-L, OpenCLIP-bigG,
+T5-XXL) since prompts are encoded every iteration. Random weights change nothing about time or memory.
+
+CPU, `--tiny` (what this machine can run, and what proves the script works): the tiny models of
+tests/tiny_models.py, fp32, results to results/backbone_iteration_tiny_cpu.* and labelled as such:
+
+    .venv/bin/python benchmarks/backbone_iteration.py --tiny
+
+Each family runs in a fresh subprocess (this script with --measure FAMILY) so peaks never mix: on CUDA the
+peak is torch.cuda.max_memory_allocated over the timed iterations (the model is built first, then the peak
+counter reset), on CPU the process's peak RSS (VmHWM). One warm-up iteration (it creates the optimiser state),
+then --iterations timed ones; the rollout depth varies with the drawn step, so mean and max are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+FAMILIES = ("sd15", "sdxl", "pixart_alpha", "sd3", "cogvideox")
+sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the tiny builders and the offline T5 tokenizer
+
+
+# -- real architectures (the published configs of the models the paper distils) ------------------------------
+def _clip_l(tokenizer, with_projection=False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                         projection_dim=768, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def _clip_bigg(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def _t5_xxl():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32))
+
+
+def _sd_vae(latent_channels=4, **kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                         layers_per_block=2, latent_channels=latent_channels, sample_size=1024, **kw)
+
+
+def _tokenizers():
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    from tdm.backbones.clip_tokenizer import write_clip_tokenizer
+    from tiny_models import _t5_pieces
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp))  # the full CLIP BPE, 77 tokens
+    # Any T5 vocabulary gives the real shapes: prompts are padded to the pipeline's max_sequence_length.
+    t5 = T5Tokenizer(vocab=list(_t5_pieces()), extra_ids=0, model_max_length=512)
+    return clip, t5
+
+
+def real_pipeline(family: str, net_dtype, frozen_dtype, device):
+    """`family` at its real architecture with random weights, built on `device`."""
+    import diffusers
+    import torch
+
+    clip, t5 = _tokenizers()
+    schedulers = {  # built in float32, outside the low-precision default below
+        "sd": lambda: diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                              clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        "sdxl": lambda: diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                         beta_schedule="scaled_linear", steps_offset=1),
+        "pixart": lambda: diffusers.DPMSolverMultistepScheduler(beta_schedule="linear"),
+        "sd3": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "cogvideox": lambda: diffusers.CogVideoXDDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+            rescale_betas_zero_snr=True, snr_shift_scale=3.0, timestep_spacing="trailing", clip_sample=False,
+            set_alpha_to_one=True),
+    }
+    scheduler = schedulers[{"sd15": "sd", "pixart_alpha": "pixart"}.get(family, family)]()
+    torch.set_default_dtype(frozen_dtype)
+    with torch.device(device):
+        if family == "sd15":
+            pipe = diffusers.StableDiffusionPipeline(
+                vae=_sd_vae(scaling_factor=0.18215), text_encoder=_clip_l(clip), tokenizer=clip,
+                unet=diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768),
+                scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        elif family == "sdxl":
+            unet = diffusers.UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+            pipe = diffusers.StableDiffusionXLPipeline(
+                vae=_sd_vae(scaling_factor=0.13025), text_encoder=_clip_l(clip), text_encoder_2=_clip_bigg(clip),
+                tokenizer=clip, tokenizer_2=clip, unet=unet, scheduler=scheduler)
+        elif family == "pixart_alpha":
+            transformer = diffusers.PixArtTransformer2DModel(
+                sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4,
+                out_channels=8, cross_attention_dim=1152, caption_channels=4096, patch_size=2,
+                norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=1000)
+            pipe = diffusers.PixArtAlphaPipeline(
+                tokenizer=t5, text_encoder=_t5_xxl(), vae=_sd_vae(scaling_factor=0.18215), transformer=transformer,
+                scheduler=scheduler)
+        elif family == "sd3":
+            transformer = diffusers.SD3Transformer2DModel(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=192)
+            pipe = diffusers.StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=scheduler,
+                vae=_sd_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                            use_post_quant_conv=False),
+                text_encoder=_clip_l(clip, with_projection=True), tokenizer=clip,
+                text_encoder_2=_clip_bigg(clip), tokenizer_2=clip, text_encoder_3=_t5_xxl(), tokenizer_3=t5)
+        elif family == "cogvideox":
+            transformer = diffusers.CogVideoXTransformer3DModel(
+                num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+                text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49,
+                patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226)
+            pipe = diffusers.CogVideoXPipeline(
+                tokenizer=t5, text_encoder=_t5_xxl(),
+                vae=diffusers.AutoencoderKLCogVideoX(latent_channels=16, scaling_factor=1.15258426),
+                transformer=transformer, scheduler=scheduler)
+        else:
+            raise ValueError(f"unknown family {family!r}")
+    torch.set_default_dtype(torch.float32)
+    net = getattr(pipe, "unet", None) or pipe.transformer
+    net.to(net_dtype)
+    return pipe
+
+
+def architectures(families) -> dict:
+    """Parameter counts of the real-size builds (meta device: no memory, no compute), per component."""
+    import torch
+
+    counts = {}
+    for family in families:
+        pipe = real_pipeline(family, torch.bfloat16, torch.bfloat16, "meta")
+        counts[family] = {name: sum(p.numel() for p in part.parameters())
+                          for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
+    return counts
+
+
+# -- one measurement (a subprocess) ---------------------------------------------------------------------------
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(family: str, tiny: bool, batch_size: int, iterations: int) -> dict:
+    import torch
+    import yaml
+    from accelerate import Accelerator
+
+    from tdm import config
+    from tdm.backbones import FAMILIES as ADAPTERS
+    from tdm.distill import TDMTrainer
+
+    cuda = torch.cuda.is_available() and not tiny
+    if not cuda:
+        torch.set_num_threads(1)
+    profile = REPO / "profiles" / f"{family}.yaml"
+    raw = yaml.safe_load(profile.read_text())
+    mode = raw["distill"]["mode"]
+    with tempfile.TemporaryDirectory() as placeholder:  # the trainer never reads these paths; validation does
+        overrides = [f"model.pretrained={placeholder}", f"distill.teacher={placeholder}",
+                     f"distill.batch_size={batch_size}", f"distill.prompts={REPO / 'profiles/prompts/example.txt'}"]
+        if tiny:
+            overrides += ['distill.mixed_precision="no"', "distill.lora_rank=4", "distill.gradient_checkpointing=false"]
+        cfg = config.parse(config.apply_overrides(raw, overrides), source=str(profile))
+    t_build = time.perf_counter()
+    if tiny:
+        import tiny_models
+
+        pipe = tiny_models.build(family)
+    else:
+        torch.manual_seed(0)
+        pipe = real_pipeline(family, torch.float32 if mode == "full" else torch.bfloat16, torch.bfloat16, "cuda")
+    backbone = ADAPTERS[family](pipe)
+    device = "cuda" if cuda else "cpu"
+    backbone.to(device)
+    accelerator = Accelerator(mixed_precision=cfg.distill.mixed_precision, cpu=not cuda)
+    trainer = TDMTrainer(cfg, backbone, accelerator)
+    build_s = time.perf_counter() - t_build
+    net_params = sum(p.numel() for n, p in backbone.net.named_parameters() if "lora_" not in n)
+    trainable = sum(p.numel() for p in trainer.roles.parameters("student"))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    trainer.iteration(0)  # warm-up: optimiser state, kernels, caches
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(1, iterations + 1):
+        t0 = time.perf_counter()
+        metrics = trainer.iteration(step)
+        sync()
+        times.append(time.perf_counter() - t0)
+    finite = all(bool(torch.isfinite(v)) for v in metrics.values())
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
+    return {"family": family, "scale": "tiny" if tiny else "real", "device": device, "mode": mode,
+            "mixed_precision": cfg.distill.mixed_precision, "batch_size": batch_size, "k": cfg.distill.k,
+            "unify": cfg.distill.unify, "gradient_checkpointing": cfg.distill.gradient_checkpointing,
+            "sample_shape": list(backbone.sample_shape), "resolution": list(backbone.resolution),
+            "denoiser_parameters": net_params, "student_trainable_parameters": trainable,
+            "build_s": round(build_s, 2), "iteration_s_mean": round(statistics.mean(times), 4),
+            "iteration_s_max": round(max(times), 4), "iterations_timed": iterations,
+            "peak_memory_mib": round(peak, 1),
+            "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS (VmHWM)",
+            "losses_finite": finite}
+
+
+# -- the driver -----------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (proves the script; not a benchmark)")
+    parser.add_argument("--family", action="append", choices=FAMILIES, help="default: all five")
+    parser.add_argument("--batch-size", type=int, default=None, help="per device (default: 1 real, 2 tiny)")
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up")
+    parser.add_argument("--out", type=Path, default=None, help="results stem (default: results/backbone_iteration_*)")
+    parser.add_argument("--architectures", action="store_true",
+                        help="build the real-size models on the meta device and print their parameter counts")
+    parser.add_argument("--measure", choices=FAMILIES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batch = args.batch_size or (2 if args.tiny else 1)
+    if args.architectures:
+        print(json.dumps(architectures(args.family or FAMILIES), indent=2))
+        return
+    if args.measure:
+        print("RESULT " + json.dumps(measure(args.measure, args.tiny, batch, args.iterations)))
+        return
+
+    import torch
+
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("backbone_iteration: no CUDA device; run with --tiny for the CPU check of the script")
+    from machine import machine_info
+
+    rows = []
+    for family in args.family or FAMILIES:
+        cmd = [sys.executable, __file__, "--measure", family, "--batch-size", str(batch),
+               "--iterations", str(args.iterations)] + (["--tiny"] if args.tiny else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+            rows.append({"family": family, "error": " | ".join(tail)})
+        else:
+            rows.append(json.loads(lines[-1][len("RESULT "):]))
+        print(json.dumps(rows[-1]), flush=True)
+
+    stem = args.out or RESULTS / ("backbone_iteration_tiny_cpu" if args.tiny else "backbone_iteration_gpu")
+    command = "python benchmarks/backbone_iteration.py " + " ".join(sys.argv[1:])
+    label = ("CPU, TINY random models (tests/tiny_models.py): proves the script runs every family end to end; "
+             "the times and memory say nothing about real models" if args.tiny
+             else "GPU, real architectures and shapes, random weights, bf16")
+    result = {"label": label, "command": command, "machine": machine_info(), "rows": rows}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [f"# One TDM iteration per family — {label}", "", f"Command: `{command}`", "",
+          f"Machine: {result['machine']['cuda'] or result['machine']['cpu']}, torch {result['machine']['torch']}, "
+          f"commit {result['machine']['git_commit']}.", "",
+          "| family | mode | precision | batch | sample shape | denoiser params | student trainable | "
+          "iteration (s, mean / max) | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| {r['family']} | error: {r['error']} |||||||| ")
+            continue
+        md.append(f"| {r['family']} | {r['mode']}{' + unify' if r['unify'] else ''} | {r['mixed_precision']} | "
+                  f"{r['batch_size']} | {'x'.join(map(str, r['sample_shape']))} | {r['denoiser_parameters']:,} | "
+                  f"{r['student_trainable_parameters']:,} | {r['iteration_s_mean']} / {r['iteration_s_max']} | "
+                  f"{r['peak_memory_mib']} |")
+    peak_kind = next((r["peak_memory_kind"] for r in rows if "peak_memory_kind" in r), "")
+    md += ["", f"Peak memory: {peak_kind}. One warm-up iteration, then {args.iterations} timed; the rollout depth "
+           "depends on the drawn step, hence mean and max."]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
