@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 from tdm.artifacts import atomic_folder, atomic_write_file, save_samples, write_json
 from tdm.config import Config, StagePaths
@@ -42,7 +41,7 @@ def prompt_list(cfg: Config) -> list[str]:
     return [listed[i % len(listed)] for i in range(e.n)]
 
 
-def _model_folder(path: Optional[str], key: str) -> Optional[Path]:
+def _model_folder(path: str | None, key: str) -> Path | None:
     if path is None:
         return None
     folder = Path(path)
@@ -51,7 +50,7 @@ def _model_folder(path: Optional[str], key: str) -> Optional[Path]:
     return folder
 
 
-def read_manifest(path: Optional[str]) -> list[dict]:
+def read_manifest(path: str | None) -> list[dict]:
     """The lora_transfer stage's rows; an absent file means none. Bad rows fail naming the key."""
     if path is None or not Path(path).is_file():
         return []
@@ -68,7 +67,7 @@ def read_manifest(path: Optional[str]) -> list[dict]:
         samples = Path(row["samples"])
         reference = row.get("reference")
         # Relative paths are taken from the project root, else beside the manifest.
-        resolve = lambda p: p if p.exists() or p.is_absolute() else base / p  # noqa: E731
+        resolve = lambda p: p if p.exists() or p.is_absolute() else base / p
         samples = resolve(samples)
         if not samples.is_file():
             raise FileNotFoundError(f"{path}: rows[{i}].samples: not found: {row['samples']}")

@@ -7,9 +7,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from eval_tiny_weights import TINY_ARCH, photos, register_tiny_clip, write_aesthetic_mlp, write_hps, write_open_clip
 
-from eval_tiny_weights import (TINY_ARCH, photos, register_tiny_clip, write_aesthetic_mlp, write_hps,
-                               write_open_clip)
 from tdm.evaluation.aesthetic import Aesthetic
 from tdm.evaluation.clip_score import ClipScore
 from tdm.evaluation.hps import HPS, hps_preprocess
@@ -127,3 +126,11 @@ def test_aesthetic_names_the_clip_file_when_only_the_mlp_is_there(tmp_path):
     write_aesthetic_mlp(tmp_path, input_size=768)
     with pytest.raises(MissingWeights, match="open_clip-ViT-L-14-openai.safetensors.*timm/vit_large_patch14"):
         Aesthetic(tmp_path)
+
+
+def test_known_hub_repos_match_open_clips_registry():
+    """The repos named without importing open_clip (for a fast error) are the ones open_clip itself uses."""
+    from tdm.evaluation.clip_models import _KNOWN, _pretrained_cfg
+
+    for (arch, tag), (repo, _) in _KNOWN.items():
+        assert _pretrained_cfg(arch, tag)["hf_hub"].strip("/") == repo

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from eval_tiny_weights import photos, write_inception
 from PIL import Image
 
-from eval_tiny_weights import photos, write_inception
 from tdm.artifacts import save_samples
 from tdm.evaluation.digits import frechet_distance
 from tdm.evaluation.fid import FID, INCEPTION, frechet_to_stats

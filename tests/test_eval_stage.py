@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import PARAMS
+
 from tdm import config
 from tdm.artifacts import save_samples
 from tdm.cli import main

@@ -56,8 +56,8 @@ def test_vbench_as_a_runner_metric_and_from_a_folder(tmp_path):
     folder.mkdir()
     np.savez(tmp_path / "v.npz", videos=_videos()["still"])
     subprocess.run([str(VENV / "bin" / "python"), "-P", "-c",
-                    "import sys; sys.path.insert(0, sys.argv[1]); import _vbench_driver as d; "
-                    "d.write_videos(sys.argv[2], sys.argv[3], 8)",
+                    ("import sys; sys.path.insert(0, sys.argv[1]); import _vbench_driver as d; "
+                     "d.write_videos(sys.argv[2], sys.argv[3], 8)"),
                     str(Path(__file__).resolve().parents[1] / "tdm/evaluation"), str(tmp_path / "v.npz"), str(folder)],
                    check=True)
     out = run_vbench(["temporal_flickering"], tmp_path / "w", VENV, video_folder=folder)

@@ -6,8 +6,8 @@ must match the CLIP model's embedding (768 for ViT-L/14).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -7,9 +7,9 @@ registry, so a local file behaves as the hub tag would. A file holding `{'state_
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -17,9 +17,12 @@ from torch import nn
 
 from tdm.evaluation.weights import MissingWeights, WeightFile, find_weights
 
-# Known sizes, for the error message and the docs (other tags say "size unknown").
-_SIZES = {("ViT-L-14", "openai"): "1.71 GB", ("ViT-g-14", "laion2b_s12b_b42k"): "5.47 GB",
-          ("ViT-H-14", "laion2b_s32b_b79k"): "3.94 GB", ("ViT-B-32", "openai"): "0.61 GB"}
+# Hub repos and sizes of the models the metrics use by default (known here so that a missing file is reported
+# without importing open_clip, which takes seconds); other ARCH:TAGs are looked up in open_clip's registry.
+_KNOWN = {("ViT-L-14", "openai"): ("timm/vit_large_patch14_clip_224.openai", "1.71 GB"),
+          ("ViT-g-14", "laion2b_s12b_b42k"): ("laion/CLIP-ViT-g-14-laion2B-s12B-b42K", "5.47 GB"),
+          ("ViT-H-14", "laion2b_s32b_b79k"): ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "3.94 GB"),
+          ("ViT-B-32", "openai"): ("timm/vit_base_patch32_clip_224.openai", "0.61 GB")}
 
 
 def parse_name(name: str) -> tuple[str, str]:
@@ -37,8 +40,10 @@ def _pretrained_cfg(arch: str, tag: str) -> dict:
 
 def weight_files(arch: str, tag: str) -> list[WeightFile]:
     """Where the weights of ARCH:TAG may lie: `open_clip-ARCH-TAG.safetensors|.bin` flat, or the hub cache."""
-    repo = (_pretrained_cfg(arch, tag).get("hf_hub") or "").strip("/") or None
-    size = _SIZES.get((arch, tag), "size unknown")
+    if (arch, tag) in _KNOWN:
+        repo, size = _KNOWN[(arch, tag)]
+    else:
+        repo, size = (_pretrained_cfg(arch, tag).get("hf_hub") or "").strip("/") or None, "size unknown"
     return [WeightFile(f"open_clip-{arch}-{tag}.{ext}", size, repo=repo, repo_file=repo_file)
             for ext, repo_file in (("safetensors", "open_clip_model.safetensors"),
                                    ("bin", "open_clip_pytorch_model.bin"))]

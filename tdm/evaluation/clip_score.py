@@ -5,8 +5,8 @@ OpenAI names. The default model is configurable (`eval.clip_model`, ARCH:TAG).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

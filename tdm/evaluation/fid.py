@@ -11,8 +11,8 @@ sample features), else of S1^1/2 S2 S1^1/2. Tests check it against torchmetrics'
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch

@@ -9,8 +9,8 @@ Score = cosine(image, prompt) x 100, the scale the paper's tables use.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,8 @@ from tdm.evaluation.clip_models import ClipModel, load_clip
 from tdm.evaluation.weights import WeightFile, find_weights
 
 VERSIONS = {
-    "v2.1": WeightFile("HPS_v2.1_compressed.pt", "1.97 GB", repo="xswu/HPSv2"),
-    "v2": WeightFile("HPS_v2_compressed.pt", "1.97 GB", repo="xswu/HPSv2"),
+    "v2.1": WeightFile("HPS_v2.1_compressed.pt", "about 2 GB", repo="xswu/HPSv2"),
+    "v2": WeightFile("HPS_v2_compressed.pt", "about 2 GB", repo="xswu/HPSv2"),
 }
 ARCH = "ViT-H-14"
 

@@ -14,16 +14,15 @@ with `skip_missing=True` it is recorded in `skipped` instead.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from tdm.evaluation.weights import MissingWeights, default_device
-
 from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS, METRICS, is_metric  # noqa: F401 (re-exported)
+from tdm.evaluation.weights import MissingWeights, default_device
 
 
 @dataclass(frozen=True)
@@ -33,11 +32,11 @@ class MetricSettings:
     hps_version: str = "v2.1"
     clip_model: str = "ViT-g-14:laion2b_s12b_b42k"
     aesthetic_clip_model: str = "ViT-L-14:openai"
-    fid_reference: Optional[str] = None
+    fid_reference: str | None = None
     vbench_venv: str = ".venv-vbench"
 
     @classmethod
-    def from_config(cls, cfg, fid_reference: Optional[str] = None, device: Optional[str] = None) -> "MetricSettings":
+    def from_config(cls, cfg, fid_reference: str | None = None, device: str | None = None) -> MetricSettings:
         e = cfg.eval
         return cls(weights_dir=e.weights_dir, device=device or default_device(), hps_version=e.hps_version,
                    clip_model=e.clip_model, aesthetic_clip_model=e.aesthetic_clip_model, fid_reference=fid_reference,

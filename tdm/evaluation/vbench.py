@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def _check_videos(videos: np.ndarray) -> np.ndarray:
 
 
 def run_vbench(dimensions: Sequence[str], weights_dir: str | Path, venv: str | Path, *,
-               videos: Optional[np.ndarray] = None, video_folder: str | Path | None = None,
+               videos: np.ndarray | None = None, video_folder: str | Path | None = None,
                prompts: Sequence[str] = (), fps: int = 8, device: str = "cpu",
                work_dir: str | Path | None = None, timeout: float = 3600) -> dict:
     """{"scores": {dimension: mean score}, "per_video": {dimension: [score, ...]}} from VBench's own code."""
@@ -103,7 +103,7 @@ def run_vbench(dimensions: Sequence[str], weights_dir: str | Path, venv: str | P
         env.pop("PYTHONPATH", None)  # the project's packages must not shadow VBench's pins
         Path(env["VBENCH_CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([str(python), str(DRIVER), str(tmp / "job.json")], env=env, cwd=tmp,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise RuntimeError(f"VBench failed (exit {proc.returncode}):\n{tail}")

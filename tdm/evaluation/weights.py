@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -25,9 +24,9 @@ class WeightFile:
 
     name: str  # flat file name under weights_dir
     size: str  # human-readable, for the error message and the docs
-    repo: Optional[str] = None  # Hugging Face repo holding it
-    repo_file: Optional[str] = None  # file name in that repo (default: name)
-    url: Optional[str] = None  # a direct download address where there is no hub copy
+    repo: str | None = None  # Hugging Face repo holding it
+    repo_file: str | None = None  # file name in that repo (default: name)
+    url: str | None = None  # a direct download address where there is no hub copy
 
     def source(self) -> str:
         if self.repo:
@@ -64,7 +63,7 @@ def load_state_dict(path: Path, metric: str) -> dict:
     """A checkpoint's tensors, loaded with weights_only=True (no code runs from the file)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated download or a foreign pickle: say which file
+    except Exception as err:  # noqa: BLE001 (a truncated download or a foreign pickle: say which file)
         raise ValueError(f"{metric}: cannot read {path} as a PyTorch checkpoint: {err}") from None
 
 
