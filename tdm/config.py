@@ -6,6 +6,7 @@ Overrides use DVC's syntax, `section.key=value` (as in `dvc exp run -S teacher_f
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -286,6 +287,22 @@ class StagePaths:
         return cls(root / "outputs" / stage, root / "metrics" / f"{stage}.json")
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as DVC reads it (1.2 booleans): only true/false are booleans, so `mixed_precision: no` stays the
+    string "no" even after `dvc exp run -S` rewrites params.yaml without the quotes."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` overrides (values parsed as YAML) to a raw params dict, copy-on-write."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
@@ -300,7 +317,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         out.setdefault(section, {})
         if not isinstance(out[section], dict):
             raise ConfigError(f"override {item!r}: {section} is not a section")
-        out[section][name] = yaml.safe_load(value)
+        out[section][name] = yaml_load(value)
     return out
 
 
@@ -329,7 +346,7 @@ def load(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) 
     path = Path(path)
     if path.is_file():
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     elif path == DEFAULT_PARAMS:

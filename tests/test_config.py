@@ -68,3 +68,13 @@ def test_image_caption_folder_accepted(tmp_path):
 def test_dump_round_trips():
     cfg = config.load(PARAMS)
     assert config.parse(config.dump(cfg)) == cfg
+
+
+def test_params_read_as_yaml_1_2_like_dvc(tmp_path):
+    # `dvc exp run -S` rewrites params.yaml and drops the quotes around "no": it must still mean "no".
+    text = PARAMS.read_text().replace('mixed_precision: "no"', "mixed_precision: no")
+    assert "mixed_precision: no " in text
+    (tmp_path / "params.yaml").write_text(text)
+    cfg = config.load(tmp_path / "params.yaml", ["distill.unify=true", "teacher_ft.mixed_precision=no"])
+    assert cfg.teacher_ft.mixed_precision == "no" and cfg.distill.mixed_precision == "no"
+    assert cfg.distill.unify is True
