@@ -58,7 +58,7 @@ def cmd_evaluate(args) -> dict:
     from tdm.evaluation.runner import markdown_table
 
     cfg = _load_config(args)
-    result = evaluate.run(cfg, progress=not args.quiet)
+    result = _tracked("evaluate", cfg, lambda: evaluate.run(cfg, progress=not args.quiet))
     if not args.quiet:
         print(markdown_table(result["rows"], result["metrics_skipped"]), file=sys.stderr)
     return result
