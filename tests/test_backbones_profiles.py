@@ -16,6 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """The profiles train in bf16; accelerate keeps one process-wide precision, so reset it around each test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_every_family_has_a_profile():
     assert {p.stem for p in PROFILES} == set(tiny_models.FAMILIES)
 
