@@ -1,8 +1,10 @@
 """HPS, aesthetic score and CLIP score on tiny random open_clip models written in the real file formats."""
 from __future__ import annotations
 
+import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +136,20 @@ def test_known_hub_repos_match_open_clips_registry():
 
     for (arch, tag), (repo, _) in _KNOWN.items():
         assert _pretrained_cfg(arch, tag)["hf_hub"].strip("/") == repo
+
+
+REAL = os.environ.get("TDM_EVAL_WEIGHTS")  # a weights_dir holding the real files (see docs/evaluation.md)
+
+
+@pytest.mark.skipif(not REAL or not (Path(REAL) / "HPS_v2.1_compressed.pt").is_file(),
+                    reason="real-weights check: set TDM_EVAL_WEIGHTS to a folder with HPS_v2.1_compressed.pt (and "
+                           "the LAION ViT-H-14 open_clip_pytorch_model.bin in the HF cache, which hpsv2x loads first)")
+def test_hps_real_weights_agree_with_hpsv2x():
+    from PIL import Image
+
+    img_score = pytest.importorskip("hpsv2.img_score", reason="hpsv2x not installed")
+    images, prompt = photos(2, size=224), "a photo of a building"
+    theirs = img_score.score([Image.fromarray(im) for im in images], prompt,
+                             cp=str(Path(REAL) / "HPS_v2.1_compressed.pt"), hps_version="v2.1")
+    ours = HPS(REAL).scores(images, [prompt] * 2) / 100.0
+    np.testing.assert_allclose(ours, np.asarray(theirs, dtype=float), rtol=1e-3)

@@ -61,11 +61,10 @@ def _chunks(images: np.ndarray) -> Iterator[np.ndarray]:
         yield images[start:start + _BATCH]
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path, what: str = "FID reference folder") -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if len(files) < 2:
-        raise ValueError(f"FID reference folder needs at least 2 images (.png/.jpg/.jpeg/.webp), found "
-                         f"{len(files)}: {folder}")
+        raise ValueError(f"{what} needs at least 2 images (.png/.jpg/.jpeg/.webp), found {len(files)}: {folder}")
     return files
 
 

@@ -178,7 +178,7 @@ def load_sample_set(path: str | Path) -> tuple[np.ndarray, list[str]]:
 
     from tdm.evaluation.fid import list_images
 
-    files = list_images(path)
+    files = list_images(path, what="sample folder")
     prompts = {}
     meta = path / "metadata.jsonl"
     if meta.is_file():
