@@ -292,3 +292,22 @@ def test_teacher_sampler_matches_the_diffusers_pipeline(family, saved):
     theirs = out.frames if family == "cogvideox" else out.images
     ours = teacher_sample(backbone, backbone.net, backbone.encode_prompts(PROMPTS[:2]), noise, steps=2, guidance=2.0)
     torch.testing.assert_close(ours, theirs.float(), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_float32_student_beside_bf16_encoders_samples(family, saved):
+    """What a bf16 LoRA run saves: the merged student in float32, the frozen parts in bf16; sampling (no
+    autocast) must still run, and match the all-float32 model closely."""
+    from tdm.sampler import sample_images
+
+    mixed = load_backbone(saved[family], dtype=torch.bfloat16)
+    mixed.net.float()
+    reference = load_backbone(saved[family])
+    x, t = _x_t(reference)
+    with torch.no_grad():
+        a = mixed.predict(mixed.net, x, t, mixed.encode_prompts(PROMPTS[:2]))
+        b = reference.predict(reference.net, x, t, reference.encode_prompts(PROMPTS[:2]))
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, b, atol=0.1, rtol=0.1)  # bf16 text features, float32 denoiser
+    images = sample_images(mixed, mixed.net, PROMPTS[:1], steps=2, student=True, total_steps=1000)
+    assert images.dtype == torch.uint8

@@ -47,6 +47,7 @@ class CogVideoXBackbone(PipelineBackbone):
         return {"encoder_hidden_states": embeds}
 
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        x_t, cond = self.net_inputs(net, x_t, cond)
         rotary = None
         if net.config.use_rotary_positional_embeddings:  # CogVideoX-5B; the 2B model uses sincos embeddings
             h, w = x_t.shape[-2] * self.vae_scale_factor, x_t.shape[-1] * self.vae_scale_factor

@@ -162,6 +162,13 @@ class PipelineBackbone(Backbone):
     def sample_shape(self) -> tuple[int, ...]:
         return (self.net.config.in_channels, *self.latent_size)
 
+    @staticmethod
+    def net_inputs(net: nn.Module, x_t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, Cond]:
+        """x_t and the float conditioning in the denoiser's dtype: a saved student (float32 denoiser) may sit
+        beside bf16 text encoders, and sampling runs without autocast."""
+        dtype = getattr(net, "dtype", x_t.dtype)
+        return x_t.to(dtype), {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+
     # -- prompts --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:

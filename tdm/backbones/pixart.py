@@ -41,6 +41,7 @@ class PixArtAlphaBackbone(PipelineBackbone):
                 "aspect_ratio": torch.tensor([[h / w]], dtype=x_t.dtype, device=x_t.device).expand(n, 1)}
 
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        x_t, cond = self.net_inputs(net, x_t, cond)
         out = net(x_t, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
                   encoder_attention_mask=cond["encoder_attention_mask"],
                   added_cond_kwargs=self.added_conditions(net, x_t), return_dict=False)[0]

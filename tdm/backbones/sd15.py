@@ -23,4 +23,5 @@ class SD15Backbone(PipelineBackbone):
         return {"encoder_hidden_states": embeds}
 
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        x_t, cond = self.net_inputs(net, x_t, cond)
         return net(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]

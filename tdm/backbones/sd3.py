@@ -36,6 +36,7 @@ class SD3Backbone(PipelineBackbone):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        x_t, cond = self.net_inputs(net, x_t, cond)
         return net(hidden_states=x_t, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
                    pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 

@@ -36,6 +36,7 @@ class SDXLBackbone(PipelineBackbone):
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._null_cache.items()}
 
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        x_t, cond = self.net_inputs(net, x_t, cond)
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return net(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added,
                    return_dict=False)[0]
