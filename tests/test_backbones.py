@@ -59,7 +59,7 @@ def test_loads_from_folder_and_offline_hub_cache(family, saved, tmp_path, monkey
     assert family_of(saved[family]) == family
     from_folder = load_backbone(saved[family])
     assert from_folder.family == family and isinstance(from_folder, FAMILIES[family])
-    tiny_models.save_as_hub_cache(tiny_models.build(family), tmp_path / "hub", f"tdm-test/tiny-{family}")
+    tiny_models.copy_as_hub_cache(saved[family], tmp_path / "hub", f"tdm-test/tiny-{family}")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from_hub = load_backbone(f"tdm-test/tiny-{family}")

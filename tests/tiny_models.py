@@ -194,6 +194,18 @@ def save_as_hub_cache(pipe, hub_cache: str | Path, repo_id: str) -> Path:
     return entry
 
 
+def copy_as_hub_cache(folder: str | Path, hub_cache: str | Path, repo_id: str) -> Path:
+    """The same layout from an already saved pipeline folder."""
+    import shutil
+
+    org, name = repo_id.split("/")
+    entry = Path(hub_cache) / f"models--{org}--{name}"
+    shutil.copytree(folder, entry / "snapshots" / ("0" * 40))
+    (entry / "refs").mkdir(parents=True, exist_ok=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+    return entry
+
+
 def parameter_count(pipe) -> dict[str, int]:
     return {name: sum(p.numel() for p in part.parameters()) for name, part in pipe.components.items()
             if isinstance(part, torch.nn.Module)}

@@ -94,7 +94,8 @@ class Backbone(ABC):
 
     @abstractmethod
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Samples in the denoiser's space -> uint8 images (B, H, W, C)."""
+        """Samples in the denoiser's space -> uint8 images (B, H, W, C); video families give frames
+        (B, F, H, W, C)."""
 
     def time_embedding(self, net: nn.Module) -> nn.Module:
         """The module whose output is the denoiser's time embedding (TDM-unify adds its K embedding there)."""
