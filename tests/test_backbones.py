@@ -311,3 +311,26 @@ def test_a_float32_student_beside_bf16_encoders_samples(family, saved):
     torch.testing.assert_close(a, b, atol=0.1, rtol=0.1)  # bf16 text features, float32 denoiser
     images = sample_images(mixed, mixed.net, PROMPTS[:1], steps=2, student=True, total_steps=1000)
     assert images.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("family", ["pixart_alpha", "sd3", "cogvideox"])  # the DiTs; UNets: test_distill.py
+def test_gradient_checkpointing_gives_the_same_iteration(family, saved, tmp_path):
+    """The profiles turn gradient checkpointing on: with LoRA and the K embedding (a forward hook on the time
+    embedding, outside the checkpointed blocks) the iteration must be the same, not just close."""
+    from accelerate import Accelerator
+
+    from tdm.distill import TDMTrainer
+
+    states = []
+    for flag in (False, True):
+        cfg = _cfg(tmp_path, family, saved[family], "distill.mode=lora", "distill.unify=true",
+                   f"distill.gradient_checkpointing={flag}")
+        torch.manual_seed(0)  # LoRA A matrices are drawn from the global generator
+        trainer = TDMTrainer(cfg, load_backbone(saved[family]), Accelerator(cpu=True))
+        trainer.prompts = PROMPTS
+        for step in range(2):
+            trainer.iteration(step)
+        states.append(trainer.roles.state_dict("student"))
+    assert any(n.startswith("k_embedding") for n in states[0])
+    for name, tensor in states[0].items():
+        torch.testing.assert_close(states[1][name], tensor, atol=1e-6, rtol=1e-5)
