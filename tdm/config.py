@@ -51,12 +51,14 @@ class ModelConfig(_Section):
             raise ValueError(f"required for family {info.data['family']!r} (a diffusers folder or cached hub id; "
                              f"only digits starts fresh)")
         if v is not None:
-            from tdm.backbones import resolve_model_path
+            from tdm.backbones import check_model
 
-            try:
-                resolve_model_path(v)  # a missing folder or uncached hub id fails here, before any compute
-            except FileNotFoundError as err:
+            try:  # a missing folder, uncached hub id or model no adapter runs fails here, before any compute
+                _, family = check_model(v)
+            except (FileNotFoundError, ValueError) as err:
                 raise ValueError(str(err)) from None
+            if family != info.data.get("family", "digits"):
+                raise ValueError(f"{v} is a {family!r} model but model.family is {info.data.get('family')!r}")
         return v
 
 

@@ -177,6 +177,10 @@ def test_unsupported_models_fail_clearly_before_loading(saved, tmp_path):
         load_backbone(flux)
     with pytest.raises(config.ConfigError, match="model.pretrained: required for family 'sdxl'"):
         config.parse({"model": {"family": "sdxl"}})
+    with pytest.raises(config.ConfigError, match=r"model.pretrained: .* is a 'sd15' model but model.family is 'sdxl'"):
+        config.parse({"model": {"family": "sdxl", "pretrained": str(saved["sd15"])}})
+    with pytest.raises(config.ConfigError, match=r"model.pretrained: .*prediction type 'sample'"):
+        config.parse({"model": {"family": "sd15", "pretrained": str(tmp_path / "sample")}})
 
 
 # -- the stages ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ all) once its hub ids are pointed at the tiny model of its family.
 
 Validation policy: the hub ids in the profiles are not in this machine's HF cache, so the one error allowed
 when loading a profile as is, is "model.pretrained: ... not in the HF cache". The profile is then validated
-completely with that path check relaxed (hub ids resolve to an existing folder).
+completely with that check relaxed (the hub id is taken to be a model of the profile's family).
 """
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def test_profile_validates(profile, monkeypatch):
                    for line in lines), str(err)
     import tdm.backbones
 
-    monkeypatch.setattr(tdm.backbones, "resolve_model_path", lambda name: ROOT)
+    monkeypatch.setattr(tdm.backbones, "check_model", lambda name: (ROOT, profile.stem))
     cfg = config.load(profile)
     assert cfg.model.family == profile.stem
     assert cfg.distill.prompts != "digits" and (ROOT / cfg.distill.prompts).is_file()
