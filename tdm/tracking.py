@@ -162,6 +162,7 @@ class StageRun:
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        self.step_keys: set[str] = set()  # per-step series; the stage's final summary must not append to them
 
     def log_steps(self, rows: list[dict]) -> None:
         from mlflow.entities import Metric
@@ -169,6 +170,7 @@ class StageRun:
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(row["step"])) for row in rows for k, v in row.items()
                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)]
+        self.step_keys.update(m.key for m in metrics)
         for i in range(0, len(metrics), 1000):  # the REST API's batch limit
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
@@ -182,7 +184,7 @@ class StageRun:
 
     def log_result(self, result: dict, metrics_file: Path | None, out_dir: Path | None) -> None:
         """A stage's outcome: its numeric results, per-(model, NFE) eval rows, metrics file and sample grids."""
-        values = _numeric_leaves({k: v for k, v in result.items() if k != "rows"})
+        values = _numeric_leaves({k: v for k, v in result.items() if k != "rows" and k not in self.step_keys})
         for row in result.get("rows", []) or []:
             for name, value in (row.get("metrics") or {}).items():
                 if isinstance(value, (int, float)) and math.isfinite(value):

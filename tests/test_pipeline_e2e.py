@@ -106,6 +106,29 @@ def test_full_pipeline_deployment_tracks_every_stage_and_leaves_dvc_up_to_date(s
     assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout
 
 
+def test_ablation_deployment_runs_variants_as_dvc_experiments(served):
+    project, env = served
+    params_before = (project / "params.yaml").read_text()
+    run = subprocess.run(["prefect", "deployment", "run", "tdm/ablation", "--params",
+                          json.dumps({"variants": {"k2": ["distill.k=2"]}}), "--watch", "--watch-timeout", "900"],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=1000)
+    serve_log = Path(env["TDM_SERVERS_DIR"]) / "serve.log"
+    assert run.returncode == 0, serve_log.read_text()[-6000:]
+    assert (project / "params.yaml").read_text() == params_before  # --temp: the workspace is left alone
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("tdm")
+    (variant,) = client.search_runs([exp.experiment_id], "tags.variant = 'k2'")
+    (evaluate,) = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{variant.info.run_id}' "
+                                                          "and tags.stage = 'evaluate'")
+    assert "fid_digits/student/nfe2" in evaluate.data.metrics
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert shown.returncode == 0 and '"k2"' in shown.stdout
+
+
 def test_bad_override_fails_the_flow_before_any_stage_runs(served):
     project, env = served
     run = subprocess.run(["prefect", "deployment", "run", "tdm/full-pipeline", "--params",
