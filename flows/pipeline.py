@@ -133,6 +133,25 @@ def _prepare(project: Path, overrides: list[str]) -> dict:
     return config.dump(config.load(params))
 
 
+def check_prefect_server(timeout: float = 3.0) -> None:
+    """Exit with one clear line when the configured Prefect API (PREFECT_API_URL / prefect.toml) does not answer,
+    instead of a retry loop and a stack trace. No URL = ephemeral mode, nothing to check."""
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        return
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as err:
+        print(f"tdm: error: Prefect server {url} is unreachable ({getattr(err, 'reason', err)}); start it with "
+              f"`bash scripts/servers.sh start` or point PREFECT_API_URL at a running one", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _check_servers(project: Path) -> None:
     from tdm import tracking
 
@@ -282,5 +301,6 @@ def _comparison_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # run once, without a server: python flows/pipeline.py [section.key=value ...]
+if __name__ == "__main__":  # run once: python flows/pipeline.py [section.key=value ...]
+    check_prefect_server()
     tdm(overrides=sys.argv[1:])

@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import DEFAULT_VARIANTS, PROJECT, tdm  # noqa: E402
+from pipeline import DEFAULT_VARIANTS, PROJECT, check_prefect_server, tdm  # noqa: E402
 
 from prefect import serve  # noqa: E402
 
 if __name__ == "__main__":
     os.chdir(PROJECT)
+    check_prefect_server()
     serve(
         tdm.to_deployment(name="full-pipeline", tags=["tdm"],
                           description="teacher_ft -> distill -> lora_transfer -> evaluate -> report (dvc repro)"),
