@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,11 @@ def main() -> None:
     run = Path(args.run).resolve()
     teacher, student = run / "outputs/teacher_ft/model", run / "outputs/distill/student"
     out = Path(args.out) if args.out else run / "outputs/lora_transfer"
-    weights = run / "outputs/weights"
+    # Metric weights: a copy beside the stage's outputs (the style classifiers are cached there; the run's own
+    # outputs are only read).
+    weights = out / "weights"
+    if (run / "outputs/weights").is_dir() and not weights.exists():
+        shutil.copytree(run / "outputs/weights", weights)
     overrides = [f"lora_transfer.lora={run / 'outputs/distill/student_lora'}", f"lora_transfer.base={teacher}",
                  f"lora_transfer.custom_models={json.dumps(['digits:' + s for s in args.styles])}",
                  f"lora_transfer.n={args.n}", f"lora_transfer.finetune_steps={args.finetune_steps}",

@@ -159,7 +159,7 @@ def cmd_lora(args) -> dict:
         rows = lora.summary()
         return {"lora": args.lora, "format": lora.meta.get("source_format"), "modules": len(rows),
                 "ranks": sorted(lora.ranks), "parameters": sum(m.down.numel() + m.up.numel() for m in lora.modules.values()),
-                "touches": rows if args.verbose else sorted({r["module"].rsplit(".", 1)[-1] for r in rows})}
+                "touches": rows if args.verbose else lora.module_patterns()}
     if args.scale < 0:
         raise ValueError(f"--scale must be >= 0, got {args.scale}")
     if args.lora_command == "fuse":

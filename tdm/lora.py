@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -78,6 +79,12 @@ class LoRA:
     @property
     def ranks(self) -> set[int]:
         return {m.rank for m in self.modules.values()}
+
+    def module_patterns(self) -> list[str]:
+        """The touched modules with block indices folded (`down_blocks.*.resnets.*.conv1`), for a short listing."""
+        import re
+
+        return sorted({re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", n) for n in self.modules})
 
     def summary(self) -> list[dict]:
         """Which modules the LoRA touches: name, layer kind, weight shape, rank, alpha."""
@@ -261,6 +268,10 @@ def save_lora(lora: LoRA, out: str | Path, fmt: str, component: str = "unet") ->
             meta = {f"{component}.{k}": v for k, v in config.items()}
             save_file(packed, tmp / DIFFUSERS_WEIGHTS,
                       metadata={"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
+        mask = os.umask(0)
+        os.umask(mask)
+        for f in tmp.iterdir():  # safetensors writes 0600: give exports the usual permissions
+            os.chmod(f, 0o666 & ~mask)
     return out
 
 
