@@ -87,18 +87,26 @@ def image_grid(images: torch.Tensor | np.ndarray, ncol: int | None = None, scale
 
 def save_samples(path: str | Path, images: torch.Tensor | np.ndarray, prompts: Sequence[str],
                  grid_size: int = 100, **meta) -> tuple[Path, Path]:
-    """Write `images` (uint8 N x H x W x C) and `prompts` to an npz, and a PNG grid of the first `grid_size` beside it."""
+    """Write `images` (uint8 N x H x W x C, or videos N x F x H x W x C) and `prompts` to an npz, and a PNG grid
+    of the first `grid_size` beside it (videos: one row per sample of up to 8 evenly spaced frames)."""
     from PIL import Image
 
     images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"samples must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim not in (4, 5):
+        raise ValueError(f"samples must be uint8 N x H x W x C (or N x F x H x W x C videos), "
+                         f"got {images.dtype} {images.shape}")
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     path = Path(path)
     extra = {k: np.asarray(v) for k, v in meta.items()}
     _atomic_write(path, lambda tmp: np.savez_compressed(tmp, images=images, prompts=np.asarray(prompts, dtype=str), **extra))
-    grid = image_grid(images[:grid_size], scale=max(1, 64 // images.shape[1]))
+    if images.ndim == 5:  # a contact sheet: sample i's frames along row i
+        videos = images[:min(grid_size, 16)]
+        frames = np.linspace(0, images.shape[1] - 1, min(8, images.shape[1])).round().astype(int)
+        grid = image_grid(videos[:, frames].reshape(-1, *images.shape[2:]), ncol=len(frames),
+                          scale=max(1, 64 // images.shape[2]))
+    else:
+        grid = image_grid(images[:grid_size], scale=max(1, 64 // images.shape[1]))
     png = path.with_suffix(".png")
     _atomic_write(png, lambda tmp: Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG"))
     return path, png

@@ -47,6 +47,20 @@ def test_samples_archive_and_grid(tmp_path):
         save_samples(tmp_path / "x.npz", images, ["a"])
 
 
+def test_video_samples_archive_and_contact_sheet(tmp_path):
+    rng = np.random.default_rng(0)
+    videos = rng.integers(0, 256, (3, 13, 16, 24, 3), dtype=np.uint8)  # N, F, H, W, C
+    npz, png = save_samples(tmp_path / "v.npz", videos, ["a", "b", "c"])
+    back, _ = load_samples(npz)
+    assert np.array_equal(back, videos)
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(png))
+    # 3 rows (samples) x 8 evenly spaced frames (0, 2, 3, 5, 7, 9, 10, 12), each upscaled 4x (64 // 16)
+    assert sheet.shape == (3 * (64 + 1) + 1, 8 * (96 + 1) + 1, 3)
+    assert np.array_equal(sheet[1 + 65:1 + 65 + 64:4, 1 + 97 * 7:1 + 97 * 7 + 96:4], videos[1, 12])
+
+
 def test_write_json_is_strict_and_atomic(tmp_path):
     write_json(tmp_path / "m.json", {"a": 1.5})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5}
