@@ -37,6 +37,7 @@ def test_temporal_flickering_runs_for_real(tmp_path):
                          prompts=["a test pattern"] * 2)
         assert len(out["per_video"]["temporal_flickering"]) == 2
         scores[name] = out["scores"]["temporal_flickering"]
+    assert (tmp_path / "w" / "vbench").is_dir()  # VBench made its cache dir where tdm pointed VBENCH_CACHE_DIR
     assert scores["still"] == pytest.approx(1.0, abs=1e-3)  # identical frames: no flicker
     assert 0 < scores["noise"] < 0.9  # independent noise frames flicker
 

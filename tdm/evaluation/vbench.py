@@ -101,7 +101,6 @@ def run_vbench(dimensions: Sequence[str], weights_dir: str | Path, venv: str | P
         (tmp / "job.json").write_text(json.dumps(job))
         env = {**os.environ, **weights_env(weights_dir)}
         env.pop("PYTHONPATH", None)  # the project's packages must not shadow VBench's pins
-        Path(env["VBENCH_CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([str(python), str(DRIVER), str(tmp / "job.json")], env=env, cwd=tmp,
                               capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode != 0:
