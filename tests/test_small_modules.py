@@ -106,3 +106,16 @@ def test_step_generators_are_independent_and_reproducible():
     assert not torch.equal(a, torch.rand(3, generator=step_generator(0, 6)))
     assert not torch.equal(a, torch.rand(3, generator=step_generator(0, 5, process=1)))
     assert lr_factor(5, 0, 10, "constant") == 1.0
+
+
+def test_tdm_sample_writes_a_video_model_as_frames(tmp_path, monkeypatch):
+    import tiny_models
+    from tdm.cli import main
+
+    folder = tiny_models.save_pipeline(tiny_models.build("cogvideox"), tmp_path / "cog")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "-q", "--model", str(folder), "--steps", "2", "--guidance", "2", "--prompt",
+                 "a cat surfing", "--n", "2", "--out", "v.npz"]) == 0
+    videos, prompts = load_samples(tmp_path / "v.npz")
+    assert videos.ndim == 5 and videos.shape[0] == 2 and videos.shape[-1] == 3 and prompts == ["a cat surfing"] * 2
+    assert videos.std() > 0 and (tmp_path / "v.png").is_file()
