@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tdm.artifacts import atomic_folder, atomic_write_file, save_samples, write_json
 from tdm.config import Config, StagePaths
-from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS
+from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS, VIDEO_FAMILIES, VIDEO_METRICS
 
 STAGE = "evaluate"
 
@@ -26,7 +26,9 @@ def metric_names(cfg: Config) -> tuple[str, ...]:
     e = cfg.evaluate
     if e.metrics is not None:
         return e.metrics
-    return DIGITS_METRICS if cfg.model.family == "digits" else IMAGE_METRICS
+    if cfg.model.family == "digits":
+        return DIGITS_METRICS
+    return VIDEO_METRICS if cfg.model.family in VIDEO_FAMILIES else IMAGE_METRICS
 
 
 def prompt_list(cfg: Config) -> list[str]:

@@ -84,3 +84,35 @@ def test_dimensions_need_their_weights_and_fail_fast(tmp_path):
 def test_missing_venv_names_the_script(tmp_path):
     with pytest.raises(VBenchUnavailable, match="scripts/vbench_env.sh"):
         run_vbench(["temporal_flickering"], tmp_path, tmp_path / "no-venv", videos=_videos()["still"])
+
+
+@needs_venv
+def test_evaluate_stage_on_a_tiny_video_teacher(tmp_path, monkeypatch):
+    """A video family's rows default to VBench dimensions: temporal_flickering runs for real on the teacher's
+    videos, the dimensions without weights are skipped (skip_missing) and say which file they need."""
+    import json
+    import shutil
+
+    import tiny_models
+    from conftest import PARAMS
+
+    from tdm.cli import main
+
+    folder = tiny_models.save_pipeline(tiny_models.build("cogvideox"), tmp_path / "cog")
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    (tmp_path / "prompts.txt").write_text("a cat surfing\na red car in the rain\n")
+    monkeypatch.chdir(tmp_path)
+    sets = ["model.family=cogvideox", f"model.pretrained={folder}", f"evaluate.teacher={folder}",
+            "evaluate.student=null", "evaluate.n=2", "evaluate.teacher_steps=2", "evaluate.teacher_guidance=2",
+            "evaluate.prompts=prompts.txt", "evaluate.skip_missing=true", f"eval.vbench_venv={VENV}",
+            "eval.weights_dir=w"]
+    assert main(["evaluate", "-q"] + [a for s in sets for a in ("-S", s)]) == 0
+    result = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    (row,) = result["rows"]
+    assert (row["model"], row["steps"], row["nfe"], row["n"]) == ("teacher", 2, 4, 2)
+    assert set(row["metrics"]) == {"vbench_temporal_flickering"}
+    assert 0 < row["metrics"]["vbench_temporal_flickering"] <= 1
+    assert "dino_vitbase16_pretrain.pth" in result["metrics_skipped"]["vbench_subject_consistency"]
+    assert len(result["metrics_skipped"]) == 6
+    with np.load(tmp_path / row["samples"]) as z:
+        assert z["images"].ndim == 5  # N x F x H x W x C

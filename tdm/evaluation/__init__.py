@@ -9,6 +9,13 @@ VBENCH_DIMENSIONS = ("temporal_flickering", "subject_consistency", "background_c
                      "imaging_quality", "motion_smoothness", "dynamic_degree", "human_action", "temporal_style",
                      "overall_consistency")
 
+# Video families' default: the VBench quality dimensions that run on custom prompts (the paper's VBench total
+# also needs the standard prompt suite's semantic dimensions, which custom_input mode cannot score).
+VIDEO_METRICS = tuple(f"vbench_{d}" for d in ("subject_consistency", "background_consistency", "temporal_flickering",
+                                              "motion_smoothness", "dynamic_degree", "aesthetic_quality",
+                                              "imaging_quality"))
+VIDEO_FAMILIES = ("cogvideox",)
+
 
 def is_metric(name: str) -> bool:
     return name in METRICS or (name.startswith("vbench_") and name[len("vbench_"):] in VBENCH_DIMENSIONS)
