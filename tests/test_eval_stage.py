@@ -178,3 +178,45 @@ def test_score_command_on_an_npz_and_an_image_folder(project, models, weights_di
     assert (npz_row["steps"], npz_row["nfe"], npz_row["guidance"]) == (3, 6, 1.5)  # read from the npz
     assert npz_row["metrics"] == row["metrics"] == folder_row["metrics"]  # same images, same numbers
     assert "| samples_teacher_s3 | 3 | 6 | 1.5 | 20 |" in captured.err
+
+
+def test_stage_on_a_tiny_sd15_teacher_with_the_image_metrics(tmp_path, monkeypatch):
+    """A real-family teacher through the stage with aesthetic, CLIP score and Inception FID, each loading a
+    tiny random checkpoint written in its real format (HPS is ViT-H-14 only: tests/test_eval_clip_metrics.py)."""
+    import tiny_models
+    from eval_tiny_weights import (
+        TINY_ARCH,
+        photos,
+        register_tiny_clip,
+        write_aesthetic_mlp,
+        write_inception,
+        write_open_clip,
+    )
+    from PIL import Image
+
+    weights = tmp_path / "w"
+    weights.mkdir()
+    register_tiny_clip(tmp_path)
+    write_open_clip(weights, "openai")
+    write_open_clip(weights, "laion")
+    write_aesthetic_mlp(weights)
+    write_inception(weights)
+    (tmp_path / "ref").mkdir()
+    for i, im in enumerate(photos(3)):
+        Image.fromarray(im).save(tmp_path / "ref" / f"{i}.png")
+    folder = tiny_models.save_pipeline(tiny_models.build("sd15"), tmp_path / "sd15")
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na red car in the rain\nan astronaut riding a horse\n")
+    monkeypatch.chdir(tmp_path)
+    sets = ["model.family=sd15", f"model.pretrained={folder}", f"evaluate.teacher={folder}", "evaluate.student=null",
+            "evaluate.n=3", "evaluate.teacher_steps=2", "evaluate.prompts=prompts.txt", "evaluate.fid_reference=ref",
+            "evaluate.metrics=[aesthetic, clip, fid]", "eval.weights_dir=w",
+            f"eval.clip_model={TINY_ARCH}:laion", f"eval.aesthetic_clip_model={TINY_ARCH}:openai"]
+    assert main(["evaluate", "-q"] + [a for s in sets for a in ("-S", s)]) == 0
+    (row,) = json.loads((tmp_path / "metrics/evaluate.json").read_text())["rows"]
+    assert (row["model"], row["steps"], row["nfe"], row["guidance"]) == ("teacher", 2, 4, 1.5)
+    assert set(row["metrics"]) == {"aesthetic", "clip_score", "fid"}
+    assert all(np.isfinite(v) for v in row["metrics"].values()) and row["metrics"]["fid"] > 0
+    with np.load(tmp_path / row["samples"]) as z:
+        assert z["images"].ndim == 4 and z["images"].shape[-1] == 3
+    assert "| AeS | CLIP | FID |" in (tmp_path / "outputs/evaluate/table.md").read_text()
