@@ -4,7 +4,7 @@ sampling on a custom model it never saw (the teacher fine-tuned on restyled digi
 Runs the `lora_transfer` stage (custom model fine-tuned per style, then sampled at its 50-step CFG setting, at
 4-step DDIM, and with the TDM LoRA at 4 student steps; FID against the style's held-out set + class accuracy),
 adds the base teacher's rows for reference (50-step, 4-step DDIM, base + LoRA, and the saved merged student, which
-must equal base + LoRA), and a LoRA scale sweep on the first style.
+must equal base + LoRA), a LoRA scale sweep per style, and low-rank extraction of the merged student.
 
     .venv/bin/python benchmarks/lora_transfer.py --run /path/with/outputs   # outputs/teacher_ft/model, outputs/distill
 """
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--styles", nargs="+", default=["thick", "invert"])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--scales", type=float, nargs="*", default=[0.5, 0.75, 1.25])
+    parser.add_argument("--scales", type=float, nargs="*", default=[0.5, 0.75, 1.25, 1.5, 2.0])
     parser.add_argument("--extract-ranks", type=int, nargs="*", default=[2, 4, 8, 16])
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -63,7 +63,8 @@ def main() -> None:
     t = cfg.lora_transfer
     info = student_info(student)
 
-    # 1. The stage itself.
+    # 1. The stage itself (custom models fine-tuned by an earlier run are reused: the stage caches them).
+    cached = [s for s in args.styles if (out / "custom" / s / "model" / "tdm_custom.json").is_file()]
     t0 = time.perf_counter()
     stage = lora_transfer.run(cfg, StagePaths(out, out / "metrics.json"), progress=False)
     stage_time = time.perf_counter() - t0
@@ -102,16 +103,17 @@ def main() -> None:
                      "accuracy": s["accuracy"], "reference": "digits held-out"})
     base_floor = evaluate_samples(same.numpy(), prompts, weights)["fid_floor"]
 
-    # 3. LoRA scale sweep on the first style.
-    style = args.styles[0]
-    scorer = lora_transfer.StyleScorer(style, weights)
-    custom = load_backbone(out / "custom" / style / "model")
-    sweep = []
-    for scale in sorted({*args.scales, 1.0}):
-        styled, net = lora_transfer.with_lora(custom, lora, scale, student, info.get("unify", False))
-        images = sample_images(styled, net, prompts, steps=k, student=True, total_steps=total, seed=t.seed,
-                               batch_size=t.batch_size)
-        sweep.append({"scale": scale, **scorer.score(images.numpy(), prompts)})
+    # 3. LoRA scale sweep on every style.
+    sweeps = {}
+    for style in args.styles:
+        scorer = lora_transfer.StyleScorer(style, weights)
+        custom = load_backbone(out / "custom" / style / "model")
+        sweeps[style] = []
+        for scale in sorted({*args.scales, 1.0}):
+            styled, net = lora_transfer.with_lora(custom, lora, scale, student, info.get("unify", False))
+            images = sample_images(styled, net, prompts, steps=k, student=True, total_steps=total, seed=t.seed,
+                                   batch_size=t.batch_size)
+            sweeps[style].append({"scale": scale, **scorer.score(images.numpy(), prompts)})
 
     # 4. Low-rank extraction (the full-mode path): the merged student's delta from the teacher at lower ranks.
     from tdm.lora import extract
@@ -131,8 +133,9 @@ def main() -> None:
               "n": t.n, "student": {"k": k, "total_steps": total, "baked_guidance": info.get("guidance"),
                                     "lora_rank": sorted(lora.ranks), "lora_modules": len(lora.modules)},
               "finetune_steps": args.finetune_steps, "finetune_time_s": ft_times, "stage_time_s": round(stage_time, 1),
+              "finetunes_cached": cached,
               "rows": rows, "style_references": refs, "digits_fid_floor": base_floor,
-              "merged_student_vs_base_plus_lora_max_pixel_diff": merged_diff, "scale_sweep": {style: sweep},
+              "merged_student_vs_base_plus_lora_max_pixel_diff": merged_diff, "scale_sweep": sweeps,
               "extraction": extraction}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lora_transfer.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -156,7 +159,9 @@ def markdown(r: dict) -> str:
         f"{r['student']['baked_guidance']} baked in). Each custom model is the base teacher fine-tuned for "
         f"{r['finetune_steps']} steps on restyled digits (`digits:thick`: strokes one pixel wider; `digits:invert`: "
         f"dark on light); fine-tune time {', '.join(f'{k} {v:.0f} s' for k, v in r['finetune_time_s'].items())}; "
-        f"whole stage {r['stage_time_s']:.0f} s.", "",
+        f"whole stage {r['stage_time_s']:.0f} s"
+        + (f" (fine-tunes of {', '.join(r['finetunes_cached'])} reused from the stage's cache)."
+           if r.get("finetunes_cached") else "."), "",
         "FID and class accuracy are measured against the row's reference set (a style's held-out images: the "
         "digits test split, restyled) with the digits metric classifier trained on that style (on plain digits "
         "for the base rows); its accuracy on the real held-out images is the ceiling (below).", "",
@@ -170,10 +175,12 @@ def markdown(r: dict) -> str:
               + f"; plain digits: FID floor {_f(r['digits_fid_floor'])}.", "",
               f"Base + TDM LoRA (the LoRA file fused into the teacher) vs the saved merged student: max pixel "
               f"difference {r['merged_student_vs_base_plus_lora_max_pixel_diff']} (of 255).", ""]
-    for style, sweep in r["scale_sweep"].items():
-        lines += [f"LoRA scale sweep on {style} (4 student steps):", "", "| scale | FID | class accuracy |",
-                  "|---|---|---|"]
-        lines += [f"| {s['scale']} | {_f(s['fid'])} | {_f(s['accuracy'], 3)} |" for s in sweep]
+    styles = list(r["scale_sweep"])
+    lines += ["LoRA scale sweep (custom + TDM LoRA at 4 student steps; FID / class accuracy):", "",
+              "| scale | " + " | ".join(styles) + " |", "|---|" + "---|" * len(styles)]
+    for i, first in enumerate(r["scale_sweep"][styles[0]]):
+        cells = [f"{_f(r['scale_sweep'][st][i]['fid'])} / {_f(r['scale_sweep'][st][i]['accuracy'], 3)}" for st in styles]
+        lines.append(f"| {first['scale']} | " + " | ".join(cells) + " |")
     if r.get("extraction"):
         lines += ["", "Low-rank extraction (`tdm lora extract`, what a full-mode student goes through): the merged "
                   "student's weight delta from the teacher, truncated SVD per layer, fused back into the teacher, "
