@@ -4,58 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lora_tiny_sd import build_tiny_sd_pipeline
+import tiny_models
 
-from tdm.backbones.base import Backbone
 from tdm.sampler import TDMScheduler, student_sample
-from tdm.schedule import VPSchedule, student_timesteps
-
-
-class PipelineBackbone(Backbone):
-    """Our sampler's view of a diffusers SD pipeline's parts (text encoder + UNet, latent space)."""
-
-    family = "sd15-test"
-
-    def __init__(self, pipe):
-        self.pipe, self.net = pipe, pipe.unet
-        self.schedule = VPSchedule.from_scheduler(pipe.scheduler)
-        self.prediction_type = pipe.scheduler.config.prediction_type
-
-    @property
-    def sample_shape(self):
-        return (self.net.config.in_channels, self.net.config.sample_size, self.net.config.sample_size)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts):
-        embeds, _ = self.pipe.encode_prompt(list(prompts), "cpu", 1, False)
-        return {"encoder_hidden_states": embeds}
-
-    def predict(self, net, x_t, t, cond):
-        return net(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
-
-    def encode_images(self, images):
-        raise NotImplementedError
-
-    def decode(self, x0):
-        raise NotImplementedError
-
-    @property
-    def lora_target_modules(self):
-        return ["to_q", "to_k", "to_v", "to_out.0"]
-
-    def save(self, folder, net=None, extra_files=None, k_embedding=None):
-        raise NotImplementedError
+from tdm.schedule import student_timesteps
 
 
 @pytest.mark.parametrize("k", [4, 1])
 def test_stock_pipeline_matches_our_student_sampler_exactly(tmp_path, k):
-    pipe = build_tiny_sd_pipeline(tmp_path)
-    backbone = PipelineBackbone(pipe)  # built before the swap: our sampler reads the SD schedule itself
+    from diffusers import StableDiffusionPipeline
+
+    from tdm.backbones import load_backbone
+
+    folder = tiny_models.save_pipeline(tiny_models.build("sd15"), tmp_path / "sd15")
+    backbone = load_backbone(folder)  # our sampler's view of the model (the SD1.5 adapter)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)  # a fresh, stock pipeline
+    pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = TDMScheduler.from_config(pipe.scheduler.config, total_steps=900)
     prompts = ["a photo of a cat", "a red car"]
     noise = torch.randn((2, *backbone.sample_shape), generator=torch.Generator().manual_seed(0))
 
-    ours = student_sample(backbone, pipe.unet, backbone.encode_prompts(prompts), noise, k, 900)
+    ours = student_sample(backbone, backbone.net, backbone.encode_prompts(prompts), noise, k, 900)
     theirs = pipe(prompts, num_inference_steps=k, guidance_scale=1.0, latents=noise.clone(), output_type="latent").images
     assert pipe.scheduler.timesteps.tolist() == student_timesteps(k, 900).tolist()
     assert torch.equal(theirs, ours)
