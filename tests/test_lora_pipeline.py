@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny_models
 import torch
-from test_lora_tiny_sd import build_tiny_sd_pipeline
 
 from tdm import lora as L
 
@@ -18,7 +18,8 @@ def setup(tmp_path_factory):
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     tmp = tmp_path_factory.mktemp("sd")
-    pipe = build_tiny_sd_pipeline(tmp)
+    tiny_models.save_pipeline(tiny_models.build("sd15"), tmp / "sd15")
+    pipe = fresh_pipeline(tmp)
     net = copy.deepcopy(pipe.unet)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
     inject_adapter_in_model(config, net, adapter_name="student")
@@ -31,6 +32,16 @@ def setup(tmp_path_factory):
     return tmp, lora
 
 
+def fresh_pipeline(tmp):
+    """A stock StableDiffusionPipeline loaded from the saved tiny SD1.5 folder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp / "sd15", safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _run(pipe):
     return pipe("a photo of a cat", num_inference_steps=2, guidance_scale=1.0, output_type="latent",
                 generator=torch.Generator().manual_seed(0)).images
@@ -40,16 +51,16 @@ def _run(pipe):
 def test_stock_pipeline_loads_the_export_exactly(setup, fmt):
     tmp, lora = setup
     path = L.save_lora(lora, tmp / ("kohya.safetensors" if fmt == "kohya" else "diffusers"), fmt)
-    ours = build_tiny_sd_pipeline(tmp)
+    ours = fresh_pipeline(tmp)
     L.attach(ours.unet, lora)
-    theirs = build_tiny_sd_pipeline(tmp)
+    theirs = fresh_pipeline(tmp)
     theirs.load_lora_weights(str(path))
     expected = _run(ours)
     assert torch.equal(_run(theirs), expected)
-    assert not torch.allclose(_run(build_tiny_sd_pipeline(tmp)), expected, atol=1e-2)  # the LoRA matters
+    assert not torch.allclose(_run(fresh_pipeline(tmp)), expected, atol=1e-2)  # the LoRA matters
     # diffusers' own scale and fuse agree with ours: scale 0 is the base; fused within float tolerance.
     theirs.set_adapters(theirs.get_active_adapters(), adapter_weights=[0.0])
-    assert torch.equal(_run(theirs), _run(build_tiny_sd_pipeline(tmp)))
+    assert torch.equal(_run(theirs), _run(fresh_pipeline(tmp)))
     theirs.set_adapters(theirs.get_active_adapters(), adapter_weights=[1.0])
     theirs.fuse_lora(lora_scale=1.0)
     theirs.unload_lora_weights()
