@@ -69,6 +69,7 @@ def run_once(nproc: int, args) -> dict:
                "--master_port", str(free_port()), "-m", "tdm.cli", "distill", "-q",
                *[a for o in overrides for a in ("-S", o)]]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TDM_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        load = os.getloadavg()[0]  # the box is shared: what else was running when this run started
         t0 = time.perf_counter()
         out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -79,6 +80,7 @@ def run_once(nproc: int, args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     iterations, train_time = int(metrics["iterations"]), float(metrics["train_time_s"])
     return {"nproc": nproc, "iterations": iterations, "train_time_s": train_time, "wall_s": wall,
+            "load_avg_1min_at_start": round(load, 2), "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
             "samples_per_s": iterations * args.batch_size / train_time}
 
 
@@ -101,7 +103,12 @@ def write(result: dict, out_dir: Path) -> None:
     for n, row in result["by_nproc"].items():
         lines.append(f"| {n} | {row['samples_per_s_median']:.1f} | {row['train_time_s_median']:.1f} | "
                      f"{row['wall_s_median']:.1f} |")
-    lines += ["", f"2 processes / 1 process: **{ratio:.2f}x** (target >= 1.6: {'yes' if ratio >= 1.6 else 'NO'}; "
+    loads = [r[k] for rows in result["by_nproc"].values() for r in rows["runs"]
+             for k in ("load_avg_1min_at_start", "load_avg_1min_at_end")]
+    lines += ["", f"1-minute load average over the runs: {min(loads):.2f} to {max(loads):.2f} (at the start of "
+                  f"the benchmark: {result['load_before']}; the 1-process runs themselves add about 1, the "
+                  f"2-process runs about 2).", ""]
+    lines += [f"2 processes / 1 process: **{ratio:.2f}x** (target >= 1.6: {'yes' if ratio >= 1.6 else 'NO'}; "
                   f"per repeat: {', '.join(f'{r:.2f}' for r in result['ratio_per_repeat'])}).", "",
               f"The 2 processes share this machine's {mach['cpu_count']} cores (one thread each), so 2.0x is the "
               f"ceiling; gradient averaging (gloo all-reduce), the replica check at the checkpoint and anything "
@@ -132,6 +139,7 @@ def main() -> None:
             args.iterations, args.batch_size, args.repeats = 4, 8, 1
             out_dir = Path(tempfile.mkdtemp(prefix="tdm-bench-scaling-smoke-"))
         args.teacher = str(Path(args.teacher).resolve())
+        load_before = [round(x, 2) for x in os.getloadavg()]
         runs: dict[int, list[dict]] = {1: [], 2: []}
         for r in range(args.repeats):
             for n in ((1, 2) if r % 2 == 0 else (2, 1)):
@@ -148,6 +156,7 @@ def main() -> None:
         "settings": {"iterations": args.iterations, "batch_size": args.batch_size, "repeats": args.repeats,
                      "overrides": args.set, "smoke": args.smoke, "omp_num_threads": 1, "tdm_num_threads": 1},
         "by_nproc": by_nproc,
+        "load_before": load_before,
         "ratio_2_over_1": by_nproc[2]["samples_per_s_median"] / by_nproc[1]["samples_per_s_median"],
         "ratio_per_repeat": [b["samples_per_s"] / a["samples_per_s"] for a, b in zip(runs[1], runs[2])],
         "target_ratio": ">= 1.6",

@@ -124,6 +124,9 @@ class DistillConfig(_Section):
     k_choices: tuple[int, ...] = (1, 2, 4)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # Speed switches (docs/performance.md): same results within float tolerance; not part of a resume check.
+    compile: bool = False  # torch.compile the denoiser (one graph per role / grad mode; minutes to compile on CPU)
+    channels_last: bool = False  # NHWC weights for UNet families (digits, sd15, sdxl; checked at stage start)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)  # losses are moved to the host (and NaN-checked) every log_every steps
     seed: int = 0

@@ -118,6 +118,8 @@ class TDMTrainer:
         if d.gradient_checkpointing:
             for role in ("student", "fake"):
                 self.roles.nets[role].enable_gradient_checkpointing()
+        if d.compile or d.channels_last:  # before the optimisers: channels_last re-lays the weights
+            self.roles.speed_up(compile=d.compile, channels_last=d.channels_last)
         self.opt = {
             "student": torch.optim.AdamW(self.roles.parameters("student"), lr=d.lr, betas=d.betas,
                                          weight_decay=d.weight_decay),
@@ -209,7 +211,7 @@ class TDMTrainer:
 def config_fingerprint(cfg: Config) -> str:
     """What must match for a checkpoint to be resumed: the distillation math (not bookkeeping)."""
     relevant = dump(cfg)[STAGE]
-    for bookkeeping in ("eval_samples", "checkpoint_every", "log_every"):
+    for bookkeeping in ("eval_samples", "checkpoint_every", "log_every", "compile", "channels_last"):
         relevant.pop(bookkeeping)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -225,6 +227,12 @@ def check_inputs(cfg: Config) -> None:
         raise FileNotFoundError(f"distill.teacher: {err} (run `tdm teacher-ft` first?)") from None
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"distill.teacher: not a model folder (no model_index.json): {folder}")
+    if d.channels_last:
+        from tdm.backbones import family_of
+
+        if family_of(folder) not in ("digits", "sd15", "sdxl"):
+            raise ValueError(f"distill.channels_last: only for UNet families (digits, sd15, sdxl); the teacher is a "
+                             f"{family_of(folder)} model (got true)")
     if d.k > d.total_steps or max(d.k_choices) > d.total_steps:
         raise ValueError(f"distill.k: must be <= distill.total_steps ({d.total_steps})")
     if d.batch_size % int(os.environ.get("WORLD_SIZE", "1")):

@@ -48,6 +48,11 @@ class Roles:
         else:
             self.nets = {"teacher": base, **{r: copy.deepcopy(base).train().requires_grad_(True) for r in TRAINABLE}}
         self._active: Role | None = None
+        # Found once: walking the module tree and re-running peft's switches on every activate cost ~8% of a
+        # digits iteration (benchmarks/results/optimizations.md); parameter sets never change identity.
+        self._tuner_layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+        self._named: dict[Role, dict[str, nn.Parameter]] = {}
+        self._callables: dict[Role, nn.Module] = {}  # compiled forms (speed_up(compile=True))
         # TDM-unify: one zero-initialised K embedding per trainable role, added to the time embedding.
         self.k_max = k_max
         self.k_embeddings = nn.ModuleDict()
@@ -60,17 +65,34 @@ class Roles:
 
     # -- switching ----------------------------------------------------------------------------------------
     def activate(self, role: Role) -> nn.Module:
-        """Make `role` the one the shared network computes (LoRA mode) and return its network."""
+        """Make `role` the one the shared network computes (LoRA mode) and return its network (the compiled
+        form after `speed_up(compile=True)`)."""
         if self.mode == "lora" and role != self._active:
-            for layer in self.nets["teacher"].modules():
-                if isinstance(layer, BaseTunerLayer):
-                    if role == "teacher":
-                        layer.enable_adapters(False)
-                    else:
+            # student <-> fake only swaps the active adapter: they are already enabled (peft's
+            # enable_adapters(True) would re-run set_adapter on the old one first; same end state).
+            enable = role != "teacher" and self._active in ("teacher", None)
+            for layer in self._tuner_layers:
+                if role == "teacher":
+                    layer.enable_adapters(False)
+                else:
+                    if enable:
                         layer.enable_adapters(True)
-                        layer.set_adapter(role)
+                    layer.set_adapter(role)
         self._active = role
-        return self.nets[role]
+        return self._callables.get(role, self.nets[role])
+
+    def speed_up(self, compile: bool = False, channels_last: bool = False) -> None:
+        """Optional speed switches (distill.compile, distill.channels_last; docs/performance.md). Call before
+        the optimisers are built. LoRA mode compiles the shared base once: adapter switches are attribute
+        changes that torch.compile guards on, so each role gets its own graph and stays exact."""
+        from tdm.sampler import speed_up_net
+
+        done: dict[int, nn.Module] = {}
+        for role, net in self.nets.items():
+            if id(net) not in done:
+                done[id(net)] = speed_up_net(net, compile=compile, channels_last=channels_last)
+            if compile:
+                self._callables[role] = done[id(net)]
 
     @contextlib.contextmanager
     def k_condition(self, role: Role, k: torch.Tensor | None) -> Iterator[None]:
@@ -96,20 +118,24 @@ class Roles:
     # -- parameters and state --------------------------------------------------------------------------------
     def named_parameters(self, role: Role) -> dict[str, nn.Parameter]:
         """The trainable parameters of a role (adapter weights in LoRA mode, the whole copy in full mode)."""
-        if self.mode == "lora":
-            marker = f".{role}."
-            params = {n: p for n, p in self.nets["teacher"].named_parameters() if "lora_" in n and marker in n}
-        else:
-            params = dict(self.nets[role].named_parameters())
-        if self.k_max is not None:
-            params.update({f"k_embedding.{n}": p for n, p in self.k_embeddings[role].named_parameters()})
-        return params
+        if role not in self._named:  # found once (a walk over every parameter of the base each call)
+            if self.mode == "lora":
+                marker = f".{role}."
+                params = {n: p for n, p in self.nets["teacher"].named_parameters() if "lora_" in n and marker in n}
+            else:
+                params = dict(self.nets[role].named_parameters())
+            if self.k_max is not None:
+                params.update({f"k_embedding.{n}": p for n, p in self.k_embeddings[role].named_parameters()})
+            self._named[role] = params
+        return dict(self._named[role])
 
     def parameters(self, role: Role) -> list[nn.Parameter]:
         return list(self.named_parameters(role).values())
 
     def state_dict(self, role: Role) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.named_parameters(role).items()}
+        # Contiguous copies: channels_last weights (distill.channels_last) are saved as plain tensors.
+        return {n: p.detach().clone(memory_format=torch.contiguous_format)
+                for n, p in self.named_parameters(role).items()}
 
     def k_embedding(self, role: Role, weights: dict[str, torch.Tensor] | None = None) -> nn.Embedding | None:
         """A copy of the role's K embedding (with `weights`' values when given), for a saved K-aware model."""
@@ -145,7 +171,7 @@ class Roles:
                 with torch.no_grad():
                     for n, p in net.named_parameters():
                         p.copy_(weights[n])
-            return net.eval().requires_grad_(False)
+            return net.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
         shared = copy.deepcopy(self.nets["teacher"])
         if weights is not None:
             own = {n: p for n, p in shared.named_parameters() if "lora_" in n and f".{role}." in n}

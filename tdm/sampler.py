@@ -30,6 +30,17 @@ def guided_x0_eps(backbone: Backbone, net: nn.Module, x_t: torch.Tensor, t: torc
     return backbone.schedule.to_x0_eps(out_u + guidance * (out_c - out_u), x_t, t, backbone.prediction_type)
 
 
+def speed_up_net(net: nn.Module, *, compile: bool = False, channels_last: bool = False) -> nn.Module:
+    """Optional speed switches for a denoiser (docs/performance.md); results agree within float tolerance.
+    channels_last converts the weights in place (UNets: convolutions in NHWC); compile returns a compiled
+    wrapper of `net` (static shapes: one graph per batch size and grad mode), `net` itself stays usable."""
+    if channels_last:
+        if not type(net).__name__.startswith("UNet"):
+            raise ValueError(f"channels_last is for UNet denoisers (digits, sd15, sdxl), not {type(net).__name__}")
+        net.to(memory_format=torch.channels_last)
+    return torch.compile(net, dynamic=False) if compile else net
+
+
 def clip_prediction(backbone: Backbone, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor,
                     eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-space models: clip x0 to the data range and re-derive eps from it (diffusers' `clip_sample`).
@@ -103,5 +114,6 @@ def sample_images(backbone: Backbone, net: nn.Module, prompts: Sequence[str], *,
     return torch.cat(out)
 
 
-__all__ = ["clip_prediction", "guided_x0_eps", "teacher_sample", "student_sample", "make_noise", "sample_images"]
+__all__ = ["speed_up_net", "clip_prediction", "guided_x0_eps", "teacher_sample", "student_sample", "make_noise",
+           "sample_images"]
 from tdm.scheduler import TDMScheduler  # noqa: E402,F401  (the diffusers scheduler of the student trajectory)
