@@ -7,7 +7,8 @@ the active MLflow stage run in one batched call (one MLflow call costs ~50 ms: n
 MLflow layout: one experiment (`tdm`); a parent run per pipeline run (made by the Prefect flow, passed to the
 stage processes as TDM_MLFLOW_PARENT_RUN_ID) and a child run per stage, with params, per-step losses, eval
 metrics per (model, NFE), sample grids, system metrics and tags (git commit, dvc.lock hash, backbone, K).
-A stage run without a parent (`tdm distill` alone, `dvc repro`) is a top-level run tagged `standalone`.
+Under a bare `dvc repro` the first stage makes the pipeline run (tag `trigger=dvc`) and the others join it;
+a stage run alone (`tdm distill`) is a top-level run tagged `standalone`.
 The store is a sqlite file under the project unless MLFLOW_TRACKING_URI says otherwise; TDM_MLFLOW=0 turns
 tracking off.
 """
@@ -233,7 +234,7 @@ def stage_run(stage: str, params: dict, root: str | Path = ".", extra_tags: dict
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = experiment_id(client, root)
-    parent = os.environ.get(PARENT_ENV)
+    parent = os.environ.get(PARENT_ENV) or _dvc_repro_parent(client, exp, root)
     tags = {"stage": stage, **run_tags(root), **(extra_tags or {}),
             **({} if parent else {"standalone": "true"})}
     if os.environ.get("PREFECT__FLOW_RUN_ID"):
@@ -251,6 +252,37 @@ def stage_run(stage: str, params: dict, root: str | Path = ".", extra_tags: dict
     finally:
         _active = None
         mlflow.end_run(status)
+        if parent and not os.environ.get(PARENT_ENV):  # a `dvc repro` parent: it ends when its last stage does
+            client.set_terminated(parent, status)
+
+
+def _dvc_invocation() -> str | None:
+    """`<pid>-<start time>` of the `dvc repro` / `dvc exp run` process this stage runs under, if any."""
+    try:
+        import psutil
+
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = proc.cmdline()
+            if any(Path(c).name == "dvc" for c in cmd[:2]) and ("repro" in cmd or "exp" in cmd):
+                return f"{proc.pid}-{int(proc.create_time())}"
+            proc = proc.parent()
+    except Exception:  # no psutil / no access to the process table: the stage is tracked standalone
+        return None
+    return None
+
+
+def _dvc_repro_parent(client, experiment: str, root: str | Path) -> str | None:
+    """Stages that one `dvc repro` runs become children of one pipeline run (made by the first of them)."""
+    key = _dvc_invocation()
+    if key is None:
+        return None
+    found = client.search_runs([experiment], f"tags.dvc_invocation = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment, run_name="dvc repro",
+                            tags={"stage": "pipeline", "trigger": "dvc", "dvc_invocation": key, **run_tags(root)})
+    return run.info.run_id
 
 
 def start_pipeline_run(name: str, params: dict | None = None, root: str | Path = ".",

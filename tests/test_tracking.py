@@ -2,6 +2,7 @@
 a pipeline run, batched per-step losses, eval rows per (model, NFE), grids, tags; an unreachable server fails
 before compute."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -86,3 +87,28 @@ def test_unreachable_server_fails_in_one_line_before_compute(tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "MLflow server http://127.0.0.1:9 is unreachable" in err
     assert not (tmp_path / "outputs").exists()
+
+
+def test_stages_of_one_dvc_repro_are_children_of_one_pipeline_run(store, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "stage.py").write_text(
+        "import sys\nfrom tdm import tracking\n"
+        "with tracking.stage_run(sys.argv[1], {'distill': {'k': 4}}) as run:\n"
+        "    run.log_metrics({'done': 1.0})\n"
+        "open(sys.argv[1] + '.txt', 'w').write('ok')\n")
+    py = sys.executable
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  a:\n    cmd: {py} stage.py a\n    deps: [stage.py]\n    outs: [a.txt]\n"
+        f"  b:\n    cmd: {py} stage.py b\n    deps: [a.txt]\n    outs: [b.txt]\n")
+    env = {**os.environ, "DVC_SITE_CACHE_DIR": str(tmp_path / ".dvc-site"),
+           "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / ".dvc-global")}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True,
+                       executable=None if cmd[0] == "git" else str(Path(py).parent / "dvc"))
+    (parent,) = _runs(store, "tags.stage = 'pipeline'")
+    assert parent.data.tags["trigger"] == "dvc" and parent.info.status == "FINISHED"
+    children = _runs(store, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["stage"] for r in children) == ["a", "b"]
+    assert not _runs(store, "tags.standalone = 'true'")
