@@ -44,11 +44,12 @@ def evaluation_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     names = []
     for r in rows:
         for k, v in (r.get("metrics") or {}).items():
-            if isinstance(v, (int, float)) and k not in names:
+            if isinstance(v, (int, float)) and k not in names and k != "n":
                 names.append(k)
     header = ["model", "steps", "NFE", "guidance", "n", *names]
-    body = [[r.get("model"), r.get("steps"), r.get("nfe"), r.get("guidance"), r.get("n"),
-             *[(r.get("metrics") or {}).get(n) for n in names]] for r in rows]
+    body = [[r.get("model"), r.get("steps"), r.get("nfe"), r.get("guidance"),
+             r.get("n", (r.get("metrics") or {}).get("n")), *[(r.get("metrics") or {}).get(n) for n in names]]
+            for r in rows]
     return header, body
 
 
@@ -191,9 +192,11 @@ def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
                     "\n".join(grids_md) + "\n")
     transfer = metrics["lora_transfer"]
     if transfer:
+        # Its rows are scored against each custom style's held-out set with a classifier of that style.
+        h, md = _table(*evaluation_table(transfer["rows"])) if transfer.get("rows") else ("", "")
         flat = [[k, v] for k, v in _flatten(transfer).items() if isinstance(v, (int, float, str))]
-        h, md = _table(["lora_transfer", "value"], flat)
-        section("LoRA transfer to custom models", h, md)
+        h2, md2 = _table(["lora_transfer", "value"], flat)
+        section("LoRA transfer to custom models (lora_transfer stage, per-style metrics)", h + h2, md + "\n" + md2)
     stage_rows = []
     for stage in ("teacher_ft", "distill"):
         m = metrics[stage] or {}
