@@ -9,16 +9,34 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
 class ConfigError(ValueError):
     """Bad parameters: the message names the key."""
+
+
+def _prompt_source(v: str) -> str:
+    """A prompts setting: "digits" or an existing prompt file."""
+    if v != "digits" and not Path(v).expanduser().is_file():
+        raise ValueError(f"must be 'digits' or a prompt file; not found: {v}")
+    return v
+
+
+def _step_counts(v: tuple[int, ...]) -> tuple[int, ...]:
+    """A set of step counts (K values): at least one, each >= 1; sorted, duplicates dropped."""
+    if not v or any(k < 1 for k in v):
+        raise ValueError("need at least one step count, each >= 1")
+    return tuple(sorted(set(v)))
+
+
+PromptSource = Annotated[str, AfterValidator(_prompt_source)]
+StepCounts = Annotated[tuple[int, ...], AfterValidator(_step_counts)]
 
 
 class _Section(BaseModel):
@@ -96,7 +114,7 @@ class DistillConfig(_Section):
     """TDM distillation (defaults from the authors' PixArt run unless the digits benchmark says otherwise)."""
 
     teacher: str = "outputs/teacher_ft/model"  # model folder or hub id (checked when the stage starts)
-    prompts: str = "digits"  # "digits" (the ten digits, four phrasings) or a .txt/.jsonl/.csv prompt file
+    prompts: PromptSource = "digits"  # "digits" (the ten digits, four phrasings) or a .txt/.jsonl/.csv prompt file
     mode: Literal["lora", "full"] = "full"
     lora_rank: int = Field(16, ge=1)
     lora_alpha: Optional[float] = Field(None, gt=0)  # null = rank (scale 1)
@@ -121,7 +139,7 @@ class DistillConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)
     unify: bool = False  # TDM-unify: student and fake conditioned on K, trained over k_choices
-    k_choices: tuple[int, ...] = (1, 2, 4)
+    k_choices: StepCounts = (1, 2, 4)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # Speed switches (docs/performance.md): same results within float tolerance; not part of a resume check.
@@ -131,20 +149,6 @@ class DistillConfig(_Section):
     log_every: int = Field(10, ge=1)  # losses are moved to the host (and NaN-checked) every log_every steps
     seed: int = 0
     eval_samples: int = Field(1000, ge=0)  # student samples scored after training (digits)
-
-    @field_validator("k_choices")
-    @classmethod
-    def _positive_ks(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(k < 1 for k in v):
-            raise ValueError("need at least one K, each >= 1")
-        return tuple(sorted(set(v)))
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompt_file(cls, v: str) -> str:
-        if v != "digits" and not Path(v).expanduser().is_file():
-            raise ValueError(f"must be 'digits' or a prompt file; not found: {v}")
-        return v
 
 
 class LoraTransferConfig(_Section):
@@ -163,7 +167,7 @@ class LoraTransferConfig(_Section):
     custom_guidance: Optional[float] = Field(None, ge=1)  # its CFG; null = sample.guidance
     few_steps: int = Field(4, ge=1)  # the custom model's own few-step DDIM baseline
     n: int = Field(1000, ge=2)  # samples per row
-    prompts: str = "digits"  # "digits" or a .txt/.jsonl/.csv prompt file (cycled to n)
+    prompts: PromptSource = "digits"  # "digits" or a .txt/.jsonl/.csv prompt file (cycled to n)
     batch_size: int = Field(250, ge=1)
     seed: int = 0
     finetune_steps: int = Field(300, ge=1)  # digits styles: fine-tune length from the base (cached per style)
@@ -183,13 +187,6 @@ class LoraTransferConfig(_Section):
                                  f"{', '.join('digits:' + s for s in DIGIT_STYLES)})")
         if len(set(v)) != len(v):
             raise ValueError("custom models must be distinct")
-        return v
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompt_file(cls, v: str) -> str:
-        if v != "digits" and not Path(v).expanduser().is_file():
-            raise ValueError(f"must be 'digits' or a prompt file; not found: {v}")
         return v
 
 
@@ -225,21 +222,15 @@ class EvaluateConfig(_Section):
     teacher_steps: Optional[int] = Field(None, ge=1)  # null = sample.steps
     teacher_guidance: Optional[float] = Field(None, ge=1)  # null = sample.guidance
     student: Optional[str] = "outputs/distill/student"  # student folder (tdm_student.json); null = none
-    student_steps: tuple[int, ...] = (1, 2, 4)  # a TDM-unify student is sampled at each
+    student_steps: StepCounts = (1, 2, 4)  # a TDM-unify student is sampled at each
     fixed_k_steps: Literal["own", "all"] = "own"  # a fixed-K student: its own K only, or student_steps too
     n: int = Field(1000, ge=2)  # samples per row
-    prompts: str = "digits"  # "digits" or a .txt/.jsonl/.csv prompt file (cycled to n)
+    prompts: PromptSource = "digits"  # "digits" or a .txt/.jsonl/.csv prompt file (cycled to n)
     metrics: Optional[tuple[str, ...]] = None  # null = digits_fid + class_accuracy (digits), else hps/aesthetic/clip/fid
     fid_reference: Optional[str] = None  # reference image folder (or npz) for `fid`
     skip_missing: bool = False  # skip (and record) a metric whose weights are missing instead of failing
     lora_manifest: Optional[str] = "outputs/lora_transfer/manifest.json"  # absent file = no transfer rows
 
-    @field_validator("student_steps")
-    @classmethod
-    def _steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(k < 1 for k in v):
-            raise ValueError("need at least one step count, each >= 1")
-        return tuple(sorted(set(v)))
 
     @field_validator("metrics")
     @classmethod
@@ -254,12 +245,6 @@ class EvaluateConfig(_Section):
                                  else "need at least one metric (or null for the family's default)")
         return v
 
-    @field_validator("prompts")
-    @classmethod
-    def _prompt_file(cls, v: str) -> str:
-        if v != "digits" and not Path(v).expanduser().is_file():
-            raise ValueError(f"must be 'digits' or a prompt file; not found: {v}")
-        return v
 
     @field_validator("fid_reference")
     @classmethod
