@@ -332,6 +332,10 @@ def save_student(trainer: TDMTrainer, folder: Path) -> None:
     trainer.backbone.save(folder, net=net, k_embedding=roles.k_embedding("student", weights),
                           extra_files={"tdm_student.json": json.dumps(info, indent=2),
                                        "tdm_params.json": json.dumps(dump(trainer.cfg), indent=2)})
+    if d.mode != "lora":  # a LoRA left by an earlier run in this folder would no longer match the student
+        import shutil
+
+        shutil.rmtree(folder.parent / "student_lora", ignore_errors=True)
     if d.mode == "lora":
         from safetensors.torch import save_file
 

@@ -137,6 +137,9 @@ def test_stage_saves_a_sampleable_student(teacher_dir, tmp_path):
     assert (paths.out_dir / "student_lora" / "adapter_model.safetensors").is_file()
     rows = [json.loads(line) for line in (paths.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and {"loss_fake", "grad_norm_gen", "lr", "k"} <= rows[0].keys()
+    # Re-run the stage in full mode: the LoRA of the LoRA run no longer matches the student and must go.
+    run(_cfg(teacher_dir, tmp_path, "distill.mode=full"), paths, progress=False)
+    assert not (paths.out_dir / "student_lora").exists() and (paths.out_dir / "student").is_dir()
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path):
