@@ -91,12 +91,31 @@ class Module:
         return self.name if self.is_package else self.name.rpartition(".")[0]
 
 
+@dataclass
+class Facts:
+    """What some statements of a module do: the package modules they import (or run), the params they read."""
+
+    imports: set[str]
+    params: set[str]
+
+
 class Project:
-    """The package's modules, parsed once each."""
+    """The package's modules, parsed and analysed once each."""
 
     def __init__(self, root: Path):
         self.root = root
         self._modules: dict[str, Module] = {}
+        self._facts: dict[str, Facts] = {}
+        self.sections = config_sections(self)
+
+    def facts(self, name: str, nodes: list[ast.AST] | None = None) -> Facts:
+        """Facts of the whole module (cached), or of some of its statements."""
+        module = self.module(name)
+        if nodes is not None:
+            return analyse(nodes, module, self)
+        if name not in self._facts:
+            self._facts[name] = analyse([module.tree], module, self)
+        return self._facts[name]
 
     def path_of(self, name: str) -> Path | None:
         """tdm.a.b -> tdm/a/b.py or tdm/a/b/__init__.py (relative), None if it is not a module of ours."""
@@ -138,22 +157,31 @@ def resolve_relative(module: Module, level: int, target: str | None) -> str:
     return ".".join([*base, *([target] if target else [])])
 
 
-def imported_names(nodes: list[ast.AST], module: Module, project: Project) -> set[str]:
-    """Dotted names of the package's modules that these statements import (parents included)."""
+def walk(tops: list[ast.AST]) -> list[tuple[ast.AST, ast.AST | None]]:
+    """Every node under these statements, with its parent."""
+    out, stack = [], [(top, None) for top in tops]
+    while stack:
+        node, parent = stack.pop()
+        out.append((node, parent))
+        stack.extend((child, node) for child in ast.iter_child_nodes(node))
+    return out
+
+
+def imported_names(walked: list[tuple[ast.AST, ast.AST | None]], module: Module, project: Project) -> set[str]:
+    """Dotted names of the package's modules that these nodes import (parents included)."""
     found: set[str] = set()
-    for top in nodes:
-        for node in ast.walk(top):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                source = resolve_relative(module, node.level, node.module) if node.level else node.module or ""
-                targets = [source] + [f"{source}.{alias.name}" for alias in node.names if alias.name != "*"]
-            elif (isinstance(node, ast.Call) and _called_name(node) == "import_module" and node.args
-                  and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-                targets = [node.args[0].value]
-            for target in targets:
-                found.update(n for n in with_parents(target) if project.path_of(n) is not None)
+    for node, _ in walked:
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            source = resolve_relative(module, node.level, node.module) if node.level else node.module or ""
+            targets = [source] + [f"{source}.{alias.name}" for alias in node.names if alias.name != "*"]
+        elif (isinstance(node, ast.Call) and _called_name(node) == "import_module" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            targets = [node.args[0].value]
+        for target in targets:
+            found.update(n for n in with_parents(target) if project.path_of(n) is not None)
     return found
 
 
@@ -162,16 +190,21 @@ def _called_name(call: ast.Call) -> str | None:
     return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
 
 
-def runtime_files(nodes: list[ast.AST], module: Module, project: Project) -> set[str]:
+def runtime_files(walked: list[tuple[ast.AST, ast.AST | None]], module: Module, project: Project) -> set[str]:
     """Modules run without an import: a string literal naming a .py file next to the referencing module."""
     found = set()
-    for top in nodes:
-        for node in ast.walk(top):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and RUNTIME_FILE.match(node.value):
-                path = Path(os.path.normpath(module.path.parent / node.value))
-                if path.parts[0] == PACKAGE and (project.root / path).is_file():
-                    found.add(project.name_of(path))
+    for node, _ in walked:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and RUNTIME_FILE.match(node.value):
+            path = Path(os.path.normpath(module.path.parent / node.value))
+            if path.parts[0] == PACKAGE and (project.root / path).is_file():
+                found.add(project.name_of(path))
     return found
+
+
+def analyse(tops: list[ast.AST], module: Module, project: Project) -> Facts:
+    walked = walk(tops)
+    return Facts(imported_names(walked, module, project) | runtime_files(walked, module, project),
+                 params_read(walked, module, project.sections))
 
 
 # -- what a stage runs --------------------------------------------------------------------------------------
@@ -199,12 +232,12 @@ def cli_entry_nodes(cli: Module, command: str) -> list[ast.AST]:
     return top_level + [functions[name] for name in sorted(reached)]
 
 
-def stage_closure(project: Project, command: str, via: dict[str, str] | None = None) -> dict[str, list[ast.AST]]:
-    """{module name: the statements of it that run} for `tdm <command>`: all of each module, but part of cli.py.
+def stage_closure(project: Project, command: str, via: dict[str, str] | None = None) -> dict[str, Facts]:
+    """{module name: its facts} for the modules `tdm <command>` runs (of cli.py: the parts that run).
     `via`, if given, gets {module: the module that first brought it in}."""
     via = {} if via is None else via
     cli = project.module(project.name_of(Path(CLI)))
-    closure = {cli.name: cli_entry_nodes(cli, command)}
+    closure = {cli.name: project.facts(cli.name, cli_entry_nodes(cli, command))}
     todo = [cli.name]
     stage_module = f"{PACKAGE}.{command}"
     if project.path_of(stage_module) is not None:
@@ -212,16 +245,16 @@ def stage_closure(project: Project, command: str, via: dict[str, str] | None = N
         via[stage_module] = "the stage module"
     while todo:
         name = todo.pop(0)
-        module = project.module(name)
-        nodes = closure.setdefault(name, [module.tree])
-        for found in sorted(imported_names(nodes, module, project) | runtime_files(nodes, module, project)):
+        if name not in closure:
+            closure[name] = project.facts(name)
+        for found in sorted(closure[name].imports):
             if found not in closure and found not in via:
                 via[found] = name
                 todo.append(found)
     return closure
 
 
-def code_deps(project: Project, closure: dict[str, list[ast.AST]]) -> list[str]:
+def code_deps(project: Project, closure: dict[str, Facts]) -> list[str]:
     """The closure's files, a folder standing for all of its .py files when the closure holds them all."""
     files = {project.module(name).path for name in closure}
     folders = sorted({p.parent for p in files} | {parent for p in files for parent in p.parents if parent.parts},
@@ -280,24 +313,20 @@ def provenance_nodes(module: Module) -> set[int]:
             for n in ast.walk(f)}
 
 
-def params_read(nodes: list[ast.AST], module: Module, sections: dict[str, set[str]]) -> set[str]:
-    """`section` / `section.key` entries for what these statements read of the config."""
+def params_read(walked: list[tuple[ast.AST, ast.AST | None]], module: Module, sections: dict[str, set[str]]) -> set[str]:
+    """`section` / `section.key` entries for what these nodes read of the config."""
     skip = provenance_nodes(module)
     constants = string_constants(module.tree)
     found = set()
-    for top in nodes:
-        parents = {id(child): node for node in ast.walk(top) for child in ast.iter_child_nodes(node)}
-        for node in ast.walk(top):
-            if id(node) in skip:
-                continue
-            parent = parents.get(id(node))
-            if isinstance(node, ast.Attribute) and node.attr in sections and is_config_object(node.value):
-                key = parent.attr if isinstance(parent, ast.Attribute) and parent.value is node else None
-                found.add(f"{node.attr}.{key}" if key in sections[node.attr] else node.attr)
-            elif (isinstance(node, ast.Call) and _called_name(node) == "dump" and node.args
-                  and is_config_object(node.args[0])
-                  and isinstance(parent, ast.Subscript) and parent.value is node):
-                found |= dumped_sections(parent.slice, constants, sections)
+    for node, parent in walked:
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Attribute) and node.attr in sections and is_config_object(node.value):
+            key = parent.attr if isinstance(parent, ast.Attribute) and parent.value is node else None
+            found.add(f"{node.attr}.{key}" if key in sections[node.attr] else node.attr)
+        elif (isinstance(node, ast.Call) and _called_name(node) == "dump" and node.args
+              and is_config_object(node.args[0]) and isinstance(parent, ast.Subscript) and parent.value is node):
+            found |= dumped_sections(parent.slice, constants, sections)
     return found
 
 
@@ -350,7 +379,6 @@ def derive(root: Path = ROOT, dvc_yaml: dict | None = None) -> dict[str, StageDe
     dvc_yaml = dvc_yaml if dvc_yaml is not None else yaml.load(root / "dvc.yaml")
     params_yaml = yaml.load(root / "params.yaml") or {}
     project = Project(root)
-    sections = config_sections(project)
     cli = project.module(project.name_of(Path(CLI)))
     commands = {name.removeprefix("cmd_") for name in cli_functions(cli.tree) if name.startswith("cmd_")}
     derived = {}
@@ -359,9 +387,7 @@ def derive(root: Path = ROOT, dvc_yaml: dict | None = None) -> dict[str, StageDe
         if command is None:
             continue
         closure = stage_closure(project, command)
-        read = set()
-        for name, nodes in closure.items():
-            read |= params_read(nodes, project.module(name), sections)
+        read = set().union(*(facts.params for facts in closure.values()))
         derived[stage] = StageDeps(command, code_deps(project, closure), collapse_params(read, params_yaml))
     return derived
 
