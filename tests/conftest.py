@@ -34,4 +34,12 @@ def weights_dir(tmp_path_factory):
 
 from pathlib import Path  # noqa: E402
 
+
+@pytest.fixture(scope="session")
+def teacher_dir(tiny_digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher") / "model"
+    tiny_digits.save(folder)
+    return folder
+
+
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the committed embedded default

@@ -12,7 +12,7 @@ import pytest
 import tiny_models
 from tdm import config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import tiny_models
 
-from tdm.sampler import TDMScheduler, student_sample
+from tdm.sampler import student_sample
+from tdm.scheduling_tdm import TDMScheduler
 from tdm.schedule import student_timesteps
 
 

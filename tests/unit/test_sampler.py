@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from tdm.backbones import cat_cond
-from tdm.sampler import guided_x0_eps, make_noise, sample_images, student_sample, teacher_sample
+from tdm.sampler import guided_x0_eps, make_noise, sample_student, sample_teacher, student_sample, teacher_sample
+from tdm.student import Student, StudentRecord
 from tdm.schedule import student_timesteps
 
 
@@ -72,13 +73,17 @@ def test_batched_cfg_equals_separate_forwards(tiny_digits):
 
 def test_samples_do_not_depend_on_batch_size_and_follow_the_seed(tiny_digits):
     prompts = [f"a handwritten digit {w}" for w in ["zero", "one", "two", "three", "four"]] * 2
-    a = sample_images(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=5, batch_size=3)
-    b = sample_images(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=5, batch_size=10)
-    c = sample_images(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=6, batch_size=10)
+    a = sample_teacher(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=5, batch_size=3)
+    b = sample_teacher(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=5, batch_size=10)
+    c = sample_teacher(tiny_digits, tiny_digits.net, prompts, steps=3, guidance=2.0, seed=6, batch_size=10)
     assert a.shape == (10, 8, 8, 1) and a.dtype == torch.uint8
     assert (a.int() - b.int()).abs().max() <= 1  # batched matmuls may round differently in the last bit
     assert not torch.equal(b, c)
-    s = sample_images(tiny_digits, tiny_digits.net, prompts, steps=4, student=True, total_steps=900, seed=5)
+    student = Student(tiny_digits, tiny_digits.net, StudentRecord(family="digits", k=4, total_steps=900))
+    s = sample_student(student, prompts, seed=5)
     assert s.shape == (10, 8, 8, 1)
+    noise = make_noise(len(prompts), tiny_digits.sample_shape, seed=5)
+    x0 = student_sample(tiny_digits, tiny_digits.net, tiny_digits.encode_prompts(prompts), noise, 4, 900)
+    assert torch.equal(s, tiny_digits.decode(x0))  # K = the record's K, same noise as the teacher's
     with pytest.raises(ValueError, match="total_steps"):
-        sample_images(tiny_digits, tiny_digits.net, prompts, steps=4, student=True)
+        sample_student(student, prompts, k=901)

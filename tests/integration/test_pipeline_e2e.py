@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ["teacher_ft", "distill", "lora_transfer", "evaluate", "report"]
 TINY = ["model.channels=[32, 32]", "teacher_ft.steps=20", "teacher_ft.batch_size=16", "teacher_ft.eval_samples=20",
         "teacher_ft.checkpoint_every=10", "sample.steps=4", "sample.batch_size=50",

@@ -11,7 +11,7 @@ from PIL import Image
 from tdm import report
 from tdm.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _stage_outputs(root: Path) -> None:
@@ -29,7 +29,8 @@ def _stage_outputs(root: Path) -> None:
     (root / "metrics" / "evaluate.json").write_text(json.dumps({"rows": rows}))
     (root / "metrics" / "teacher_ft.json").write_text(json.dumps({"train_time_s": 533.0, "steps": 1800}))
     (root / "metrics" / "distill.json").write_text(json.dumps({"train_time_s": 285.0, "iterations": 400}))
-    (root / "outputs" / "teacher_ft" / "loss.csv").write_text("step,loss,lr\n1,0.9,1e-4\n2,0.5,1e-4\n3,0.3,1e-4\n")
+    (root / "outputs" / "teacher_ft" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "loss": v, "lr": 1e-4}) + "\n" for i, v in ((1, 0.9), (2, 0.5), (3, 0.3))))
     (root / "outputs" / "distill" / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss_fake": 0.1 / s, "loss_gen": 0.5}) + "\n" for s in (1, 2, 3)))
 

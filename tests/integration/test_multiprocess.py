@@ -20,5 +20,5 @@ def test_two_process_teacher_ft(tmp_path):
     metrics = json.loads((tmp_path / "metrics/teacher_ft.json").read_text())
     assert metrics["steps"] == 4
     assert (tmp_path / "outputs/teacher_ft/model/model_index.json").is_file()
-    rows = (tmp_path / "outputs/teacher_ft/loss.csv").read_text().splitlines()
-    assert len(rows) == 5  # header + 4 steps, written by rank 0 only
+    rows = (tmp_path / "outputs/teacher_ft/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]  # written by rank 0 only

@@ -40,7 +40,9 @@ def sd_run(tmp_path_factory):
     lora = L.from_peft(get_peft_model_state_dict(net, adapter_name="student"), config.to_dict())
     L.save_lora(lora, root / "tdm_lora", "diffusers")  # the format users share
     (root / "student").mkdir()
-    (root / "student" / "tdm_student.json").write_text(json.dumps({"k": 2, "total_steps": 900, "unify": False}))
+    from tdm.student import RECORD_FILE, StudentRecord
+
+    (root / "student" / RECORD_FILE).write_text(StudentRecord(family="sd15", k=2, total_steps=900).to_json())
     (root / "prompts.txt").write_text("a photo of a cat\na red car\n")
     return root
 

@@ -195,12 +195,12 @@ def _cfg(tmp_path, family, model_dir, *extra):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_teacher_ft_step_on_an_image_folder(family, saved, image_folder, tmp_path):
-    from tdm import finetune
+    from tdm import teacher_ft
 
     cfg = _cfg(tmp_path, family, saved[family], f"teacher_ft.data={image_folder}", "teacher_ft.resolution=16",
                "teacher_ft.steps=1", "teacher_ft.batch_size=2", "teacher_ft.warmup_steps=0", "teacher_ft.lr=1e-2",
                "teacher_ft.eval_samples=0", "teacher_ft.ema_decay=0")
-    metrics = finetune.run(cfg, StagePaths.of("teacher_ft", tmp_path), progress=False)
+    metrics = teacher_ft.run(cfg, StagePaths.of("teacher_ft", tmp_path), progress=False)
     assert metrics["steps"] == 1 and np.isfinite(metrics["final_loss"]) and metrics["final_loss"] > 0
     before = load_backbone(saved[family])
     after = load_backbone(tmp_path / "outputs/teacher_ft/model")
@@ -243,7 +243,8 @@ def test_tdm_iterations_train_student_and_fake_only(family, mode, saved, tmp_pat
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_distill_stage_checkpoints_resumes_and_saves_a_sampleable_student(family, saved, tmp_path):
     from tdm import distill
-    from tdm.sampler import sample_images
+    from tdm.sampler import sample_student
+    from tdm.student import load_student
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
@@ -254,9 +255,10 @@ def test_distill_stage_checkpoints_resumes_and_saves_a_sampleable_student(family
     metrics = distill.run(cfg, paths, progress=False)
     assert metrics["resumed_from"] == 1 and metrics["iterations"] == 2  # picked up the checkpoint
     student_dir = paths.out_dir / "student"
-    student = load_backbone(student_dir)
-    assert student.family == family and distill.student_info(student_dir)["k"] == 2
-    images = sample_images(student, student.net, PROMPTS[:2], steps=2, student=True, total_steps=1000)
+    loaded = load_student(student_dir)
+    student = loaded.backbone
+    assert student.family == loaded.record.family == family and loaded.record.k == 2
+    images = sample_student(loaded, PROMPTS[:2], k=2)
     h, w = student.resolution
     frames = (student.num_frames,) if family == "cogvideox" else ()
     assert images.dtype == torch.uint8 and tuple(images.shape) == (2, *frames, h, w, 3)
@@ -302,7 +304,8 @@ def test_teacher_sampler_matches_the_diffusers_pipeline(family, saved):
 def test_a_float32_student_beside_bf16_encoders_samples(family, saved):
     """What a bf16 LoRA run saves: the merged student in float32, the frozen parts in bf16; sampling (no
     autocast) must still run, and match the all-float32 model closely."""
-    from tdm.sampler import sample_images
+    from tdm.sampler import sample_student
+    from tdm.student import Student, StudentRecord
 
     mixed = load_backbone(saved[family], dtype=torch.bfloat16)
     mixed.net.float()
@@ -313,7 +316,8 @@ def test_a_float32_student_beside_bf16_encoders_samples(family, saved):
         b = reference.predict(reference.net, x, t, reference.encode_prompts(PROMPTS[:2]))
     assert a.dtype == torch.float32
     torch.testing.assert_close(a, b, atol=0.1, rtol=0.1)  # bf16 text features, float32 denoiser
-    images = sample_images(mixed, mixed.net, PROMPTS[:1], steps=2, student=True, total_steps=1000)
+    record = StudentRecord(family=family, k=2, total_steps=1000)
+    images = sample_student(Student(mixed, mixed.net, record), PROMPTS[:1])
     assert images.dtype == torch.uint8
 
 

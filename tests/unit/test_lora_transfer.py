@@ -38,8 +38,10 @@ def run_dir(tiny_digits, tmp_path_factory):
     (root / "distill" / "student_lora" / L.PEFT_CONFIG).write_text(
         json.dumps(roles.lora_config.to_dict(), default=list))
     (root / "distill" / "student").mkdir()
-    (root / "distill" / "student" / "tdm_student.json").write_text(json.dumps(
-        {"k": 2, "total_steps": 900, "unify": False, "guidance": 2.0, "teacher": str(root / "teacher")}))
+    from tdm.student import RECORD_FILE, StudentRecord
+
+    (root / "distill" / "student" / RECORD_FILE).write_text(StudentRecord(  # the record alone: a LoRA-only student
+        family="digits", k=2, total_steps=900, guidance=2.0, mode="lora", teacher=str(root / "teacher")).to_json())
     # A second "custom model" given as a folder (another model of the same architecture).
     other = copy.copy(tiny_digits)
     other.net = copy.deepcopy(tiny_digits.net)
@@ -99,7 +101,8 @@ def test_stage_writes_rows_manifest_and_style_metrics(run_dir, weights_dir, tmp_
 def test_scale_zero_row_is_the_custom_model_alone(run_dir, weights_dir, tmp_path):
     from tdm import lora_transfer
     from tdm.backbones import load_backbone
-    from tdm.sampler import sample_images
+    from tdm.sampler import sample_student
+    from tdm.student import Student, StudentRecord
 
     other = str(run_dir / "other_custom")
     paths = StagePaths(tmp_path / "out", tmp_path / "metrics.json")
@@ -108,7 +111,8 @@ def test_scale_zero_row_is_the_custom_model_alone(run_dir, weights_dir, tmp_path
     row = json.loads((paths.out_dir / "manifest.json").read_text())["rows"][-1]
     images, prompts = load_samples(row["samples"])
     backbone = load_backbone(other)
-    alone = sample_images(backbone, backbone.net, prompts, steps=2, student=True, total_steps=900, seed=0)
+    alone = sample_student(Student(backbone, backbone.net, StudentRecord(family="digits", k=2, total_steps=900)),
+                           prompts, seed=0)
     assert row["lora_scale"] == 0.0 and np.array_equal(images, alone.numpy())
 
 

@@ -13,7 +13,7 @@ from tdm.evaluation.runner import Evaluator, MetricSettings
 from tdm.evaluation.vbench import DIMENSION_FILES, VBenchUnavailable, check_dimensions, run_vbench
 from tdm.evaluation.weights import MissingWeights
 
-VENV = Path(os.environ.get("TDM_VBENCH_VENV", Path(__file__).resolve().parents[1] / ".venv-vbench"))
+VENV = Path(os.environ.get("TDM_VBENCH_VENV", Path(__file__).resolve().parents[2] / ".venv-vbench"))
 needs_venv = pytest.mark.skipif(not (VENV / "bin" / "python").is_file(),
                                 reason=f"VBench venv not built at {VENV} (run scripts/vbench_env.sh)")
 
@@ -59,7 +59,7 @@ def test_vbench_as_a_runner_metric_and_from_a_folder(tmp_path):
     subprocess.run([str(VENV / "bin" / "python"), "-P", "-c",
                     ("import sys; sys.path.insert(0, sys.argv[1]); import _vbench_driver as d; "
                      "d.write_videos(sys.argv[2], sys.argv[3], 8)"),
-                    str(Path(__file__).resolve().parents[1] / "tdm/evaluation"), str(tmp_path / "v.npz"), str(folder)],
+                    str(Path(__file__).resolve().parents[2] / "tdm/evaluation"), str(tmp_path / "v.npz"), str(folder)],
                    check=True)
     out = run_vbench(["temporal_flickering"], tmp_path / "w", VENV, video_folder=folder)
     assert out["scores"]["temporal_flickering"] == pytest.approx(1.0, abs=1e-3)

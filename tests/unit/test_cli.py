@@ -9,7 +9,7 @@ import pytest
 
 from tdm.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["-S", "model.channels=[32, 32]", "-S", "teacher_ft.steps=3", "-S", "teacher_ft.batch_size=8",
         "-S", "teacher_ft.eval_samples=10", "-S", "sample.steps=2"]
 
