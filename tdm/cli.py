@@ -39,10 +39,10 @@ def _tracked(stage: str, cfg, run_fn) -> dict:
 
 
 def cmd_teacher_ft(args) -> dict:
-    from tdm import finetune
+    from tdm import teacher_ft
 
     cfg = _load_config(args)
-    return _tracked("teacher_ft", cfg, lambda: finetune.run(cfg, progress=not args.quiet))
+    return _tracked("teacher_ft", cfg, lambda: teacher_ft.run(cfg, progress=not args.quiet))
 
 
 def cmd_distill(args) -> dict:
@@ -86,11 +86,30 @@ def cmd_report(args) -> dict:
     return _tracked("report", cfg, lambda: report.run(cfg))
 
 
+def _open_student(model: Path, steps: int, total_steps: int | None):
+    """The student in `model` (its record; `--total-steps` overrides the record's grid length). A folder
+    without a record (a plain model run as a student) needs --total-steps."""
+    from tdm.backbones import family_of, load_backbone
+    from tdm.student import RECORD_FILE, Student, StudentRecord, load_student
+
+    if (model / RECORD_FILE).is_file():
+        student = load_student(model)
+        if total_steps is not None:
+            student.record = student.record.replace(total_steps=total_steps)
+    elif total_steps is None:
+        raise ValueError(f"--student: {model} has no {RECORD_FILE}; give --total-steps (the distillation's "
+                         "trajectory length, e.g. 900)")
+    else:
+        backbone = load_backbone(model)
+        student = Student(backbone, backbone.net, StudentRecord(family=family_of(model), k=steps,
+                                                                total_steps=total_steps))
+    student.record.check_k(steps)
+    return student
+
+
 def cmd_sample(args) -> dict:
     from tdm.artifacts import save_samples
-    from tdm.backbones import load_backbone
     from tdm.data import digit_prompt_set, read_prompts
-    from tdm.sampler import sample_images
 
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
@@ -99,6 +118,11 @@ def cmd_sample(args) -> dict:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.student and args.guidance != 1.0:
         raise ValueError("--guidance applies to the teacher; the student has CFG baked in (leave it at 1)")
+    if args.steps < 1 or args.guidance < 1:
+        raise ValueError("--steps must be >= 1 and --guidance >= 1")
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ValueError(f"--out must end in .npz, got {out}")
     if args.prompt is not None:
         prompts = [args.prompt] * (args.n or 1)
     elif args.prompts is not None:
@@ -106,23 +130,20 @@ def cmd_sample(args) -> dict:
         prompts = [listed[i % len(listed)] for i in range(args.n or len(listed))]
     else:
         prompts = digit_prompt_set(args.n or 100, seed=args.seed)
-    if args.student and args.total_steps is None:
-        from tdm.distill import student_info
-
-        args.total_steps = student_info(model).get("total_steps")
-        if args.total_steps is None:
-            raise ValueError("--student needs --total-steps (the distillation's trajectory length, e.g. 900)")
-    if args.steps < 1 or args.guidance < 1:
-        raise ValueError("--steps must be >= 1 and --guidance >= 1")
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise ValueError(f"--out must end in .npz, got {out}")
     import torch
 
-    backbone = load_backbone(model).to("cuda" if torch.cuda.is_available() else "cpu")
-    images = sample_images(backbone, backbone.net, prompts, steps=args.steps, guidance=args.guidance,
-                           student=args.student, total_steps=args.total_steps, seed=args.seed,
-                           batch_size=args.batch_size, progress=not args.quiet)
+    from tdm.sampler import sample_student, sample_teacher
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = {"seed": args.seed, "batch_size": args.batch_size, "progress": not args.quiet}
+    if args.student:
+        student = _open_student(model, args.steps, args.total_steps).to(device)
+        images = sample_student(student, prompts, k=args.steps, **common)
+    else:
+        from tdm.backbones import load_backbone
+
+        backbone = load_backbone(model).to(device)
+        images = sample_teacher(backbone, backbone.net, prompts, steps=args.steps, guidance=args.guidance, **common)
     npz, png = save_samples(out, images, prompts, steps=args.steps, guidance=args.guidance)
     result = {"samples": str(npz), "grid": str(png), "n": len(prompts)}
     if args.score:

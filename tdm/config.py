@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -94,10 +94,13 @@ class TeacherFTConfig(_Section):
     snr_gamma: Optional[float] = Field(5.0, gt=0)  # min-SNR loss weighting; null = plain MSE
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)  # losses are moved to the host (and NaN-checked) every log_every steps
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     # Teacher quality check after training (digits): samples with the `sample` settings, scored by the toy metrics.
     eval_samples: int = Field(1000, ge=0)
+    # Keys that do not change the trained weights: a checkpoint made with other values still resumes.
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = ("eval_samples", "checkpoint_every", "log_every")
 
     @field_validator("data")
     @classmethod
@@ -149,6 +152,9 @@ class DistillConfig(_Section):
     log_every: int = Field(10, ge=1)  # losses are moved to the host (and NaN-checked) every log_every steps
     seed: int = 0
     eval_samples: int = Field(1000, ge=0)  # student samples scored after training (digits)
+    # Keys that do not change the trained weights (speed switches agree within float tolerance).
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = ("eval_samples", "checkpoint_every", "log_every", "compile",
+                                              "channels_last")
 
 
 class LoraTransferConfig(_Section):

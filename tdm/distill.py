@@ -12,17 +12,14 @@ Every random draw of step s comes from a generator seeded by (seed, s, process):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from tdm import checkpoint as ckpt
 from tdm.artifacts import atomic_folder, save_samples, write_json
 from tdm.backbones import Backbone, load_backbone
 from tdm.backbones.base import Cond
@@ -32,9 +29,8 @@ from tdm.ema import EMA
 from tdm.losses import fake_score_loss, generator_loss, importance_weight
 from tdm.roles import Roles
 from tdm.schedule import student_timesteps
-from tdm.tracking import MetricsLog
-from tdm.training import (TrainingDiverged, all_finite, average_gradients, lr_factor, replicas_identical,
-                          resumable_checkpoint, step_generator)
+from tdm.student import StudentRecord, load_student
+from tdm.training import LoopSettings, average_gradients, fingerprint, lr_factor, run_loop, step_generator
 
 STAGE = "distill"
 
@@ -208,14 +204,6 @@ class TDMTrainer:
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
-def config_fingerprint(cfg: Config) -> str:
-    """What must match for a checkpoint to be resumed: the distillation math (not bookkeeping)."""
-    relevant = dump(cfg)[STAGE]
-    for bookkeeping in ("eval_samples", "checkpoint_every", "log_every", "compile", "channels_last"):
-        relevant.pop(bookkeeping)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def check_inputs(cfg: Config) -> None:
     """Everything the stage reads, checked before any model is built; errors name the key."""
     from tdm.backbones import resolve_model_path
@@ -254,84 +242,34 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
         raise ValueError(f"distill.total_steps {d.total_steps} exceeds the teacher's "
                          f"{backbone.schedule.num_train_timesteps} training timesteps")
     trainer = TDMTrainer(cfg, backbone, accelerator)
-
-    ckpt_root = paths.out_dir / "checkpoints"
-    fingerprint = config_fingerprint(cfg)
-    start, resumed_from, past_time = 0, None, 0.0
-    found = resumable_checkpoint(accelerator, ckpt_root, fingerprint, STAGE)
-    if found is not None:
-        path, state = found
-        trainer.load_state_dict(state["trainer"])
-        start = resumed_from = int(state["step"])
-        past_time = float(state["train_time_s"])
-        accelerator.print(f"distill: resuming from {path} (iteration {start})")
-    log = MetricsLog(paths.out_dir / "metrics.jsonl", resume_from_step=resumed_from) \
-        if accelerator.is_main_process else None
-
-    t0 = time.perf_counter()
-    last: dict = {}
-
-    def flush() -> None:
-        # Host sync only here: losses come to the CPU every log_every steps, and are checked for NaN.
-        rows = log.flush() if log is not None else []
-        if rows:
-            last.update(rows[-1])
-        bad = [r for r in rows if not all(v == v and abs(v) != float("inf") for v in r.values())]
-        if bad or not all_finite(trainer.trainable()):
-            raise TrainingDiverged(f"distill: non-finite loss or weights by iteration {bad[0]['step'] if bad else step}; "
-                                   f"stopped. Last good checkpoint: {ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. "
-                                   f"Lower distill.lr / distill.fake_lr.")
-
-    def save(step: int) -> None:
-        flush()
-        if not replicas_identical(accelerator, trainer.trainable()):
-            raise RuntimeError(f"distill: replicas differ across processes at iteration {step}")
-        if accelerator.is_main_process:
-            ckpt.save_state(ckpt.step_dir(ckpt_root, step), {
-                "step": step, "fingerprint": fingerprint, "trainer": trainer.state_dict(),
-                "train_time_s": past_time + time.perf_counter() - t0})
-            ckpt.prune_checkpoints(ckpt_root, keep=2)
-        accelerator.wait_for_everyone()
-
-    end = d.iterations if stop_after is None else min(d.iterations, stop_after)
-    bar = None
-    if progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=d.iterations, initial=start, desc="distill", unit="it", dynamic_ncols=True)
-    step = start
-    for step in range(start, end):
-        metrics = trainer.iteration(step)
-        if log is not None:
-            log.log(step + 1, metrics)
-        if (step + 1) % d.log_every == 0:
-            flush()
-            if bar is not None and last:
-                bar.set_postfix(fake=f"{last['loss_fake']:.4f}", gen=f"{last['loss_gen']:.4f}")
-        if bar is not None:
-            bar.update(1)
-        if (step + 1) % d.checkpoint_every == 0 or step + 1 == end:
-            save(step + 1)
-    if bar is not None:
-        bar.close()
-    summary = {"iterations": end, "resumed_from": resumed_from,
-               "train_time_s": round(past_time + (time.perf_counter() - t0 if end > start else 0.0), 2),
-               **{k: v for k, v in last.items() if k.startswith(("loss_", "grad_norm_"))}}
+    settings = LoopSettings(STAGE, d.iterations, d.checkpoint_every, d.log_every, fingerprint(cfg, STAGE),
+                            paths.out_dir, on_diverge="Lower distill.lr / distill.fake_lr.", unit="it")
+    result = run_loop(accelerator, settings, trainer, trainer.iteration, progress, stop_after)
+    summary = {"iterations": result.steps, "resumed_from": result.resumed_from,
+               "train_time_s": round(result.train_time_s, 2),
+               **{k: v for k, v in result.last.items() if k.startswith(("loss_", "grad_norm_"))}}
     return trainer, summary
 
 
-def save_student(trainer: TDMTrainer, folder: Path) -> None:
-    """The EMA student as a model folder `tdm sample --student` runs (LoRA merged in), plus what it needs
-    to sample (K, total_steps) in tdm_student.json; LoRA mode also writes the adapter alone."""
+def student_record(cfg: Config, family: str) -> StudentRecord:
+    """What the distilled student is (the record `tdm sample --student`, evaluate and lora-transfer read)."""
+    d = cfg.distill
+    return StudentRecord(family=family, k=d.k, total_steps=d.total_steps, unify=d.unify,
+                         k_choices=tuple(d.k_choices) if d.unify else (d.k,), guidance=d.guidance, mode=d.mode,
+                         teacher=d.teacher)
+
+
+def save_student(trainer: TDMTrainer, folder: Path) -> StudentRecord:
+    """The EMA student as a model folder (LoRA merged in) with its record and, if K-aware, its K embedding
+    (`tdm.student`); LoRA mode also writes the adapter alone to `student_lora/` beside it."""
     d = trainer.cfg.distill
     roles = trainer.roles
     weights = trainer.ema.shadow
     net = roles.merged_net("student", weights)
-    info = {"k": d.k, "total_steps": d.total_steps, "unify": d.unify, "k_choices": list(d.k_choices),
-            "guidance": d.guidance, "mode": d.mode, "teacher": d.teacher}
-    trainer.backbone.save(folder, net=net, k_embedding=roles.k_embedding("student", weights),
-                          extra_files={"tdm_student.json": json.dumps(info, indent=2),
-                                       "tdm_params.json": json.dumps(dump(trainer.cfg), indent=2)})
+    record = student_record(trainer.cfg, trainer.backbone.family)
+    sidecars = record.files(roles.k_embedding("student", weights))
+    trainer.backbone.save(folder, net=net, extra_files={**sidecars,
+                                                        "tdm_params.json": json.dumps(dump(trainer.cfg), indent=2)})
     if d.mode != "lora":  # a LoRA left by an earlier run in this folder would no longer match the student
         import shutil
 
@@ -348,27 +286,23 @@ def save_student(trainer: TDMTrainer, folder: Path) -> None:
         with atomic_folder(folder.parent / "student_lora") as tmp:
             save_file(adapter, tmp / "adapter_model.safetensors")
             (tmp / "adapter_config.json").write_text(json.dumps(roles.lora_config.to_dict(), indent=2, default=list))
-
-
-def student_info(folder: str | Path) -> dict:
-    path = Path(folder) / "tdm_student.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return record
 
 
 def evaluate_student(cfg: Config, folder: Path, out_dir: Path, progress: bool = True) -> dict:
-    """Sample the saved student at K (every K of k_choices for TDM-unify) and score it (digits)."""
+    """Sample the saved student at each K it was trained for and score it (digits)."""
     from tdm.evaluation.digits import evaluate_samples
-    from tdm.sampler import sample_images
+    from tdm.sampler import sample_student
 
     d = cfg.distill
     if d.eval_samples == 0 or cfg.model.family != "digits":
         return {}
-    backbone = load_backbone(folder)
+    student = load_student(folder)
     prompts = digit_prompt_set(d.eval_samples, seed=cfg.sample.seed)
     results = {}
-    for k in (d.k_choices if d.unify else (d.k,)):
-        images = sample_images(backbone, backbone.net, prompts, steps=k, student=True, total_steps=d.total_steps,
-                               seed=cfg.sample.seed, batch_size=cfg.sample.batch_size, progress=progress)
+    for k in student.record.sampling_ks:
+        images = sample_student(student, prompts, k=k, seed=cfg.sample.seed, batch_size=cfg.sample.batch_size,
+                                progress=progress)
         save_samples(out_dir / f"samples_k{k}.npz", images, prompts, steps=k)
         scores = evaluate_samples(images.numpy(), prompts, cfg.eval.weights_dir)
         results.update({f"eval_k{k}_{name}": v for name, v in scores.items()})

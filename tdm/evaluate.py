@@ -82,8 +82,7 @@ def read_manifest(path: str | None) -> list[dict]:
 
 
 def plan(cfg: Config) -> list[dict]:
-    """The rows to sample: (model, folder, steps, guidance, student, total_steps). Checks inputs, no compute."""
-    from tdm.distill import student_info
+    """The rows to sample: (model, folder, steps, guidance, student). Checks inputs, no compute."""
 
     e = cfg.evaluate
     rows = []
@@ -95,15 +94,17 @@ def plan(cfg: Config) -> list[dict]:
                      "nfe": steps * (2 if guidance != 1.0 else 1), "sample_guidance": guidance})
     student = _model_folder(e.student, "student")
     if student is not None:
-        info = student_info(student)
-        if "total_steps" not in info:
-            raise FileNotFoundError(f"evaluate.student: {student / 'tdm_student.json'} missing or without "
-                                    "total_steps (is it a distill stage student?)")
-        own = [info["k"]] if "k" in info else []
-        ks = e.student_steps if info.get("unify") or e.fixed_k_steps == "all" or not own else own
+        from tdm.student import StudentRecord
+
+        try:
+            record = StudentRecord.load(student)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"evaluate.student: {err} (is it a distill stage student?)") from None
+        ks = e.student_steps if record.unify or e.fixed_k_steps == "all" else record.sampling_ks
         for k in sorted(set(ks)):
-            rows.append({"model": "student", "folder": student, "steps": k, "guidance": float(info.get("guidance", 1.0)),
-                         "student": True, "total_steps": info["total_steps"], "nfe": k, "sample_guidance": 1.0})
+            record.check_k(k)
+            rows.append({"model": "student", "folder": student, "steps": k, "guidance": record.guidance or 1.0,
+                         "student": True, "nfe": k, "sample_guidance": 1.0})
     return rows
 
 
@@ -113,7 +114,8 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
 
     from tdm.backbones import load_backbone
     from tdm.evaluation.runner import Evaluator, MetricSettings, markdown_table, score_sets
-    from tdm.sampler import sample_images
+    from tdm.sampler import sample_student, sample_teacher
+    from tdm.student import load_student
 
     paths = paths or StagePaths.of(STAGE)
     e = cfg.evaluate
@@ -129,15 +131,17 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
     rows = []
     out_dir = paths.out_dir
     with atomic_folder(out_dir) as tmp:
-        loaded: dict[Path, object] = {}
+        loaded: dict[tuple[Path, bool], object] = {}
         for r in to_sample:
-            if r["folder"] not in loaded:
+            key = (r["folder"], r["student"])
+            if key not in loaded:
                 loaded.clear()  # one model in memory at a time
-                loaded[r["folder"]] = load_backbone(r["folder"]).to(device)
-            backbone = loaded[r["folder"]]
-            images = sample_images(backbone, backbone.net, prompts, steps=r["steps"], guidance=r["sample_guidance"],
-                                   student=r["student"], total_steps=r.get("total_steps"), seed=cfg.sample.seed,
-                                   batch_size=cfg.sample.batch_size, progress=progress)
+                loaded[key] = (load_student(r["folder"]) if r["student"] else load_backbone(r["folder"])).to(device)
+            model = loaded[key]
+            common = {"seed": cfg.sample.seed, "batch_size": cfg.sample.batch_size, "progress": progress}
+            images = (sample_student(model, prompts, k=r["steps"], **common) if r["student"] else
+                      sample_teacher(model, model.net, prompts, steps=r["steps"], guidance=r["sample_guidance"],
+                                     **common))
             name = f"samples_{r['model']}_s{r['steps']}.npz"
             save_samples(tmp / name, images, prompts, steps=r["steps"], guidance=r["sample_guidance"])
             rows.append({"model": r["model"], "steps": r["steps"], "nfe": r["nfe"], "guidance": r["guidance"],

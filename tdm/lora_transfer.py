@@ -25,6 +25,7 @@ import torch
 from tdm.artifacts import atomic_folder, save_samples, write_json
 from tdm.config import Config, StagePaths
 from tdm.lora import LoRA, fuse, load_lora
+from tdm.student import K_EMBEDDING_FILE, RECORD_FILE, Student, StudentRecord, load_k_embedding
 
 STAGE = "lora_transfer"
 LORA_SUFFIX = "+tdm_lora"
@@ -32,51 +33,60 @@ LORA_SUFFIX = "+tdm_lora"
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
 def student_folder(cfg: Config) -> Path:
-    t = cfg.lora_transfer
-    return Path(t.student) if t.student is not None else Path(t.lora).parent / "student"
+    lt = cfg.lora_transfer
+    return Path(lt.student) if lt.student is not None else Path(lt.lora).parent / "student"
 
 
-def student_settings(cfg: Config) -> dict:
-    """K, total_steps, unify and teacher of the distilled student (tdm_student.json), with config overrides."""
-    from tdm.distill import student_info
+def student_record(cfg: Config) -> StudentRecord:
+    """The distilled student's record (`tdm.student`), with `lora_transfer.steps` / `total_steps` in place of
+    its K / grid length when set. A LoRA without a student record (e.g. `tdm lora extract`) needs both keys."""
+    lt = cfg.lora_transfer
+    folder = student_folder(cfg)
+    if (folder / RECORD_FILE).is_file():
+        record = StudentRecord.load(folder)
+    elif lt.steps is None or lt.total_steps is None:
+        key = "lora_transfer.total_steps" if lt.total_steps is None else "lora_transfer.steps"
+        raise ValueError(f"params.yaml: {key}: not set and no {RECORD_FILE} in {folder} (set it, or "
+                         f"lora_transfer.student)")
+    else:
+        record = StudentRecord(family=cfg.model.family, k=lt.steps, total_steps=lt.total_steps)
+    try:
+        record = record.replace(total_steps=lt.total_steps or record.total_steps)
+        record.check_k(lt.steps or record.k)
+    except ValueError as err:
+        raise ValueError(f"params.yaml: lora_transfer.steps: {err}") from None
+    return record.replace(k=lt.steps or record.k, lora_scale=lt.scale)
 
-    t = cfg.lora_transfer
-    info = student_info(student_folder(cfg))
-    k, total = t.steps or info.get("k"), t.total_steps or info.get("total_steps")
-    if total is None:
-        raise ValueError(f"params.yaml: lora_transfer.total_steps: not set and no tdm_student.json in "
-                         f"{student_folder(cfg)} (set it, or lora_transfer.student)")
-    if k is None:
-        raise ValueError(f"params.yaml: lora_transfer.steps: not set and no tdm_student.json in {student_folder(cfg)}")
-    if k > total:
-        raise ValueError(f"params.yaml: lora_transfer.steps: must be <= total_steps {total} (got {k})")
-    base = t.base or info.get("teacher") or cfg.distill.teacher
-    return {"k": int(k), "total_steps": int(total), "unify": bool(info.get("unify", False)), "base": base,
-            "baked_guidance": info.get("guidance")}
+
+def transfer_base(cfg: Config, record: StudentRecord) -> str:
+    """The LoRA's base model: lora_transfer.base, else the student's teacher, else distill.teacher."""
+    return cfg.lora_transfer.base or record.teacher or cfg.distill.teacher
 
 
 def check_inputs(cfg: Config) -> dict:
     """Everything the stage reads, checked before any model is built; errors name the key."""
     from tdm.backbones import resolve_model_path
 
-    t = cfg.lora_transfer
-    if not Path(t.lora).exists():
-        raise FileNotFoundError(f"params.yaml: lora_transfer.lora: not found: {t.lora} (run `tdm distill` in LoRA mode, "
-                                f"or `tdm lora extract` for a full-mode student)")
-    settings = student_settings(cfg)
-    needs_base = any(m.startswith("digits:") for m in t.custom_models)
-    if needs_base:
+    lt = cfg.lora_transfer
+    if not Path(lt.lora).exists():
+        raise FileNotFoundError(f"params.yaml: lora_transfer.lora: not found: {lt.lora} (run `tdm distill` in LoRA "
+                                f"mode, or `tdm lora extract` for a full-mode student)")
+    record = student_record(cfg)
+    if any(m.startswith("digits:") for m in lt.custom_models):
         try:
-            resolve_model_path(settings["base"])
+            resolve_model_path(transfer_base(cfg, record))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"params.yaml: lora_transfer.base: {err}") from None
-    for name in t.custom_models:
+    for name in lt.custom_models:
         if not name.startswith("digits:"):
             try:
                 resolve_model_path(name)
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"params.yaml: lora_transfer.custom_models: {err}") from None
-    return settings
+    if record.unify and load_k_embedding(student_folder(cfg)) is None:
+        raise FileNotFoundError(f"a TDM-unify LoRA needs its student's K embedding: no {K_EMBEDDING_FILE} in "
+                                f"{student_folder(cfg)}")
+    return record
 
 
 # -- digits custom models -------------------------------------------------------------------------------------------
@@ -108,28 +118,28 @@ def write_style_folder(folder: Path, style: str) -> Path:
 
 def digits_custom_model(cfg: Config, style: str, base: str, out_dir: Path, progress: bool) -> Path:
     """The base fine-tuned on `style` digits (teacher_ft's loop, a short run), cached by its recipe."""
-    from tdm import finetune
+    from tdm import teacher_ft
     from tdm.backbones import resolve_model_path
     from tdm.config import parse
 
-    t = cfg.lora_transfer
+    lt = cfg.lora_transfer
     root = out_dir / "custom" / style
     model_dir = root / "model"
-    recipe = {"style": style, "base_weights": _file_digest(resolve_model_path(base)), "steps": t.finetune_steps,
-              "lr": t.finetune_lr, "batch_size": t.finetune_batch_size, "seed": t.seed}
+    recipe = {"style": style, "base_weights": _file_digest(resolve_model_path(base)), "steps": lt.finetune_steps,
+              "lr": lt.finetune_lr, "batch_size": lt.finetune_batch_size, "seed": lt.seed}
     stamp = model_dir / "tdm_custom.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("recipe") == recipe:
         return model_dir
     data = write_style_folder(root / "data", style)
     ft_cfg = parse({
         "model": {"family": "digits", "pretrained": str(base)},
-        "teacher_ft": {"data": str(data), "resolution": 8, "steps": t.finetune_steps, "batch_size": t.finetune_batch_size,
-                       "lr": t.finetune_lr, "warmup_steps": min(20, t.finetune_steps // 10), "ema_decay": 0.99,
-                       "checkpoint_every": t.finetune_steps, "seed": t.seed, "eval_samples": 0},
+        "teacher_ft": {"data": str(data), "resolution": 8, "steps": lt.finetune_steps, "batch_size": lt.finetune_batch_size,
+                       "lr": lt.finetune_lr, "warmup_steps": min(20, lt.finetune_steps // 10), "ema_decay": 0.99,
+                       "checkpoint_every": lt.finetune_steps, "seed": lt.seed, "eval_samples": 0},
     }, source=f"lora_transfer fine-tune of digits:{style}")
     paths = StagePaths(root / "train", root / "train" / "metrics.json")
     shutil.rmtree(paths.out_dir / "checkpoints", ignore_errors=True)  # a changed recipe starts fresh
-    backbone, ema, result = finetune.train(ft_cfg, paths, progress=progress)
+    backbone, ema, result = teacher_ft.train(ft_cfg, paths, progress=progress)
     backbone.save(model_dir, net=ema.averaged_copy(backbone.net), extra_files={"tdm_custom.json": json.dumps(
         {"recipe": recipe, "base": str(base), "train_time_s": round(result.train_time_s, 2),
          "final_loss": result.final_loss}, indent=2)})
@@ -233,47 +243,40 @@ class StyleScorer:
 
 
 # -- the stage ------------------------------------------------------------------------------------------------------
-def with_lora(backbone, lora: LoRA, scale: float, student: Path, unify: bool):
-    """(backbone, net): a copy of the custom denoiser with the LoRA fused in at `scale`; a K-aware (TDM-unify)
-    student's K embedding comes along (it lives beside the LoRA's student, not in the LoRA)."""
-    from tdm.backbones.base import load_k_embedding
-
-    net = fuse(copy.deepcopy(backbone.net), lora, scale).eval().requires_grad_(False)
-    styled = copy.copy(backbone)
-    styled.k_embedding = load_k_embedding(student) if unify else None
-    if unify and styled.k_embedding is None:
-        raise FileNotFoundError(f"a TDM-unify LoRA needs its student's K embedding: not found in {student}")
-    if styled.k_embedding is not None:
-        styled.k_embedding = styled.k_embedding.to(backbone.device)
-    return styled, net
+def with_lora(backbone, lora: LoRA, record: StudentRecord, student: Path) -> Student:
+    """The student on a custom model: a copy of its denoiser with the LoRA fused in at `record.lora_scale`, on
+    the custom model's own backbone; a K-aware (TDM-unify) student's K embedding comes along (it lives beside
+    the LoRA's student, not in the LoRA)."""
+    net = fuse(copy.deepcopy(backbone.net), lora, record.lora_scale).eval().requires_grad_(False)
+    return Student(backbone, net, record, load_k_embedding(student) if record.unify else None)
 
 
-def transfer_rows(cfg: Config, name: str, model: str | Path, lora: LoRA, settings: dict, prompts: list[str],
+def transfer_rows(cfg: Config, name: str, model: str | Path, lora: LoRA, record: StudentRecord, prompts: list[str],
                   out_dir: Path, reference: str | None, progress: bool) -> list[dict]:
     """Sample one custom model three ways; returns the manifest rows (with the npz written)."""
     from tdm.backbones import load_backbone
-    from tdm.sampler import sample_images
+    from tdm.sampler import sample_student, sample_teacher
 
-    t = cfg.lora_transfer
+    lt = cfg.lora_transfer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = load_backbone(model).to(device)
     lora = lora.resolved(backbone.net)  # a LoRA of another architecture fails here, before sampling
-    guidance = t.custom_guidance if t.custom_guidance is not None else cfg.sample.guidance
+    guidance = lt.custom_guidance if lt.custom_guidance is not None else cfg.sample.guidance
     slug = name.replace(":", "_").replace("/", "--")
-    common = {"seed": t.seed, "batch_size": t.batch_size, "progress": progress}
+    common = {"seed": lt.seed, "batch_size": lt.batch_size, "progress": progress}
     rows = []
-    for steps in dict.fromkeys((t.custom_steps, t.few_steps)):
+    for steps in dict.fromkeys((lt.custom_steps, lt.few_steps)):
         t0 = time.perf_counter()
-        images = sample_images(backbone, backbone.net, prompts, steps=steps, guidance=guidance, **common)
+        images = sample_teacher(backbone, backbone.net, prompts, steps=steps, guidance=guidance, **common)
         path = save_samples(out_dir / f"{slug}_ddim{steps}.npz", images, prompts, steps=steps, guidance=guidance)[0]
         rows.append({"model": name, "steps": steps, "nfe": steps * (2 if guidance > 1 else 1), "guidance": guidance,
                      "samples": str(path), "reference": reference, "sample_time_s": round(time.perf_counter() - t0, 2)})
-    styled, net = with_lora(backbone, lora, t.scale, student_folder(cfg), settings["unify"])
-    k = settings["k"]
+    student = with_lora(backbone, lora, record, student_folder(cfg))
+    k = record.k
     t0 = time.perf_counter()
-    images = sample_images(styled, net, prompts, steps=k, student=True, total_steps=settings["total_steps"], **common)
-    path = save_samples(out_dir / f"{slug}{LORA_SUFFIX}_k{k}.npz", images, prompts, steps=k, scale=t.scale)[0]
-    rows.append({"model": name + LORA_SUFFIX, "steps": k, "nfe": k, "guidance": 1.0, "lora_scale": t.scale,
+    images = sample_student(student, prompts, k=k, **common)
+    path = save_samples(out_dir / f"{slug}{LORA_SUFFIX}_k{k}.npz", images, prompts, steps=k, scale=lt.scale)[0]
+    rows.append({"model": name + LORA_SUFFIX, "steps": k, "nfe": k, "guidance": 1.0, "lora_scale": lt.scale,
                  "samples": str(path), "reference": reference, "sample_time_s": round(time.perf_counter() - t0, 2)})
     return rows
 
@@ -304,18 +307,19 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
     from tdm.data import digit_prompt_set, read_prompts
 
     paths = paths or StagePaths.of(STAGE)
-    t = cfg.lora_transfer
-    settings = check_inputs(cfg)
-    lora = load_lora(t.lora)
-    listed = None if t.prompts == "digits" else read_prompts(t.prompts)
-    prompts = digit_prompt_set(t.n, seed=t.seed) if listed is None else [listed[i % len(listed)] for i in range(t.n)]
+    lt = cfg.lora_transfer
+    record = check_inputs(cfg)
+    base = transfer_base(cfg, record)
+    lora = load_lora(lt.lora)
+    listed = None if lt.prompts == "digits" else read_prompts(lt.prompts)
+    prompts = digit_prompt_set(lt.n, seed=lt.seed) if listed is None else [listed[i % len(listed)] for i in range(lt.n)]
     samples_dir = paths.out_dir / "samples"
     rows, styles, t0 = [], {}, time.perf_counter()
-    for name in t.custom_models:
+    for name in lt.custom_models:
         reference = None
         if name.startswith("digits:"):
             style = styles[name] = name.split(":", 1)[1]
-            model = digits_custom_model(cfg, style, settings["base"], paths.out_dir, progress)
+            model = digits_custom_model(cfg, style, base, paths.out_dir, progress)
             ref_path = paths.out_dir / "references" / f"digits_{style}_test.npz"
             ref_images = style_reference(style)
             from tdm.data import digit_prompt, digits_split
@@ -324,12 +328,12 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
             reference = str(ref_path)
         else:
             model = name
-        rows += transfer_rows(cfg, name, model, lora, settings, prompts, samples_dir, reference, progress)
-    write_json(paths.out_dir / "manifest.json", {"rows": rows, "lora": str(t.lora), "scale": t.scale,
-                                                 "student_steps": settings["k"], "total_steps": settings["total_steps"]})
+        rows += transfer_rows(cfg, name, model, lora, record, prompts, samples_dir, reference, progress)
+    write_json(paths.out_dir / "manifest.json", {"rows": rows, "lora": str(lt.lora), "scale": lt.scale,
+                                                 "student_steps": record.k, "total_steps": record.total_steps})
     scored, references = score_rows(cfg, rows, styles)
     # The layout of metrics/evaluate.json (rows with a `metrics` dict), so tracking and reports read both alike.
-    metrics = {"rows": scored, "references": references, "lora_scale": t.scale,
+    metrics = {"rows": scored, "references": references, "lora_scale": lt.scale,
                "stage_time_s": round(time.perf_counter() - t0, 2)}
     write_json(paths.metrics, metrics)
     return metrics

@@ -7,7 +7,6 @@ plots are embedded as data URIs, so the page renders offline (no CDN, unlike `dv
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -106,21 +105,18 @@ def plot_metric_vs_nfe(rows: list[dict], metric: str) -> bytes | None:
 
 
 def read_losses(root: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Loss curves: the teacher's loss.csv and distillation's metrics.jsonl (fake-score and generator losses)."""
+    """Loss curves from the training stages' per-step logs (`metrics.jsonl`, written by tdm.training.run_loop):
+    the teacher's loss, distillation's fake-score and generator losses."""
     curves: dict[str, tuple[list[int], list[float]]] = {}
-    teacher = root / "outputs" / "teacher_ft" / "loss.csv"
-    if teacher.is_file():
-        with teacher.open() as f:
-            rows = list(csv.DictReader(f))
-        if rows:
-            curves["teacher_ft loss"] = ([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
-    distill = root / "outputs" / "distill" / "metrics.jsonl"
-    if distill.is_file():
-        rows = [json.loads(ln) for ln in distill.read_text().splitlines() if ln.strip()]
-        for key in ("loss_fake", "loss_gen"):
+    for stage, keys in (("teacher_ft", ("loss",)), ("distill", ("loss_fake", "loss_gen"))):
+        log = root / "outputs" / stage / "metrics.jsonl"
+        if not log.is_file():
+            continue
+        rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+        for key in keys:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
-                curves[f"distill {key}"] = ([p[0] for p in pts], [p[1] for p in pts])
+                curves[f"{stage} {key}"] = ([p[0] for p in pts], [p[1] for p in pts])
     return curves
 
 
@@ -197,6 +193,10 @@ def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
         flat = [[k, v] for k, v in _flatten(transfer).items() if isinstance(v, (int, float, str))]
         h2, md2 = _table(["lora_transfer", "value"], flat)
         section("LoRA transfer to custom models (lora_transfer stage, per-style metrics)", h + h2, md + "\n" + md2)
+    student = student_rows(root / "outputs" / "distill" / "student")
+    if student:
+        h, md = _table(["student", "value"], student)
+        section("The distilled student (outputs/distill/student)", h, md)
     stage_rows = []
     for stage in ("teacher_ft", "distill"):
         m = metrics[stage] or {}
@@ -220,6 +220,20 @@ def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head>"
             f"<body><h1>{title}</h1>" + "".join(parts_html) + "</body></html>")
     return page, f"# {title}\n\n" + "\n".join(parts_md), images
+
+
+def student_rows(folder: Path) -> list[list]:
+    """What the distilled student is, from its record (tdm.student): family, K and grid, baked guidance, mode."""
+    from tdm.student import RECORD_FILE, StudentRecord
+
+    if not (folder / RECORD_FILE).is_file():
+        return []
+    r = StudentRecord.load(folder)
+    rows = [["family", r.family], ["K (steps)", ", ".join(map(str, r.sampling_ks))],
+            ["timesteps", "; ".join(" ".join(map(str, r.timesteps(k).tolist())) for k in r.sampling_ks)],
+            ["total_steps", r.total_steps], ["TDM-unify", r.unify], ["guidance baked in", r.guidance],
+            ["mode", r.mode], ["teacher", r.teacher]]
+    return [row for row in rows if row[1] is not None]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -9,17 +9,17 @@ the denoiser's time embedding (a forward hook), so at init they equal the uncond
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from tdm.backbones.base import Backbone, Cond
+from tdm.student import k_conditioning
 
 Role = Literal["teacher", "student", "fake"]
 TRAINABLE: tuple[Role, Role] = ("student", "fake")
@@ -94,20 +94,12 @@ class Roles:
             if compile:
                 self._callables[role] = done[id(net)]
 
-    @contextlib.contextmanager
-    def k_condition(self, role: Role, k: torch.Tensor | None) -> Iterator[None]:
-        """While active, the role's K embedding (per sample) is added to its time embedding."""
-        if k is None or self.k_max is None or role == "teacher":
-            yield
-            return
-        with self.backbone.time_offset(self.nets[role], self.k_embeddings[role](k.to(self.backbone.device))):
-            yield
-
     # -- predictions -----------------------------------------------------------------------------------------
     def x0_eps(self, role: Role, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
                k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         net = self.activate(role)
-        with self.k_condition(role, k):
+        embedding = self.k_embeddings[role] if role in self.k_embeddings else None  # the teacher has none
+        with k_conditioning(self.backbone, self.nets[role], embedding, k):
             return self.backbone.predict_x0_eps(net, x_t, t, cond)
 
     def teacher_guided_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
@@ -158,9 +150,6 @@ class Roles:
     def adapter_state_dict(self, role: Role) -> dict[str, torch.Tensor]:
         """LoRA mode: the role's adapter in peft's naming (for export)."""
         return get_peft_model_state_dict(self.nets["teacher"], adapter_name=role)
-
-    def load_adapter_state_dict(self, role: Role, state: dict[str, torch.Tensor]) -> None:
-        set_peft_model_state_dict(self.nets["teacher"], state, adapter_name=role)
 
     def merged_net(self, role: Role, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A plain copy of the architecture computing `role` (LoRA merged into the base), optionally with

@@ -67,18 +67,21 @@ def teacher_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.
 
 
 @torch.no_grad()
-def student_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.Tensor, k: int,
-                   total_steps: int) -> torch.Tensor:
-    """The TDM student's deterministic K-step trajectory from `noise` (no CFG: it is baked in)."""
+def student_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.Tensor, k: int, total_steps: int,
+                   k_embedding: nn.Embedding | None = None) -> torch.Tensor:
+    """The TDM student's deterministic K-step trajectory from `noise` (no CFG: it is baked in); a K-aware
+    (TDM-unify) student's `k_embedding` is told K at every step (`tdm.student.k_conditioning`)."""
+    from tdm.student import k_conditioning
+
     schedule = backbone.schedule
     grid = student_timesteps(k, total_steps).tolist()
-    # A K-aware (TDM-unify) student is told how many steps it is taking.
-    k_cond = torch.full((noise.shape[0],), k, device=noise.device) if backbone.k_embedding is not None else None
+    k_cond = torch.full((noise.shape[0],), k, device=noise.device) if k_embedding is not None else None
     x = noise
-    for i, t in enumerate(grid):
-        tt = torch.full((x.shape[0],), t, device=x.device)
-        x0, eps = clip_prediction(backbone, x, tt, *backbone.predict_x0_eps(net, x, tt, cond, k=k_cond))
-        x = schedule.ddim_step(x0, eps, grid[i + 1]) if i + 1 < len(grid) else x0
+    with k_conditioning(backbone, net, k_embedding, k_cond):
+        for i, t in enumerate(grid):
+            tt = torch.full((x.shape[0],), t, device=x.device)
+            x0, eps = clip_prediction(backbone, x, tt, *backbone.predict_x0_eps(net, x, tt, cond))
+            x = schedule.ddim_step(x0, eps, grid[i + 1]) if i + 1 < len(grid) else x0
     return x
 
 
@@ -89,31 +92,42 @@ def make_noise(n: int, shape: Sequence[int], seed: int, device: torch.device | s
 
 
 @torch.no_grad()
-def sample_images(backbone: Backbone, net: nn.Module, prompts: Sequence[str], *, steps: int,
-                  guidance: float = 1.0, student: bool = False, total_steps: int | None = None, seed: int = 0,
-                  batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Sample one image per prompt; uint8 (N, H, W, C). `student=True` runs the K-step trajectory (K = steps)."""
-    if student and total_steps is None:
-        raise ValueError("the student sampler needs total_steps (the distillation's trajectory length)")
-    device = backbone.device
-    noise = make_noise(len(prompts), backbone.sample_shape, seed, device)
-    net.eval()
+def _sample_prompts(backbone: Backbone, prompts: Sequence[str], seed: int, batch_size: int, desc: str | None,
+                    run_batch) -> torch.Tensor:
+    """One image per prompt, batch by batch: `run_batch(cond, noise) -> x0`; uint8 (N, H, W, C)."""
+    noise = make_noise(len(prompts), backbone.sample_shape, seed, backbone.device)
     out = []
     starts = range(0, len(prompts), batch_size)
-    if progress:
+    if desc is not None:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=f"sampling {steps} steps", unit="batch")
+        starts = tqdm(starts, desc=desc, unit="batch")
     for start in starts:
         batch = list(prompts[start:start + batch_size])
-        cond = backbone.encode_prompts(batch)
-        x = noise[start:start + len(batch)]
-        x0 = (student_sample(backbone, net, cond, x, steps, total_steps) if student
-              else teacher_sample(backbone, net, cond, x, steps, guidance))
-        out.append(backbone.decode(x0))
+        out.append(backbone.decode(run_batch(backbone.encode_prompts(batch), noise[start:start + len(batch)])))
     return torch.cat(out)
 
 
+def sample_teacher(backbone: Backbone, net: nn.Module, prompts: Sequence[str], *, steps: int, guidance: float = 1.0,
+                   seed: int = 0, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Sample `net` with DDIM over `steps` steps and CFG at `guidance`, one image per prompt: uint8 (N, H, W, C)
+    (videos (N, F, H, W, C)). The starting noise depends on `seed` only, not on `batch_size`."""
+    net.eval()
+    return _sample_prompts(backbone, prompts, seed, batch_size, f"sampling {steps} steps" if progress else None,
+                           lambda cond, noise: teacher_sample(backbone, net, cond, noise, steps, guidance))
+
+
+def sample_student(student, prompts: Sequence[str], *, k: int | None = None, seed: int = 0, batch_size: int = 64,
+                   progress: bool = False) -> torch.Tensor:
+    """Sample a `tdm.student.Student` along its K-step trajectory (K = `k`, default the record's), one image
+    per prompt: uint8 (N, H, W, C). Same noise as `sample_teacher` for the same seed and prompts."""
+    k = student.record.k if k is None else k
+    student.record.check_k(k)
+    student.net.eval()
+    return _sample_prompts(student.backbone, prompts, seed, batch_size,
+                           f"student, {k} steps" if progress else None,
+                           lambda cond, noise: student.sample(cond, noise, k))
+
+
 __all__ = ["speed_up_net", "clip_prediction", "guided_x0_eps", "teacher_sample", "student_sample", "make_noise",
-           "sample_images"]
-from tdm.scheduler import TDMScheduler  # noqa: E402,F401  (the diffusers scheduler of the student trajectory)
+           "sample_teacher", "sample_student"]

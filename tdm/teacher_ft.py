@@ -10,26 +10,20 @@ exactly what the uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from accelerate import Accelerator
 
-from tdm import checkpoint as ckpt
-from tdm import tracking
 from tdm.artifacts import save_samples, write_json
 from tdm.backbones import Backbone, build_backbone
 from tdm.config import Config, StagePaths, dump
 from tdm.data import PROMPT_TEMPLATES, ImageCaptionFolder, digit_prompt, digit_prompt_set, digits_split
 from tdm.ema import EMA
-from tdm.training import (TrainingDiverged, all_finite, lr_factor, replicas_identical, resumable_checkpoint,
-                          step_generator)
+from tdm.training import LoopSettings, fingerprint, lr_factor, run_loop, step_generator
 
 STAGE = "teacher_ft"
 
@@ -89,14 +83,6 @@ def diffusion_loss(backbone: Backbone, net, x0: torch.Tensor, cond, t: torch.Ten
     return (per_sample * min_snr_weight(schedule.snr(t).to(per_sample), snr_gamma, ptype)).mean()
 
 
-def config_fingerprint(cfg: Config) -> str:
-    """What must match for a checkpoint to be resumed: the model and the training math of this stage."""
-    relevant = {"model": dump(cfg)["model"], STAGE: dump(cfg)[STAGE]}
-    for bookkeeping in ("eval_samples", "checkpoint_every"):
-        relevant[STAGE].pop(bookkeeping)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
 @dataclass
 class TrainResult:
     steps: int
@@ -107,12 +93,12 @@ class TrainResult:
 
 def open_training_set(cfg: Config):
     """The images the stage trains on, opened (and checked) before any model is built."""
-    t = cfg.teacher_ft
-    if t.data == "digits":
+    ft = cfg.teacher_ft
+    if ft.data == "digits":
         if cfg.model.family != "digits":
             raise ValueError(f"teacher_ft.data: 'digits' needs model.family digits, got {cfg.model.family!r}")
         return DigitsTrainSet()
-    return FolderTrainSet(t.data, t.resolution, 1 if cfg.model.family == "digits" else 3)
+    return FolderTrainSet(ft.data, ft.resolution, 1 if cfg.model.family == "digits" else 3)
 
 
 def _check_resolution(cfg: Config, backbone: Backbone, data) -> None:
@@ -124,134 +110,90 @@ def _check_resolution(cfg: Config, backbone: Backbone, data) -> None:
                              f"{tuple(probe.shape[1:])}, the model works at {tuple(backbone.sample_shape)}")
 
 
+class TeacherTrainer:
+    """The teacher's net, optimiser, LR schedule and EMA, and one SFT step over them (the training loop,
+    `tdm.training.run_loop`, drives it)."""
+
+    def __init__(self, cfg: Config, backbone: Backbone, data, accelerator: Accelerator):
+        ft = cfg.teacher_ft
+        self.cfg, self.backbone, self.data, self.accelerator = cfg, backbone, data, accelerator
+        net = backbone.net.train().requires_grad_(True)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+        # The LR scheduler stays unprepared: accelerate would step it once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, ft.warmup_steps, ft.steps, ft.lr_schedule))
+        self.ema = EMA(dict(net.named_parameters()), ft.ema_decay)
+        self.net, self.optimizer = accelerator.prepare(net, optimizer)
+        self.per_process = ft.batch_size // accelerator.num_processes
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        ft, acc, backbone = self.cfg.teacher_ft, self.accelerator, self.backbone
+        g = step_generator(ft.seed, step, acc.process_index)
+        index = torch.randperm(len(self.data), generator=g)[:self.per_process]
+        images, prompts = self.data.batch(index, g)
+        drop = torch.rand(len(prompts), generator=g) < ft.cfg_dropout
+        prompts = ["" if dropped else p for p, dropped in zip(prompts, drop)]
+        timesteps = torch.randint(0, backbone.schedule.num_train_timesteps, (len(prompts),), generator=g)
+        x0 = backbone.encode_images(images.to(acc.device))
+        eps = torch.randn(x0.shape, generator=g).to(acc.device)
+        cond = backbone.encode_prompts(prompts)
+        with acc.autocast():
+            loss = diffusion_loss(backbone, self.net, x0, cond, timesteps.to(acc.device), eps, ft.snr_gamma)
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(self.net.parameters(), ft.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(dict(acc.unwrap_model(self.net).named_parameters()))
+        return {"loss": loss.detach(), "grad_norm": grad_norm.detach(),
+                "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
+
+    def state_dict(self) -> dict:
+        state = {"net": self.accelerator.unwrap_model(self.net).state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict()}
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accelerator.unwrap_model(self.net).load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.ema.load_state_dict(state["ema"])
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+
+    def trainable(self) -> list[torch.Tensor]:
+        return list(self.net.parameters())
+
+
 def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, progress: bool = True,
           stop_after: int | None = None) -> tuple[Backbone, EMA, TrainResult]:
     """Run (or resume) the fine-tuning loop; returns the backbone, the EMA teacher and a summary.
     `stop_after` ends the run early at that step (a checkpoint is written), as a kill would."""
-    t = cfg.teacher_ft
+    ft = cfg.teacher_ft
     data = open_training_set(cfg)
     # cpu=True on CPU-only machines: without it accelerate does not form a (gloo) process group under torchrun.
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
-    if t.batch_size % accelerator.num_processes:
-        raise ValueError(f"teacher_ft.batch_size {t.batch_size} is not divisible by {accelerator.num_processes} processes")
-    per_process = t.batch_size // accelerator.num_processes
-
-    torch.manual_seed(t.seed)
-    backbone = backbone or build_backbone(cfg.model, seed=t.seed)
+    accelerator = Accelerator(mixed_precision=ft.mixed_precision, cpu=not torch.cuda.is_available())
+    if ft.batch_size % accelerator.num_processes:
+        raise ValueError(f"teacher_ft.batch_size {ft.batch_size} is not divisible by {accelerator.num_processes} "
+                         f"processes")
+    torch.manual_seed(ft.seed)
+    backbone = backbone or build_backbone(cfg.model, seed=ft.seed)
     backbone.to(accelerator.device)
     _check_resolution(cfg, backbone, data)
-    net = backbone.net.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.lr_schedule))
-    ema = EMA(dict(net.named_parameters()), t.ema_decay)
-
-    ckpt_root = paths.out_dir / "checkpoints"
-    fingerprint = config_fingerprint(cfg)
-    start, resumed_from, loss_value, past_time = 0, None, float("nan"), 0.0
-    found = resumable_checkpoint(accelerator, ckpt_root, fingerprint, STAGE)
-    if found is not None:
-        path, state = found
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        ema.load_state_dict(state["ema"])
-        ckpt.set_rng_state(state["rng"])
-        start = resumed_from = int(state["step"])
-        loss_value, past_time = float(state["loss"]), float(state["train_time_s"])
-        accelerator.print(f"teacher_ft: resuming from {path} (step {start})")
-        if accelerator.is_main_process:
-            _truncate_loss_log(paths.out_dir / "loss.csv", start)
-    # The LR scheduler stays unprepared: accelerate would step it once per process.
-    net, optimizer = accelerator.prepare(net, optimizer)
-    if found is not None and accelerator.scaler is not None and "scaler" in found[1]:
-        accelerator.scaler.load_state_dict(found[1]["scaler"])
-
-    pending: list[tuple[int, float, float]] = []  # loss log rows not yet on disk
-    t0 = time.perf_counter()
-
-    def save(step: int) -> None:
-        # Only finite weights become a checkpoint, so the last one on disk is always a good one.
-        if not all_finite(net.parameters()):
-            raise TrainingDiverged(f"teacher_ft: weights went NaN/Inf by step {step}; stopped. Last good checkpoint: "
-                                   f"{ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. Lower teacher_ft.lr.")
-        if not replicas_identical(accelerator, net.parameters()):  # DDP should guarantee it: prove it
-            raise RuntimeError(f"teacher_ft: model replicas differ across processes at step {step}")
-        if accelerator.is_main_process:
-            _append_loss_log(paths.out_dir / "loss.csv", pending, fresh=start == 0 and step == len(pending))
-            tracking.log_steps([{"step": s, "loss": loss, "lr": lr} for s, loss, lr in pending])
-            state = {"step": step, "fingerprint": fingerprint, "net": accelerator.unwrap_model(net).state_dict(),
-                     "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                     "ema": ema.state_dict(), "rng": ckpt.rng_state(), "loss": loss_value,
-                     "train_time_s": past_time + time.perf_counter() - t0}
-            if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
-            ckpt.save_state(ckpt.step_dir(ckpt_root, step), state)
-            ckpt.prune_checkpoints(ckpt_root, keep=2)
-        pending.clear()
-        accelerator.wait_for_everyone()
-
-    end = t.steps if stop_after is None else min(t.steps, stop_after)
-    bar = None
-    if progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.steps, initial=start, desc="teacher_ft", unit="step", dynamic_ncols=True)
-    for step in range(start, end):
-        g = step_generator(t.seed, step, accelerator.process_index)
-        index = torch.randperm(len(data), generator=g)[:per_process]
-        images, prompts = data.batch(index, g)
-        drop = torch.rand(len(prompts), generator=g) < t.cfg_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop)]
-        timesteps = torch.randint(0, backbone.schedule.num_train_timesteps, (len(prompts),), generator=g)
-        x0 = backbone.encode_images(images.to(accelerator.device))
-        eps = torch.randn(x0.shape, generator=g).to(accelerator.device)
-        cond = backbone.encode_prompts(prompts)
-        with accelerator.autocast():
-            loss = diffusion_loss(backbone, net, x0, cond, timesteps.to(accelerator.device), eps, t.snr_gamma)
-        # Every rank sees the mean loss, so a NaN on one rank stops all of them (none hangs in an all-reduce).
-        loss_value = accelerator.reduce(loss.detach(), "mean").item() if accelerator.num_processes > 1 else loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"teacher_ft: loss is {loss_value} at step {step}; stopped. Last good checkpoint: "
-                                   f"{ckpt.latest_checkpoint(ckpt_root) or 'none yet'}. Lower teacher_ft.lr.")
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(net.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(dict(accelerator.unwrap_model(net).named_parameters()))
-        pending.append((step + 1, loss_value, scheduler.get_last_lr()[0]))
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == end:
-            save(step + 1)
-    if bar is not None:
-        bar.close()
-    train_time = past_time + (time.perf_counter() - t0 if end > start else 0.0)
-    backbone.net = accelerator.unwrap_model(net)
-    return backbone, ema, TrainResult(end, loss_value, train_time, resumed_from)
-
-
-def _truncate_loss_log(path: Path, last_step: int) -> None:
-    """Drop log rows past the checkpoint a run resumes from (they will be recomputed, identically)."""
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= last_step]))
-
-
-def _append_loss_log(path: Path, rows: Sequence[tuple[int, float, float]], fresh: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w" if fresh or not path.exists() else "a") as f:
-        if fresh or path.stat().st_size == 0:
-            f.write("step,loss,lr\n")
-        f.writelines(f"{s},{loss:.6f},{lr:.6e}\n" for s, loss, lr in rows)
+    trainer = TeacherTrainer(cfg, backbone, data, accelerator)
+    settings = LoopSettings(STAGE, ft.steps, ft.checkpoint_every, ft.log_every, fingerprint(cfg, "model", STAGE),
+                            paths.out_dir, on_diverge="Lower teacher_ft.lr.")
+    result = run_loop(accelerator, settings, trainer, trainer.step, progress, stop_after)
+    backbone.net = accelerator.unwrap_model(trainer.net)
+    return backbone, trainer.ema, TrainResult(result.steps, result.last.get("loss", float("nan")),
+                                              result.train_time_s, result.resumed_from)
 
 
 def evaluate_teacher(cfg: Config, backbone: Backbone, net, out_dir: Path, progress: bool = True) -> dict:
     """Sample the teacher (sample.steps DDIM, sample.guidance CFG) and, on digits, score the toy metrics."""
-    from tdm.sampler import sample_images
+    from tdm.sampler import sample_teacher
 
     n = cfg.teacher_ft.eval_samples
     if n == 0:
@@ -261,7 +203,7 @@ def evaluate_teacher(cfg: Config, backbone: Backbone, net, out_dir: Path, progre
         return {}
     s = cfg.sample
     t0 = time.perf_counter()
-    images = sample_images(backbone, net, prompts, steps=s.steps, guidance=s.guidance, seed=s.seed,
+    images = sample_teacher(backbone, net, prompts, steps=s.steps, guidance=s.guidance, seed=s.seed,
                            batch_size=s.batch_size, progress=progress)
     sample_time = time.perf_counter() - t0
     save_samples(out_dir / "samples.npz", images, prompts, steps=s.steps, guidance=s.guidance)

@@ -1,8 +1,7 @@
 """Run tracking: a local JSONL log that works alone, and MLflow conventions in one place.
 
-Per-step training values go through `MetricsLog`: they arrive as tensors and stay on the device until `flush`
-(every `log_every` steps), so the training loop has no per-step host sync; a flush also forwards the rows to
-the active MLflow stage run in one batched call (one MLflow call costs ~50 ms: never one per metric).
+Per-step training values are written by `MetricsLog` (the training loop, tdm/training.py, hands it rows every
+`log_every` steps), which also forwards them to the active MLflow stage run in one batched call.
 
 MLflow layout: one experiment (`tdm`); a parent run per pipeline run (made by the Prefect flow, passed to the
 stage processes as TDM_MLFLOW_PARENT_RUN_ID) and a child run per stage, with params, per-step losses, eval
@@ -25,46 +24,34 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 EXPERIMENT = "tdm"
 PARENT_ENV = "TDM_MLFLOW_PARENT_RUN_ID"
 
 
 class MetricsLog:
+    """The per-step log of a training stage, `metrics.jsonl`: one JSON row {"step": n, name: value, ...} per
+    step; a resumed run first drops the rows past its checkpoint (they are recomputed, identically). Rows
+    written are forwarded to the active MLflow stage run in one batched call (one MLflow call costs ~50 ms:
+    never one per metric)."""
+
     def __init__(self, path: str | Path, resume_from_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._pending: list[tuple[int, dict[str, torch.Tensor | float]]] = []
         if resume_from_step is None:
             self.path.write_text("")
-        elif self.path.is_file():  # rows past the checkpoint will be recomputed (identically): drop them
+        elif self.path.is_file():
             rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in rows if json.loads(ln)["step"] <= resume_from_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
 
-    def log(self, step: int, metrics: dict[str, torch.Tensor | float]) -> None:
-        self._pending.append((step, metrics))
-
-    def flush(self) -> list[dict]:
-        """Move pending values to the host (one sync), append them to the log and return the rows."""
-        if not self._pending:
-            return []
-        keys = sorted({k for _, m in self._pending for k in m})
-        values = torch.stack([torch.stack([torch.as_tensor(m.get(k, float("nan")), dtype=torch.float64).cpu()
-                                           for k in keys]) for _, m in self._pending]).tolist()
-        rows = [{"step": step, **dict(zip(keys, vals))} for (step, _), vals in zip(self._pending, values)]
+    def write(self, rows: list[dict]) -> None:
         with self.path.open("a") as f:
             for row in rows:
                 f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                                     for k, v in row.items()}) + "\n")
-        self._pending.clear()
-        if _active is not None:
+        if _active is not None and rows:
             _active.log_steps(rows)
-        return rows
 
-
-# ---------------------------------------------------------------------------------------------- MLflow
 
 class TrackingUnavailable(RuntimeError):
     """The configured MLflow server cannot be reached (reported before any compute)."""
@@ -204,12 +191,6 @@ class StageRun:
 
 
 _active: StageRun | None = None
-
-
-def log_steps(rows: list[dict]) -> None:
-    """Forward per-step rows ({"step": n, name: value, ...}) to the active stage run, if any."""
-    if _active is not None and rows:
-        _active.log_steps(rows)
 
 
 def _is_main_process() -> bool:

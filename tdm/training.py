@@ -1,10 +1,27 @@
-"""Pieces both training loops (teacher SFT, TDM distillation) share: LR schedule, per-step randomness,
-divergence checks and gradient averaging across processes."""
+"""The training loop both stages run (teacher SFT, TDM distillation), and the pieces they share.
+
+The loop is infrastructure; the method supplies one step (edm2 / FastGen style). `run_loop` owns: resuming
+from the newest checkpoint made with the same params (`fingerprint`), the per-step log `metrics.jsonl`, the
+progress bar, the cadence of logging and checkpointing, and one divergence policy:
+
+  - every `log_every` steps the step metrics move to the host in one sync (mean over processes, so every rank
+    sees the same values) and a non-finite value stops the run (`TrainingDiverged`, on every rank);
+  - before every checkpoint the metrics are flushed (so checked), the trainable weights must be finite and
+    identical on every process; only then is the checkpoint written, so the last one on disk is always good.
+
+A stage hands it a `TrainingState` (what to checkpoint and check) and a step function `step(i) -> {name:
+0-d tensor}`. Every random draw of step i comes from `step_generator(seed, i, process)`: a resumed run draws
+exactly what the uninterrupted run would have drawn.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from typing import Iterable
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
 
 import torch
 
@@ -58,6 +75,19 @@ def replicas_identical(accelerator, params: Iterable[torch.Tensor]) -> bool:
     return bool(torch.all(everyone == everyone[0]))
 
 
+def fingerprint(cfg, *sections: str) -> str:
+    """What must match for a checkpoint to be resumed: the named config sections, less each section's
+    BOOKKEEPING keys (cadence, evaluation size, speed switches: they do not change the trained weights)."""
+    from tdm.config import dump
+
+    params = dump(cfg)
+    relevant = {}
+    for name in sections:
+        bookkeeping = getattr(getattr(cfg, name), "BOOKKEEPING", ())
+        relevant[name] = {k: v for k, v in params[name].items() if k not in bookkeeping}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def resumable_checkpoint(accelerator, root, fingerprint: str, stage: str):
     """(path, state) of the newest loadable checkpoint under `root` made with the same params, else None.
     Checkpoints made with other params are deleted (the run starts afresh, as DVC would)."""
@@ -71,3 +101,120 @@ def resumable_checkpoint(accelerator, root, fingerprint: str, stage: str):
             ckpt.prune_checkpoints(root, keep=0)
         found = None
     return found
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+class TrainingState(Protocol):
+    """What a stage hands the loop: everything to checkpoint, and the weights to check."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def trainable(self) -> list[torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    stage: str  # names the log, the bar and the errors
+    total: int  # steps of the whole run
+    checkpoint_every: int
+    log_every: int
+    fingerprint: str  # `fingerprint(cfg, ...)`: checkpoints made with other params are not resumed
+    out_dir: Path  # checkpoints/ and metrics.jsonl go here
+    on_diverge: str = ""  # advice appended to the divergence error, e.g. "Lower teacher_ft.lr."
+    unit: str = "step"
+
+
+@dataclass
+class LoopResult:
+    steps: int  # where the run ended
+    resumed_from: int | None  # the checkpoint step it resumed from, None for a fresh run
+    train_time_s: float  # summed over every session of a resumed run
+    last: dict = field(default_factory=dict)  # the last logged row ({"step": n, name: value, ...})
+
+
+def _host_rows(accelerator, pending: list[tuple[int, dict]]) -> list[dict]:
+    """Pending step metrics -> rows of floats, in one host sync (averaged over processes)."""
+    keys = sorted({k for _, m in pending for k in m})
+    values = torch.stack([torch.stack([torch.as_tensor(m.get(k, float("nan")), dtype=torch.float64).reshape(())
+                                       .to(accelerator.device) for k in keys]) for _, m in pending])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    return [{"step": step, **dict(zip(keys, row))} for (step, _), row in zip(pending, values.cpu().tolist())]
+
+
+def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Callable[[int], dict],
+             progress: bool = True, stop_after: int | None = None) -> LoopResult:
+    """Run (or resume) `step` from the last checkpoint to `settings.total` (or `stop_after`, as a kill would:
+    a checkpoint is written there). Raises TrainingDiverged as described in the module docstring."""
+    from tdm import checkpoint as ckpt
+    from tdm.checkpoint import rng_state, set_rng_state
+    from tdm.tracking import MetricsLog
+
+    s = settings
+    root = s.out_dir / "checkpoints"
+    start, resumed_from, past_time, last = 0, None, 0.0, {}
+    found = resumable_checkpoint(accelerator, root, s.fingerprint, s.stage)
+    if found is not None:
+        path, saved = found
+        state.load_state_dict(saved["trainer"])
+        set_rng_state(saved["rng"])
+        start = resumed_from = int(saved["step"])
+        past_time, last = float(saved["train_time_s"]), dict(saved["last"])
+        accelerator.print(f"{s.stage}: resuming from {path} ({s.unit} {start})")
+    log = MetricsLog(s.out_dir / "metrics.jsonl", resume_from_step=resumed_from) \
+        if accelerator.is_main_process else None
+    pending: list[tuple[int, dict]] = []
+    t0 = time.perf_counter()
+
+    def diverged(what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"{s.stage}: {what}; stopped (NaN/Inf). Last good checkpoint: "
+                                f"{ckpt.latest_checkpoint(root) or 'none yet'}. {s.on_diverge}".rstrip())
+
+    def flush() -> None:
+        if not pending:
+            return
+        rows = _host_rows(accelerator, pending)
+        pending.clear()
+        bad = next(((r["step"], k, v) for r in rows for k, v in r.items() if not math.isfinite(v)), None)
+        if log is not None:
+            log.write(rows)  # the bad row too: it is the evidence
+        if bad is not None:
+            raise diverged(f"non-finite {bad[1]} = {bad[2]} at {s.unit} {bad[0]}")
+        last.clear()
+        last.update(rows[-1])
+
+    def save(n: int) -> None:
+        flush()
+        if not all_finite(state.trainable()):
+            raise diverged(f"non-finite weights by {s.unit} {n}")
+        if not replicas_identical(accelerator, state.trainable()):  # DDP / our averaging should guarantee it
+            raise RuntimeError(f"{s.stage}: replicas differ across processes at {s.unit} {n}")
+        if accelerator.is_main_process:
+            ckpt.save_state(ckpt.step_dir(root, n), {
+                "step": n, "fingerprint": s.fingerprint, "trainer": state.state_dict(), "rng": rng_state(),
+                "last": dict(last), "train_time_s": past_time + time.perf_counter() - t0})
+            ckpt.prune_checkpoints(root, keep=2)
+        accelerator.wait_for_everyone()
+
+    end = s.total if stop_after is None else min(s.total, stop_after)
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=s.total, initial=start, desc=s.stage, unit=s.unit, dynamic_ncols=True)
+    for i in range(start, end):
+        pending.append((i + 1, step(i)))
+        if (i + 1) % s.log_every == 0:
+            flush()
+            if bar is not None and last:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k.startswith("loss")})
+        if bar is not None:
+            bar.update(1)
+        if (i + 1) % s.checkpoint_every == 0 or i + 1 == end:
+            save(i + 1)
+    if bar is not None:
+        bar.close()
+    train_time = past_time + (time.perf_counter() - t0 if end > start else 0.0)
+    return LoopResult(end, resumed_from, train_time, dict(last))

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from tdm.backbones.base import Backbone, Cond, cat_cond, cond_to, index_cond
+from tdm.backbones.base import Backbone, Cond, cat_cond
 from tdm.backbones.cogvideox import CogVideoXBackbone
 from tdm.backbones.digits import DigitsArch, DigitsBackbone
 from tdm.backbones.pipeline import PipelineBackbone, UnsupportedModel
@@ -89,7 +89,7 @@ def build_backbone(model_cfg, seed: int = 0) -> Backbone:
     return DigitsBackbone.create(arch, seed=seed)
 
 
-__all__ = ["Backbone", "Cond", "cat_cond", "cond_to", "index_cond", "DigitsArch", "DigitsBackbone", "SD15Backbone",
+__all__ = ["Backbone", "Cond", "cat_cond", "DigitsArch", "DigitsBackbone", "SD15Backbone",
            "SDXLBackbone", "PixArtAlphaBackbone", "SD3Backbone", "CogVideoXBackbone", "PipelineBackbone",
            "UnsupportedModel", "FAMILIES", "PIPELINE_FAMILIES", "family_of", "check_model", "load_backbone",
            "build_backbone"]

@@ -29,14 +29,6 @@ def cat_cond(conds: Sequence[Cond]) -> Cond:
     return {k: torch.cat([c[k] for c in conds]) for k in keys}
 
 
-def index_cond(cond: Cond, index: torch.Tensor | slice) -> Cond:
-    return {k: v[index] for k, v in cond.items()}
-
-
-def cond_to(cond: Cond, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype) for k, v in cond.items()}
-
-
 class Backbone(ABC):
     """One model family behind one interface (see DESIGN.md, "backbones/")."""
 
@@ -66,22 +58,15 @@ class Backbone(ABC):
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The raw model output of `net` (teacher, student or fake score) at (x_t, t)."""
 
-    # A K-aware (TDM-unify) student carries a K embedding added to its time embedding; None otherwise.
-    k_embedding: nn.Embedding | None = None
-
-    def predict_x0_eps(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
-                       k: torch.Tensor | None = None):
-        """(x0, eps) from `net`; `k` (per sample) conditions a K-aware student through `k_embedding`."""
-        if k is not None and self.k_embedding is not None:
-            with self.time_offset(net, self.k_embedding(k.to(x_t.device))):
-                out = self.predict(net, x_t, t, cond)
-        else:
-            out = self.predict(net, x_t, t, cond)
-        return self.schedule.to_x0_eps(out, x_t, t, self.prediction_type)
+    def predict_x0_eps(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                       cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from `net`'s output at (x_t, t), whatever its prediction type."""
+        return self.schedule.to_x0_eps(self.predict(net, x_t, t, cond), x_t, t, self.prediction_type)
 
     @contextlib.contextmanager
     def time_offset(self, net: nn.Module, offset: torch.Tensor) -> Iterator[None]:
-        """While active, `offset` (B, D) is added to `net`'s time embedding (how TDM-unify feeds K)."""
+        """While active, `offset` (B, D) is added to `net`'s time embedding (how TDM-unify feeds K: see
+        `tdm.student.k_conditioning`, its one caller)."""
         handle = self.time_embedding(net).register_forward_hook(lambda m, i, out: out + offset.to(out.dtype))
         try:
             yield
@@ -110,10 +95,10 @@ class Backbone(ABC):
         """Module names a LoRA on `net` should target."""
 
     @abstractmethod
-    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None,
-             k_embedding: nn.Embedding | None = None) -> None:
+    def save(self, folder: str | Path, net: nn.Module | None = None,
+             extra_files: dict[str, str | bytes] | None = None) -> None:
         """Write a diffusers-style model folder atomically (with `net` in place of the teacher when given,
-        plus `extra_files` {name: text})."""
+        plus `extra_files` {name: text or bytes}, e.g. a student's sidecars)."""
 
     def load_lora(self, folder: str | Path, adapter_name: str = "default") -> nn.Module:
         """Inject a LoRA saved as plain peft + safetensors (adapter_config.json + adapter_model.safetensors, as
@@ -153,25 +138,9 @@ class Backbone(ABC):
         return {"net": self.net}
 
 
-K_EMBEDDING_FILE = "k_embedding.safetensors"
-
-
-def save_k_embedding(folder: Path, embedding: nn.Embedding | None) -> None:
-    """A K-aware student's K embedding, saved beside its denoiser (nothing for a plain model)."""
-    if embedding is not None:
-        from safetensors.torch import save_file
-
-        save_file({"weight": embedding.weight.detach().cpu().contiguous()}, Path(folder) / K_EMBEDDING_FILE)
-
-
-def load_k_embedding(folder: Path) -> nn.Embedding | None:
-    path = Path(folder) / K_EMBEDDING_FILE
-    if not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    weight = load_file(path)["weight"]
-    return nn.Embedding.from_pretrained(weight, freeze=True)
+def write_extra_files(folder: Path, files: dict[str, str | bytes] | None) -> None:
+    for name, content in (files or {}).items():
+        (Path(folder) / name).write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

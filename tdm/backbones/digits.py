@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tdm.backbones.base import Backbone, Cond, load_k_embedding, save_k_embedding, to_uint8
+from tdm.backbones.base import Backbone, Cond, to_uint8, write_extra_files
 from tdm.backbones.clip_tokenizer import vocab_size, write_clip_tokenizer
 from tdm.schedule import VPSchedule
 
@@ -101,11 +101,10 @@ class DigitsBackbone(Backbone):
             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         )
-        backbone.k_embedding = load_k_embedding(folder)
         return backbone
 
-    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None,
-             k_embedding: nn.Embedding | None = None) -> None:
+    def save(self, folder: str | Path, net: nn.Module | None = None,
+             extra_files: dict[str, str | bytes] | None = None) -> None:
         """Write the model folder atomically (a sibling temp folder, then a rename); `extra_files` are written
         into it too (e.g. the params that made it)."""
         import diffusers
@@ -122,9 +121,7 @@ class DigitsBackbone(Backbone):
                 "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
             }, indent=2))
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-            save_k_embedding(tmp, k_embedding if k_embedding is not None else self.k_embedding)
+            write_extra_files(tmp, extra_files)
 
     # -- the protocol -------------------------------------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from tdm.backbones.base import Backbone, Cond, load_k_embedding, save_k_embedding, to_uint8
+from tdm.backbones.base import Backbone, Cond, to_uint8, write_extra_files
 from tdm.schedule import FlowSchedule, NoiseSchedule, VPSchedule
 
 # The LoRA targets of diffusers' SD/SDXL UNets (attention, feed-forward, resnets, resamplers): the set the
@@ -71,7 +71,6 @@ class PipelineBackbone(Backbone):
                 encoder.eval().requires_grad_(False)
         self.scheduler = pipe.scheduler
         self.schedule, self.prediction_type = self.check_schedule(pipe.scheduler, where)
-        self.k_embedding = None
         self._null_cache = None
 
     # -- checks (cheap: config files only) ----------------------------------------------------------------------
@@ -119,11 +118,10 @@ class PipelineBackbone(Backbone):
         meta = read_model_index(folder)
         pipe = getattr(diffusers, meta["_class_name"]).from_pretrained(folder, dtype=dtype, **cls.load_kwargs)
         backbone = cls(pipe, where=str(folder))
-        backbone.k_embedding = load_k_embedding(folder)
         return backbone
 
-    def save(self, folder: str | Path, net: nn.Module | None = None, extra_files: dict[str, str] | None = None,
-             k_embedding: nn.Embedding | None = None) -> None:
+    def save(self, folder: str | Path, net: nn.Module | None = None,
+             extra_files: dict[str, str | bytes] | None = None) -> None:
         """The whole pipeline with `save_pretrained` (diffusers reads it back as is), `net` in place of the
         teacher when given. Written atomically. The pipeline class in model_index.json names the family (a
         `tdm_family` key there would make diffusers warn on every load)."""
@@ -137,9 +135,7 @@ class PipelineBackbone(Backbone):
                 self.pipe.save_pretrained(tmp)
             finally:
                 setattr(self.pipe, self.net_name, original)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-            save_k_embedding(tmp, k_embedding if k_embedding is not None else self.k_embedding)
+            write_extra_files(tmp, extra_files)
 
     # -- shapes ---------------------------------------------------------------------------------------------------
     @property
