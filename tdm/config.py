@@ -299,21 +299,28 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
+def parse_override(item: str) -> tuple[str, str, object]:
+    """`section.key=value` -> (section, key, value parsed as YAML 1.2, as DVC's `-S` does); ConfigError
+    naming the override when it is malformed or names an unknown section."""
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    section, name = parts
+    if section not in Config.model_fields:
+        raise ConfigError(f"override {item!r}: unknown section {section!r} (known: {', '.join(Config.model_fields)})")
+    return section, name, yaml_load(value)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a raw params dict, copy-on-write."""
+    """Apply `section.key=value` overrides to a raw params dict, copy-on-write."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        section, name = parts
-        if section not in Config.model_fields:
-            raise ConfigError(f"override {item!r}: unknown section {section!r} (known: {', '.join(Config.model_fields)})")
+        section, name, value = parse_override(item)
         out.setdefault(section, {})
         if not isinstance(out[section], dict):
             raise ConfigError(f"override {item!r}: {section} is not a section")
-        out[section][name] = yaml_load(value)
+        out[section][name] = value
     return out
 
 
