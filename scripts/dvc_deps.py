@@ -31,9 +31,9 @@ Deps list: sorted; a folder (`tdm/backbones`) when the closure holds every `.py`
 the topmost such folder), otherwise the files. DVC then hashes the whole folder, which is what it runs.
 
 Params = what the closure's modules read of the config (`tdm.config.Config`; its sections and their keys are
-read from tdm/config.py with `ast`). `<c>` below is the config object: a name or attribute called `cfg`,
-`config` or `*_cfg` (`cfg`, `ft_cfg`, `self.cfg`, `trainer.cfg`), so `backbone.model` or
-`scheduler.config.prediction_type` never match.
+read from tdm/config.py with `ast`). `<c>` below is the config object: a name `cfg`, `*_cfg` or `config`, or an
+attribute `.cfg` / `.*_cfg` (`cfg`, `ft_cfg`, `self.cfg`, `trainer.cfg`), so `backbone.model` or
+`scheduler.config.sample_size` (diffusers configs) never match.
   - `<c>.<section>.<key>`  -> `section.key`   (a key that is no field of the section, e.g. a method call such
                               as `cfg.distill.model_dump()`, reads the whole section)
   - `<c>.<section>` used any other way (`d = cfg.distill`, `build_backbone(cfg.model)`) -> `section`
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import os
 import re
 import shlex
@@ -65,7 +66,7 @@ from pathlib import Path
 PACKAGE = "tdm"
 CLI = "tdm/cli.py"
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_NAME = re.compile(r"^(cfg|config|\w+_cfg)$")
+CONFIG_NAME = re.compile(r"^(cfg|\w+_cfg)$")  # a name or attribute holding the Config; also the bare name `config`
 RUNTIME_FILE = re.compile(r"^[\w./-]+\.py$")
 # Functions whose config reads only record provenance (their imports still count as code).
 PROVENANCE_FUNCTIONS = {
@@ -130,8 +131,7 @@ class Project:
     def module(self, name: str) -> Module:
         if name not in self._modules:
             path = self.path_of(name)
-            tree = ast.parse((self.root / path).read_text(), filename=str(path))
-            self._modules[name] = Module(name, path, tree)
+            self._modules[name] = Module(name, path, parse_source(path, (self.root / path).read_text()))
         return self._modules[name]
 
     def name_of(self, path: Path) -> str:
@@ -140,6 +140,12 @@ class Project:
 
     def py_files(self, folder: Path) -> set[Path]:
         return {p.relative_to(self.root) for p in (self.root / folder).rglob("*.py") if "__pycache__" not in p.parts}
+
+
+@functools.lru_cache(maxsize=None)
+def parse_source(path: Path, source: str) -> ast.Module:
+    """Parsed once per content (the tests derive many copies of the same files)."""
+    return ast.parse(source, filename=str(path))
 
 
 # -- imports ------------------------------------------------------------------------------------------------
@@ -293,8 +299,10 @@ def config_sections(project: Project) -> dict[str, set[str]]:
 
 
 def is_config_object(node: ast.AST) -> bool:
-    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
-    return name is not None and CONFIG_NAME.match(name) is not None
+    """`cfg`, `ft_cfg`, `config`, `self.cfg`, `trainer.cfg`; not `scheduler.config` (a diffusers config)."""
+    if isinstance(node, ast.Name):
+        return node.id == "config" or CONFIG_NAME.match(node.id) is not None
+    return isinstance(node, ast.Attribute) and CONFIG_NAME.match(node.attr) is not None
 
 
 def string_constants(tree: ast.Module) -> dict[str, str]:
@@ -371,6 +379,18 @@ def tdm_command(cmd: str, commands: set[str]) -> str | None:
     return None
 
 
+def stage_commands(project: Project, dvc_yaml: dict) -> dict[str, str]:
+    """{stage: the tdm subcommand its cmd runs} (stages running none are left out)."""
+    cli = project.module(project.name_of(Path(CLI)))
+    commands = {name.removeprefix("cmd_") for name in cli_functions(cli.tree) if name.startswith("cmd_")}
+    found = {}
+    for stage, spec in (dvc_yaml.get("stages") or {}).items():
+        command = tdm_command(spec.get("cmd", ""), commands)
+        if command is not None:
+            found[stage] = command
+    return found
+
+
 def derive(root: Path = ROOT, dvc_yaml: dict | None = None) -> dict[str, StageDeps]:
     """{stage: StageDeps} for every stage of dvc.yaml that runs a tdm command."""
     from ruamel.yaml import YAML
@@ -379,13 +399,8 @@ def derive(root: Path = ROOT, dvc_yaml: dict | None = None) -> dict[str, StageDe
     dvc_yaml = dvc_yaml if dvc_yaml is not None else yaml.load(root / "dvc.yaml")
     params_yaml = yaml.load(root / "params.yaml") or {}
     project = Project(root)
-    cli = project.module(project.name_of(Path(CLI)))
-    commands = {name.removeprefix("cmd_") for name in cli_functions(cli.tree) if name.startswith("cmd_")}
     derived = {}
-    for stage, spec in (dvc_yaml.get("stages") or {}).items():
-        command = tdm_command(spec.get("cmd", ""), commands)
-        if command is None:
-            continue
+    for stage, command in stage_commands(project, dvc_yaml).items():
         closure = stage_closure(project, command)
         read = set().union(*(facts.params for facts in closure.values()))
         derived[stage] = StageDeps(command, code_deps(project, closure), collapse_params(read, params_yaml))
@@ -455,10 +470,7 @@ def explain(root: Path, stage: str) -> int:
     from ruamel.yaml import YAML
 
     project = Project(root)
-    cli = project.module(project.name_of(Path(CLI)))
-    commands = {name.removeprefix("cmd_") for name in cli_functions(cli.tree) if name.startswith("cmd_")}
-    spec = (YAML(typ="safe").load(root / "dvc.yaml").get("stages") or {}).get(stage)
-    command = tdm_command(spec.get("cmd", ""), commands) if spec else None
+    command = stage_commands(project, YAML(typ="safe").load(root / "dvc.yaml")).get(stage)
     if command is None:
         print(f"dvc_deps: no dvc.yaml stage {stage!r} running a tdm command", file=sys.stderr)
         return 2
