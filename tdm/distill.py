@@ -37,16 +37,17 @@ STAGE = "distill"
 
 # -- draws ----------------------------------------------------------------------------------------------------
 @dataclass
-class Points:
-    """Per-sample draws of one loss: the student step, its input time, t_mid and tau."""
+class LossPoints:
+    """Where on the trajectory one loss is taken, per sample (all (B,) int64): the student's grid index i, its
+    input time t_i, the time t_mid the student's step lands at, and the noise level tau in (t_mid, t_i]."""
 
-    step: torch.Tensor  # (B,) index into the grid
-    t_in: torch.Tensor
-    t_mid: torch.Tensor
-    tau: torch.Tensor
+    step: torch.Tensor  # i, an index into the grid
+    t_in: torch.Tensor  # t_i = grid[i]
+    t_mid: torch.Tensor  # grid[i + 1] (t_clean after the last step), or random below t_i (distill.random_mid)
+    tau: torch.Tensor  # where the fake score and the teacher are queried
 
 
-def draw_points(grid: torch.Tensor, t_clean: int, n: int, cfg, g: torch.Generator) -> Points:
+def draw_points(grid: torch.Tensor, t_clean: int, n: int, cfg, g: torch.Generator) -> LossPoints:
     """Vectorised draws of (i, t_i, t_mid, tau) for `n` samples (the authors' intervals and margins)."""
     d = cfg.distill
     k = len(grid)
@@ -61,7 +62,7 @@ def draw_points(grid: torch.Tensor, t_clean: int, n: int, cfg, g: torch.Generato
     hi = (t_in if d.interval == "separate" else torch.full_like(t_in, d.total_steps)) - d.tau_gap
     hi = torch.maximum(hi, lo + 1)
     tau = lo + (torch.rand(n, generator=g) * (hi - lo)).long()
-    return Points(step, t_in, t_mid, tau)
+    return LossPoints(step, t_in, t_mid, tau)
 
 
 # -- the iteration --------------------------------------------------------------------------------------------
@@ -87,21 +88,31 @@ def rollout(roles: Roles, noise: torch.Tensor, grid: torch.Tensor, cond: Cond, k
     return Rollout(torch.stack(inputs), torch.stack(x0s), torch.stack(epss))
 
 
-def _pick(stacked: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def at_step(stacked: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Each sample's entry of a rollout stack (depth, B, ...) at its own grid index `step` (B,) -> (B, ...)."""
     return stacked[step.to(stacked.device), torch.arange(stacked.shape[1], device=stacked.device)]
 
 
-def diffused_points(roles: Roles, traj: Rollout, pts: Points, g: torch.Generator):
-    """x_tau from the student's own (x0, eps) at step i: DDIM to t_mid, then forward-diffuse to tau.
-    Returns (x_tau, student x0, fresh noise n, effective noise m)."""
+@dataclass
+class Diffused:
+    """The student's next trajectory point re-noised to tau (all (B, ...) like the samples)."""
+
+    x_tau: torch.Tensor
+    x0: torch.Tensor  # the student's x0 prediction at step i (the fake score's DSM target)
+    noise: torch.Tensor  # the fresh noise n added from t_mid to tau
+    effective_noise: torch.Tensor  # m, with x_tau = alpha_tau x0 + sigma_tau m (importance weight's numerator)
+
+
+def diffuse_to_tau(roles: Roles, traj: Rollout, pts: LossPoints, g: torch.Generator) -> Diffused:
+    """x_tau from the student's own (x0, eps) at step i: DDIM to t_mid, then forward-diffuse to tau."""
     schedule = roles.backbone.schedule
-    x0, eps = _pick(traj.x0, pts.step), _pick(traj.eps, pts.step)
+    x0, eps = at_step(traj.x0, pts.step), at_step(traj.eps, pts.step)
     device = x0.device
     t_mid, tau = pts.t_mid.to(device), pts.tau.to(device)
     x_mid = schedule.add_noise(x0, eps, t_mid)
     noise = torch.randn(x0.shape, generator=g).to(device)
     x_tau, effective = schedule.diffuse(x_mid, eps, t_mid, tau, noise)
-    return x_tau, x0, noise, effective
+    return Diffused(x_tau, x0, noise, effective)
 
 
 class TDMTrainer:
@@ -159,22 +170,22 @@ class TDMTrainer:
             traj = rollout(roles, noise, grid, cond, k_cond, depth)
 
             # Fake score: DSM toward the student's own x0 around its trajectory.
-            x_tau, student_x0, n, m = diffused_points(roles, traj, fake_pts, g)
+            at_tau = diffuse_to_tau(roles, traj, fake_pts, g)
             tau = fake_pts.tau.to(device)
-            fake_x0, _ = roles.x0_eps("fake", x_tau, tau, cond, k_cond)
-            is_w = importance_weight(m, n)
-            loss_fake = fake_score_loss(fake_x0, student_x0, schedule.snr(tau).to(device), is_w, d.snr_clamp)
+            fake_x0, _ = roles.x0_eps("fake", at_tau.x_tau, tau, cond, k_cond)
+            is_w = importance_weight(at_tau.effective_noise, at_tau.noise)
+            loss_fake = fake_score_loss(fake_x0, at_tau.x0, schedule.snr(tau).to(device), is_w, d.snr_clamp)
         grad_fake = self._update("fake", loss_fake)
 
         with acc.autocast():
             # Generator: teacher (CFG, one batched forward) and the updated fake score at fresh points.
-            x_tau, _, _, _ = diffused_points(roles, traj, gen_pts, g)
+            x_tau = diffuse_to_tau(roles, traj, gen_pts, g).x_tau
             tau = gen_pts.tau.to(device)
             with torch.no_grad():
                 teacher_x0 = roles.teacher_guided_x0(x_tau, tau, cond, d.guidance)
                 fake_x0, _ = roles.x0_eps("fake", x_tau, tau, cond, k_cond)
             # Gradient through one student step: its prediction at the stored trajectory input.
-            x_in = _pick(traj.inputs, gen_pts.step)
+            x_in = at_step(traj.inputs, gen_pts.step)
             student_x0, _ = roles.x0_eps("student", x_in, gen_pts.t_in.to(device), cond, k_cond)
             loss_gen = generator_loss(student_x0, teacher_x0, fake_x0, d.metric, d.huber_c)
         grad_gen = self._update("student", loss_gen)

@@ -216,23 +216,6 @@ class VPSchedule(NoiseSchedule):
             )
         return cls(torch.as_tensor(acp))
 
-    @classmethod
-    def from_betas(
-        cls,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        num_train_timesteps: int = 1000,
-        beta_schedule: str = "linear",
-    ) -> VPSchedule:
-        T = num_train_timesteps
-        if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        elif beta_schedule == "scaled_linear":  # Stable Diffusion: linear in sqrt(beta)
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-        else:
-            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected 'linear' or 'scaled_linear'")
-        return cls(torch.cumprod(1 - betas, dim=0))
-
 
 class FlowSchedule(NoiseSchedule):
     """Rectified flow (SD3): s = t / T, alpha = 1 - s, sigma = s; t = 0 is clean data."""

@@ -14,7 +14,7 @@ from tdm.schedule import (
 
 SD_DDPM = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 VP_SD = VPSchedule.from_scheduler(SD_DDPM)
-VP_LINEAR = VPSchedule.from_betas()
+VP_LINEAR = VPSchedule.from_scheduler(DDPMScheduler())
 FLOW = FlowSchedule()
 
 # (schedule, prediction type, t range where neither 1/alpha nor 1/sigma blows up)
@@ -103,26 +103,9 @@ def test_vp_matches_diffusers_add_noise():
     torch.testing.assert_close(VP_SD.add_noise(x0, eps, t), expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(beta_schedule="linear"),
-        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-        dict(beta_schedule="linear", num_train_timesteps=500, beta_start=0.001, beta_end=0.03),
-    ],
-)
-def test_from_betas_matches_diffusers(kwargs):
-    expected = DDPMScheduler(**kwargs).alphas_cumprod.double()
-    ours = VPSchedule.from_betas(**kwargs).alphas_cumprod
-    assert ours.shape == expected.shape
-    torch.testing.assert_close(ours, expected, atol=2e-6, rtol=1e-5)
-
-
 def test_from_scheduler_needs_alphas_cumprod():
     with pytest.raises(ValueError, match="alphas_cumprod"):
         VPSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler())
-    with pytest.raises(ValueError, match="beta_schedule"):
-        VPSchedule.from_betas(beta_schedule="cosine")
 
 
 def test_endpoints_and_attributes():

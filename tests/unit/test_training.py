@@ -1,0 +1,107 @@
+"""The one training loop (tdm/training.py) on a tiny regression: exact resume, one log, one NaN policy,
+one fingerprint."""
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from conftest import PARAMS
+from tdm import checkpoint as ckpt
+from tdm import config
+from tdm.training import LoopSettings, TrainingDiverged, fingerprint, run_loop, step_generator
+
+
+class Regression:
+    """A linear model fitted to y = 3x by SGD: a TrainingState with a step the loop can drive."""
+
+    def __init__(self, blow_up_at: int | None = None, poison_weights_at: int | None = None):
+        self.w = torch.nn.Parameter(torch.zeros(4))
+        self.spare = torch.zeros(2)  # a weight the loss does not read
+        self.opt = torch.optim.SGD([self.w], lr=0.1, momentum=0.9)
+        self.blow_up_at, self.poison_weights_at = blow_up_at, poison_weights_at
+
+    def step(self, i: int) -> dict:
+        g = step_generator(0, i)
+        x = torch.randn(8, 4, generator=g)
+        loss = ((x @ self.w - 3 * x.sum(1)) ** 2).mean()
+        if self.blow_up_at is not None and i >= self.blow_up_at:
+            loss = loss * float("inf")
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        if self.poison_weights_at is not None and i >= self.poison_weights_at:
+            with torch.no_grad():
+                self.spare[1] = float("nan")  # the logged values stay finite
+        return {"loss": loss.detach(), "w0": self.w.detach()[0].clone()}
+
+    def state_dict(self) -> dict:
+        return {"w": self.w.detach().clone(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.w.copy_(state["w"])
+        self.opt.load_state_dict(state["opt"])
+
+    def trainable(self) -> list:
+        return [self.w, self.spare]
+
+
+def _settings(tmp_path, total=12, every=4, log_every=2, fp="abc"):
+    return LoopSettings("toy", total, every, log_every, fp, tmp_path, on_diverge="Lower toy.lr.")
+
+
+def _run(tmp_path, state=None, stop_after=None, **kw):
+    state = state or Regression()
+    result = run_loop(Accelerator(cpu=True), _settings(tmp_path, **kw), state, state.step, progress=False,
+                      stop_after=stop_after)
+    return state, result
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    full, full_result = _run(tmp_path / "a")
+    _, first = _run(tmp_path / "b", stop_after=5)
+    assert first.steps == 5 and [p.name for p in ckpt.list_checkpoints(tmp_path / "b/checkpoints")] == \
+        ["step-0000004", "step-0000005"]
+    resumed, result = _run(tmp_path / "b")
+    assert result.resumed_from == 5 and full_result.resumed_from is None
+    assert torch.equal(full.w, resumed.w)
+    assert result.last == full_result.last and result.last["step"] == 12
+    log_a, log_b = ((tmp_path / p / "metrics.jsonl").read_text() for p in ("a", "b"))
+    assert log_a == log_b and [json.loads(ln)["step"] for ln in log_a.splitlines()] == list(range(1, 13))
+    # Nothing left to do: the summary comes from the checkpoint.
+    _, again = _run(tmp_path / "b")
+    assert again.resumed_from == 12 and again.last == full_result.last
+
+
+def test_other_params_start_afresh(tmp_path):
+    _run(tmp_path, stop_after=4)
+    _, result = _run(tmp_path, fp="other")
+    assert result.resumed_from is None and result.steps == 12
+
+
+def test_divergence_stops_every_rank_and_keeps_only_finite_checkpoints(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss = inf at step 7.*Last good checkpoint: .*step-0000004"
+                                               r".*Lower toy\.lr\."):
+        _run(tmp_path, state=Regression(blow_up_at=6))
+    kept = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in kept] == ["step-0000004"]
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 8 and rows[-2]["loss"] == "inf"  # the evidence is logged
+
+
+def test_weights_are_checked_before_every_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="non-finite weights by step 8"):
+        _run(tmp_path, state=Regression(poison_weights_at=5))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-0000004"]
+
+
+def test_fingerprint_ignores_bookkeeping_only():
+    base = config.load(PARAMS)
+    same = config.load(PARAMS, ["distill.log_every=3", "distill.checkpoint_every=7", "distill.eval_samples=0",
+                                "distill.compile=true", "teacher_ft.log_every=1", "evaluate.n=10"])
+    assert fingerprint(base, "distill") == fingerprint(same, "distill")
+    assert fingerprint(base, "model", "teacher_ft") == fingerprint(same, "model", "teacher_ft")
+    assert fingerprint(base, "distill") != fingerprint(config.load(PARAMS, ["distill.lr=1e-3"]), "distill")
+    assert fingerprint(base, "model", "teacher_ft") != fingerprint(config.load(PARAMS, ["model.channels=[32, 32]"]),
+                                                                   "model", "teacher_ft")
