@@ -148,9 +148,10 @@ def sampling_variants(args, compile_too: bool) -> dict:
     from tdm.backbones import load_backbone
     from tdm.data import digit_prompt_set
     from tdm.sampler import make_noise, speed_up_net, student_sample
+    from tdm.student import StudentRecord, load_k_embedding
 
-    info = json.loads((Path(args.student) / "tdm_student.json").read_text())
-    k, total_steps = int(info["k"]), int(info["total_steps"])
+    record = StudentRecord.load(args.student)
+    k, total_steps, k_embedding = record.k, record.total_steps, load_k_embedding(args.student)
     switches = {"plain": {}, "channels_last": {"channels_last": True}}
     if compile_too:
         switches |= {"compile": {"compile": True}, "compile+channels_last": {"compile": True, "channels_last": True}}
@@ -162,7 +163,8 @@ def sampling_variants(args, compile_too: bool) -> dict:
         net = speed_up_net(backbone.net, **kw)
         cond = backbone.encode_prompts(prompts)
         noise = make_noise(args.n, backbone.sample_shape, 0, backbone.device)
-        runs[name] = lambda r, b=backbone, n=net, c=cond, z=noise: student_sample(b, n, c, z, k, total_steps)
+        runs[name] = lambda r, b=backbone, n=net, c=cond, z=noise: student_sample(b, n, c, z, k, total_steps,
+                                                                                   k_embedding)
         if kw.get("compile"):
             t0 = time.perf_counter()
             runs[name](0)
@@ -248,8 +250,10 @@ def main() -> None:
             from tdm.backbones import DigitsArch, DigitsBackbone
 
             folder = Path(tmp) / "model"
+            from tdm.student import StudentRecord
+
             DigitsBackbone.create(DigitsArch(channels=(32, 32), text_layers=1, num_merges=2000)).save(
-                folder, extra_files={"tdm_student.json": json.dumps({"k": 4, "total_steps": 900})})
+                folder, extra_files=StudentRecord(family="digits", k=4, total_steps=900).files())
             args.teacher = args.student = str(folder)
             args.batch_size, args.n, args.repeats, args.sample_repeats = 8, 8, 1, 1
             out_dir = Path(tempfile.mkdtemp(prefix="tdm-bench-opt-smoke-"))

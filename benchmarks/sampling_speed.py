@@ -39,8 +39,10 @@ def smoke_models(tmp: Path) -> tuple[Path, Path]:
     from tdm.backbones import DigitsArch, DigitsBackbone
 
     folder = tmp / "model"
+    from tdm.student import StudentRecord
+
     DigitsBackbone.create(DigitsArch(channels=(32, 32), text_layers=1, num_merges=2000)).save(
-        folder, extra_files={"tdm_student.json": json.dumps({"k": 4, "total_steps": 900})})
+        folder, extra_files=StudentRecord(family="digits", k=4, total_steps=900).files())
     return folder, folder
 
 
@@ -49,13 +51,13 @@ def measure(args) -> dict:
 
     from tdm.backbones import load_backbone
     from tdm.data import digit_prompt_set
-    from tdm.sampler import make_noise, student_sample, teacher_sample
+    from tdm.sampler import make_noise, teacher_sample
+    from tdm.student import load_student
 
     device = torch.device(args.device)
     teacher = load_backbone(args.teacher).to(device)
-    student = load_backbone(args.student).to(device)
-    info = json.loads((Path(args.student) / "tdm_student.json").read_text())
-    k, total_steps = int(info["k"]), int(info["total_steps"])
+    loaded = load_student(args.student).to(device)
+    student, k = loaded.backbone, loaded.record.k
     teacher.net.eval()
     student.net.eval()
 
@@ -64,7 +66,7 @@ def measure(args) -> dict:
     t_cond, s_cond = teacher.encode_prompts(prompts), student.encode_prompts(prompts)
     teacher.null_cond(args.n)  # encode the empty prompt now, not inside the timed region
 
-    samplers = {f"student_k{k}": (k, lambda: student_sample(student, student.net, s_cond, noise, k, total_steps))}
+    samplers = {f"student_k{k}": (k, lambda: loaded.sample(s_cond, noise, k))}
     for steps, guidance in TEACHER_SETTINGS:
         samplers[f"teacher_ddim{steps}_g{guidance:g}"] = (
             steps * (2 if guidance != 1 else 1),
