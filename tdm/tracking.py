@@ -89,26 +89,27 @@ def metric_key(*parts: object) -> str:
     return "/".join(re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(p)) for p in parts)
 
 
-def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
+def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": leaf}; lists and other values are leaves."""
+    out: dict = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flat_params(value, name + "."))
+            out.update(flatten(value, sep, name + sep))
         else:
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            out[name] = value
     return out
 
 
-def _numeric_leaves(tree: dict, prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_numeric_leaves(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[metric_key(name)] = float(value)
-    return out
+def flat_params(tree: dict) -> dict[str, str]:
+    """MLflow params: every leaf as a string (lists as JSON)."""
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in flatten(tree).items()}
+
+
+def _numeric_leaves(tree: dict) -> dict[str, float]:
+    """MLflow metrics: the finite numeric leaves, under legal metric keys ("a/b/c")."""
+    return {metric_key(k): float(v) for k, v in flatten(tree, "/").items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def run_tags(root: str | Path = ".") -> dict[str, str]:
