@@ -141,11 +141,21 @@ class TDMTrainer:
 
     # -- one iteration --------------------------------------------------------------------------------------
     def _update(self, role: str, loss: torch.Tensor) -> torch.Tensor:
-        params = self.roles.parameters(role)
+        """Backward, average over processes, clip, step. Under fp16 accelerate's GradScaler scales the loss
+        in `backward`; the optimisers are ours (two parameter sets on one module in LoRA mode, which
+        accelerate's prepare cannot wrap), so we unscale before clipping (the clip and the logged norm see
+        true gradients) and let the scaler skip a step whose gradients overflowed (torch.amp recipe for
+        several optimisers: unscale_ / step each, one update per iteration, in `iteration`)."""
+        params, scaler = self.roles.parameters(role), self.accelerator.scaler
         self.accelerator.backward(loss)
         average_gradients(self.accelerator, params)
+        if scaler is not None:
+            scaler.unscale_(self.opt[role])
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.distill.grad_clip)
-        self.opt[role].step()
+        if scaler is not None:
+            scaler.step(self.opt[role])  # skipped when the unscaled gradients hold an inf / NaN
+        else:
+            self.opt[role].step()
         self.sched[role].step()
         self.opt[role].zero_grad(set_to_none=True)
         return grad_norm.detach()
@@ -189,6 +199,8 @@ class TDMTrainer:
             student_x0, _ = roles.x0_eps("student", x_in, gen_pts.t_in.to(device), cond, k_cond)
             loss_gen = generator_loss(student_x0, teacher_x0, fake_x0, d.metric, d.huber_c)
         grad_gen = self._update("student", loss_gen)
+        if acc.scaler is not None:
+            acc.scaler.update()  # once per iteration, after both optimisers stepped (or skipped)
         self.ema.update(self.roles.named_parameters("student"))
         return {"loss_fake": loss_fake.detach(), "loss_gen": loss_gen.detach(), "grad_norm_fake": grad_fake,
                 "grad_norm_gen": grad_gen, "is_weight_mean": is_w.mean().detach(), "is_weight_min": is_w.min().detach(),
@@ -200,7 +212,8 @@ class TDMTrainer:
         return {"student": self.roles.state_dict("student"), "fake": self.roles.state_dict("fake"),
                 "opt_student": self.opt["student"].state_dict(), "opt_fake": self.opt["fake"].state_dict(),
                 "sched_student": self.sched["student"].state_dict(), "sched_fake": self.sched["fake"].state_dict(),
-                "ema": self.ema.state_dict()}
+                "ema": self.ema.state_dict(),
+                **({"scaler": self.accelerator.scaler.state_dict()} if self.accelerator.scaler is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.roles.load_state_dict("student", state["student"])
@@ -209,6 +222,8 @@ class TDMTrainer:
             self.opt[role].load_state_dict(state[f"opt_{role}"])
             self.sched[role].load_state_dict(state[f"sched_{role}"])
         self.ema.load_state_dict(state["ema"])
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
 
     def trainable(self) -> list[torch.Tensor]:
         return self.roles.parameters("student") + self.roles.parameters("fake")

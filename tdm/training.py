@@ -5,7 +5,9 @@ from the newest checkpoint made with the same params (`fingerprint`), the per-st
 progress bar, the cadence of logging and checkpointing, and one divergence policy:
 
   - every `log_every` steps the step metrics move to the host in one sync (mean over processes, so every rank
-    sees the same values) and a non-finite value stops the run (`TrainingDiverged`, on every rank);
+    sees the same values) and a non-finite loss (a metric named `loss*`) stops the run (`TrainingDiverged`, on
+    every rank). Other metrics may be inf legitimately: an fp16 step whose gradients overflowed has an inf
+    gradient norm and is skipped by the GradScaler;
   - before every checkpoint the metrics are flushed (so checked), the trainable weights must be finite and
     identical on every process; only then is the checkpoint written, so the last one on disk is always good.
 
@@ -177,7 +179,8 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
             return
         rows = _host_rows(accelerator, pending)
         pending.clear()
-        bad = next(((r["step"], k, v) for r in rows for k, v in r.items() if not math.isfinite(v)), None)
+        bad = next(((r["step"], k, v) for r in rows for k, v in r.items()
+                    if k.startswith("loss") and not math.isfinite(v)), None)
         if log is not None:
             log.write(rows)  # the bad row too: it is the evidence
         if bad is not None:

@@ -115,3 +115,43 @@ def test_gradient_checkpointing_gives_the_same_iteration(teacher_dir, tmp_path):
         results.append(trainer.roles.state_dict("student"))
     for name, tensor in results[0].items():
         torch.testing.assert_close(results[1][name], tensor, atol=1e-5, rtol=1e-5)
+
+
+def _scaled_accelerator(init_scale=None):
+    """A CPU accelerator holding the GradScaler a CUDA fp16 accelerator holds (so `backward` scales the loss)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    if init_scale is not None:
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return acc
+
+
+def test_fp16_loss_scaling_is_undone_before_clipping_and_stepping(teacher_dir, tmp_path):
+    """distill's optimisers are its own (not prepared), so it must unscale: the clip, the logged norms and the
+    step see the true gradients (a power-of-two scale is undone exactly: bitwise the unscaled run)."""
+    cfg = _cfg(teacher_dir, tmp_path, "distill.mode=lora", "distill.warmup_steps=0")
+    runs = {}
+    for scale in (None, 2.0**16):
+        torch.manual_seed(0)
+        trainer = TDMTrainer(cfg, load_backbone(teacher_dir), _scaled_accelerator(scale))
+        norms = [(float(m["grad_norm_fake"]), float(m["grad_norm_gen"])) for m in map(trainer.iteration, range(3))]
+        runs[scale] = norms, trainer.roles.state_dict("student"), trainer.roles.state_dict("fake")
+    assert runs[2.0**16][0] == runs[None][0]
+    for part in (1, 2):
+        for name, tensor in runs[None][part].items():
+            assert torch.equal(runs[2.0**16][part][name], tensor), name
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(teacher_dir, tmp_path):
+    cfg = _cfg(teacher_dir, tmp_path, "distill.mode=lora", "distill.warmup_steps=0")
+    torch.manual_seed(0)
+    trainer = TDMTrainer(cfg, load_backbone(teacher_dir), _scaled_accelerator(2.0**127))  # loss x 2^127: inf grads
+    before = {r: trainer.roles.state_dict(r) for r in ("student", "fake")}
+    metrics = trainer.iteration(0)
+    assert torch.isfinite(metrics["loss_fake"]) and not torch.isfinite(metrics["grad_norm_gen"])
+    after = {r: trainer.roles.state_dict(r) for r in ("student", "fake")}
+    assert all(torch.equal(v, after["student"][n]) for n, v in before["student"].items())  # the step was skipped
+    assert all(torch.isfinite(v).all() for role in after.values() for v in role.values())  # no inf reached a weight
+    assert trainer.accelerator.scaler.get_scale() == 2.0**126
+    assert "scaler" in trainer.state_dict()
