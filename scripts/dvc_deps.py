@@ -40,8 +40,11 @@ attribute `.cfg` / `.*_cfg` (`cfg`, `ft_cfg`, `self.cfg`, `trainer.cfg`), so `ba
   - `dump(<c>)["section"]`, or `dump(<c>)[NAME]` with a module-level string constant `NAME = "section"`
                               -> `section` (an unresolvable subscript reads every section)
   - `dump(<c>)` not subscripted is the whole config recorded as provenance (tdm_params.json beside a model,
-    the MLflow run's params): not a dependency. Code that computes from a dump must subscript it.
-  - reads inside the functions of PROVENANCE_FUNCTIONS are provenance too (MLflow tags).
+    the MLflow run's params): not a dependency. Code that computes from a dump must subscript it directly:
+    reads through a dump kept in a variable, or through `getattr(<c>, name)`, are not seen.
+  - reads inside the functions of PROVENANCE_FUNCTIONS (a table, with reasons) do not count either: the MLflow
+    tags of cli.py's `_tracked`; training.py's `fingerprint` (the resume check, which reads a dump in a
+    variable and sections by computed name: the sections its callers name, which the callers read).
   - a `section.key` collapses into `section` when the stage reads the whole section.
   - a key the code reads that params.yaml does not hold (a config default) becomes its whole section: DVC can
     only track values present in params.yaml (it fails on a missing key) and adding the key to the section
@@ -68,9 +71,11 @@ CLI = "tdm/cli.py"
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_NAME = re.compile(r"^(cfg|\w+_cfg)$")  # a name or attribute holding the Config; also the bare name `config`
 RUNTIME_FILE = re.compile(r"^[\w./-]+\.py$")
-# Functions whose config reads only record provenance (their imports still count as code).
+# Functions whose config reads do not change what a stage computes (their imports still count as code).
 PROVENANCE_FUNCTIONS = {
     (CLI, "_tracked"): "the stage's MLflow run: cfg.model.family and cfg.distill.k become run tags",
+    ("tdm/training.py", "fingerprint"): "the resume check: hashes the sections its callers name (and read "
+                                        "themselves); resuming or starting afresh trains the same weights",
 }
 
 
@@ -288,7 +293,7 @@ def config_sections(project: Project) -> dict[str, set[str]]:
             if isinstance(base, ast.Name) and base.id in classes:
                 inherited.update(fields(base.id))
         own = {n.target.id: n.annotation for n in cls.body if isinstance(n, ast.AnnAssign)
-               and isinstance(n.target, ast.Name)}
+               and isinstance(n.target, ast.Name) and not is_class_var(n.annotation)}
         return {**inherited, **own}
 
     sections = {}
@@ -296,6 +301,13 @@ def config_sections(project: Project) -> dict[str, set[str]]:
         cls = annotation.id if isinstance(annotation, ast.Name) else None
         sections[section] = set(fields(cls)) if cls in classes else set()
     return sections
+
+
+def is_class_var(annotation: ast.expr) -> bool:
+    """`ClassVar[...]` (a class constant such as BOOKKEEPING, not a params key)."""
+    base = annotation.value if isinstance(annotation, ast.Subscript) else annotation
+    return (isinstance(base, ast.Name) and base.id == "ClassVar") or (isinstance(base, ast.Attribute)
+                                                                      and base.attr == "ClassVar")
 
 
 def is_config_object(node: ast.AST) -> bool:
@@ -356,7 +368,8 @@ def collapse_params(read: set[str], params_yaml: dict) -> list[str]:
                              f"(DVC tracks only what params.yaml holds)")
         present = isinstance(params_yaml[section], dict) and key in params_yaml[section]
         out.add(entry if key and present else section)
-    return sorted(e for e in out if e.partition(".")[0] not in out or "." not in e)
+    whole = {e for e in out if "." not in e}
+    return sorted(e for e in out if e in whole or e.partition(".")[0] not in whole)
 
 
 # -- stages -------------------------------------------------------------------------------------------------
