@@ -63,6 +63,32 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         raise
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def weights_digest(folder: str | Path, chunks: int = 16, chunk_bytes: int = 1 << 16) -> str:
+    """An identity of the model weights under `folder` (recursive, symlinks followed as in the HF cache): each
+    weight file's relative path, size, and `chunks` evenly spaced 64 KiB samples of its bytes (all of it when
+    smaller). Sampled, so it costs milliseconds for a multi-GB checkpoint: it tells a retrained or replaced
+    model from the one a checkpoint was made on (training rewrites essentially every byte), it is not an
+    integrity check against targeted edits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    folder = Path(folder)
+    for f in sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(folder)}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= chunks * chunk_bytes:
+                h.update(fh.read())
+                continue
+            for i in range(chunks):
+                fh.seek((size - chunk_bytes) * i // (chunks - 1))
+                h.update(fh.read(chunk_bytes))
+    return h.hexdigest()[:16]
+
+
 def write_json(path: str | Path, obj) -> Path:
     """Strict JSON (a NaN is a bug upstream, not a value to write)."""
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +95,18 @@ def load_latest(root: str | Path) -> tuple[Path, dict] | None:
         try:
             return path, load_state(path)
         except Exception as err:  # a truncated file after a power loss, say
-            print(f"checkpoint {path} does not load ({err}); trying an older one")
+            print(f"checkpoint {path} does not load ({err}); trying an older one", file=sys.stderr)
     return None
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, and any temp folder a crash left behind."""
+    """Delete all but the newest `keep` checkpoints (keep=0: all of them), and any temp folder a crash left
+    behind."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
     root = Path(root)
-    for p in list_checkpoints(root)[:-keep] if keep > 0 else []:
+    found = list_checkpoints(root)
+    for p in found[:len(found) - keep]:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".step-*"):
         shutil.rmtree(p, ignore_errors=True)

@@ -268,8 +268,12 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
         raise ValueError(f"distill.total_steps {d.total_steps} exceeds the teacher's "
                          f"{backbone.schedule.num_train_timesteps} training timesteps")
     trainer = TDMTrainer(cfg, backbone, accelerator)
-    settings = LoopSettings(STAGE, d.iterations, d.checkpoint_every, d.log_every, fingerprint(cfg, STAGE),
-                            paths.out_dir, on_diverge="Lower distill.lr / distill.fake_lr.", unit="it")
+    from tdm.artifacts import weights_digest
+    from tdm.backbones import resolve_model_path
+
+    resume_key = fingerprint(cfg, STAGE, upstream={"teacher": weights_digest(resolve_model_path(d.teacher))})
+    settings = LoopSettings(STAGE, d.iterations, d.checkpoint_every, d.log_every, resume_key, paths.out_dir,
+                            on_diverge="Lower distill.lr / distill.fake_lr.", unit="it")
     result = run_loop(accelerator, settings, trainer, trainer.iteration, progress, stop_after)
     summary = {"iterations": result.steps, "resumed_from": result.resumed_from,
                "train_time_s": round(result.train_time_s, 2),

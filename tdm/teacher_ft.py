@@ -183,8 +183,15 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
     backbone.to(accelerator.device)
     _check_resolution(cfg, backbone, data)
     trainer = TeacherTrainer(cfg, backbone, data, accelerator)
-    settings = LoopSettings(STAGE, ft.steps, ft.checkpoint_every, ft.log_every, fingerprint(cfg, "model", STAGE),
-                            paths.out_dir, on_diverge="Lower teacher_ft.lr.")
+    upstream = {}
+    if cfg.model.pretrained is not None:  # fine-tuning resumes only on top of the same pretrained weights
+        from tdm.artifacts import weights_digest
+        from tdm.backbones import resolve_model_path
+
+        upstream["pretrained"] = weights_digest(resolve_model_path(cfg.model.pretrained))
+    settings = LoopSettings(STAGE, ft.steps, ft.checkpoint_every, ft.log_every,
+                            fingerprint(cfg, "model", STAGE, upstream=upstream), paths.out_dir,
+                            on_diverge="Lower teacher_ft.lr.")
     result = run_loop(accelerator, settings, trainer, trainer.step, progress, stop_after)
     backbone.net = accelerator.unwrap_model(trainer.net)
     return backbone, trainer.ema, TrainResult(result.steps, result.last.get("loss", float("nan")),

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -35,14 +36,25 @@ class MetricsLog:
     never one per metric)."""
 
     def __init__(self, path: str | Path, resume_from_step: int | None = None):
+        from tdm.artifacts import atomic_write_file
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_from_step is None:
-            self.path.write_text("")
-        elif self.path.is_file():
-            rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in rows if json.loads(ln)["step"] <= resume_from_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = []
+        if resume_from_step is not None and self.path.is_file():
+            for i, line in enumerate(self.path.read_text(errors="replace").splitlines()):
+                try:
+                    row = json.loads(line)
+                    step = int(row["step"])
+                except (ValueError, KeyError, TypeError):  # a torn write (disk full, kill mid-flush)
+                    if line.strip():
+                        print(f"{self.path}: line {i + 1} is not a log row; dropped (rows past the checkpoint are "
+                              f"recomputed)", file=sys.stderr)
+                    continue
+                if step <= resume_from_step:
+                    kept.append(line)
+        text = "".join(ln + "\n" for ln in kept)
+        atomic_write_file(self.path, lambda tmp: Path(tmp).write_text(text))
 
     def write(self, rows: list[dict]) -> None:
         with self.path.open("a") as f:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,17 +78,25 @@ def replicas_identical(accelerator, params: Iterable[torch.Tensor]) -> bool:
     return bool(torch.all(everyone == everyone[0]))
 
 
-def fingerprint(cfg, *sections: str) -> str:
+def fingerprint(cfg, *sections: str, upstream: dict[str, str] | None = None) -> str:
     """What must match for a checkpoint to be resumed: the named config sections, less each section's
-    BOOKKEEPING keys (cadence, evaluation size, speed switches: they do not change the trained weights)."""
+    BOOKKEEPING keys (cadence, evaluation size, speed switches: they do not change the trained weights), and
+    the identity of every model the run builds on (`upstream`: {role: artifacts.weights_digest}), so a
+    teacher retrained at the same path starts the student afresh."""
     from tdm.config import dump
 
     params = dump(cfg)
-    relevant = {}
+    relevant: dict = {"upstream": dict(sorted((upstream or {}).items()))}
     for name in sections:
         bookkeeping = getattr(getattr(cfg, name), "BOOKKEEPING", ())
         relevant[name] = {k: v for k, v in params[name].items() if k not in bookkeeping}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _status(accelerator, line: str) -> None:
+    """A status line for the console: stderr (stdout carries the stage's JSON result), main process only."""
+    if accelerator.is_main_process:
+        print(line, file=sys.stderr, flush=True)
 
 
 def resumable_checkpoint(accelerator, root, fingerprint: str, stage: str):
@@ -97,7 +106,7 @@ def resumable_checkpoint(accelerator, root, fingerprint: str, stage: str):
 
     found = ckpt.load_latest(root)
     if found is not None and found[1]["fingerprint"] != fingerprint:
-        accelerator.print(f"{stage}: params changed since {found[0]}; starting afresh")
+        _status(accelerator, f"{stage}: params or upstream model changed since {found[0]}; starting afresh")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             ckpt.prune_checkpoints(root, keep=0)
@@ -164,7 +173,7 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
         set_rng_state(saved["rng"])
         start = resumed_from = int(saved["step"])
         past_time, last = float(saved["train_time_s"]), dict(saved["last"])
-        accelerator.print(f"{s.stage}: resuming from {path} ({s.unit} {start})")
+        _status(accelerator, f"{s.stage}: resuming from {path} ({s.unit} {start})")
     log = MetricsLog(s.out_dir / "metrics.jsonl", resume_from_step=resumed_from) \
         if accelerator.is_main_process else None
     pending: list[tuple[int, dict]] = []

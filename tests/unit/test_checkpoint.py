@@ -52,3 +52,22 @@ def test_latest_and_prune(tmp_path):
     assert not list(tmp_path.glob(".step-*"))
     with pytest.raises(FileNotFoundError, match="incomplete checkpoint"):
         ckpt.load_state(tmp_path / "nothing")
+
+
+def test_prune_keep_zero_removes_every_checkpoint(tmp_path):
+    for s in (30, 40):
+        ckpt.save_state(ckpt.step_dir(tmp_path, s), {"step": s})
+    ckpt.prune_checkpoints(tmp_path, keep=0)
+    assert ckpt.list_checkpoints(tmp_path) == []
+    with pytest.raises(ValueError, match="keep"):
+        ckpt.prune_checkpoints(tmp_path, keep=-1)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_quietly_on_stdout(tmp_path, capsys):
+    for s in (1, 2):
+        ckpt.save_state(ckpt.step_dir(tmp_path, s), {"step": s})
+    (ckpt.step_dir(tmp_path, 2) / "state.safetensors").write_bytes(b"torn")
+    path, state = ckpt.load_latest(tmp_path)
+    assert state["step"] == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "trying an older one" in err

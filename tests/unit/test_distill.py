@@ -155,3 +155,21 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(teacher_dir, tmp_path
     assert all(torch.isfinite(v).all() for role in after.values() for v in role.values())  # no inf reached a weight
     assert trainer.accelerator.scaler.get_scale() == 2.0**126
     assert "scaler" in trainer.state_dict()
+
+
+def test_a_teacher_retrained_at_the_same_path_starts_distillation_afresh(tiny_digits, tmp_path):
+    """The resume key holds the teacher's identity (its weights), not just its path."""
+    import copy
+
+    teacher = tmp_path / "teacher"
+    tiny_digits.save(teacher)
+    cfg = _cfg(teacher, tmp_path)
+    paths = StagePaths.of("distill", tmp_path)
+    train(cfg, paths, progress=False, stop_after=2)
+    assert train(cfg, paths, progress=False, stop_after=3)[1]["resumed_from"] == 2  # same teacher: resumes
+    retrained = copy.copy(tiny_digits)
+    retrained.net = copy.deepcopy(tiny_digits.net)
+    with torch.no_grad():
+        retrained.net.conv_out.bias.add_(0.01)
+    retrained.save(teacher)
+    assert train(cfg, paths, progress=False)[1]["resumed_from"] is None

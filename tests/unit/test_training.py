@@ -105,3 +105,26 @@ def test_fingerprint_ignores_bookkeeping_only():
     assert fingerprint(base, "distill") != fingerprint(config.load(PARAMS, ["distill.lr=1e-3"]), "distill")
     assert fingerprint(base, "model", "teacher_ft") != fingerprint(config.load(PARAMS, ["model.channels=[32, 32]"]),
                                                                    "model", "teacher_ft")
+
+
+def test_changed_params_remove_stale_checkpoints_and_the_new_run_resumes(tmp_path):
+    """A stale run's higher-numbered checkpoints must not outlive a params change (they used to, and each save
+    of the new run then pruned its own checkpoint instead)."""
+    _run(tmp_path, total=40, every=10)  # stale: step-30, step-40
+    _, first = _run(tmp_path, fp="new", stop_after=4)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-0000004"]
+    fresh, _ = _run(tmp_path / "fresh", fp="new")
+    resumed, result = _run(tmp_path, fp="new")
+    assert result.resumed_from == 4 and torch.equal(resumed.w, fresh.w)
+
+
+def test_a_torn_log_line_does_not_block_the_resume(tmp_path, capsys):
+    full, _ = _run(tmp_path / "a")
+    _run(tmp_path / "b", stop_after=5)
+    with (tmp_path / "b/metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "loss": 0.1')  # a flush cut short (disk full, kill)
+    resumed, result = _run(tmp_path / "b")
+    assert result.resumed_from == 5 and torch.equal(full.w, resumed.w)
+    assert (tmp_path / "a/metrics.jsonl").read_text() == (tmp_path / "b/metrics.jsonl").read_text()
+    out, err = capsys.readouterr()
+    assert "line 6 is not a log row" in err and "resuming from" in err and out == ""  # status lines: stderr
