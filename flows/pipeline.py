@@ -24,6 +24,9 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                update_progress_artifact)
 from prefect.runtime import flow_run
 
+from tdm import config
+from tdm.evaluation.table import markdown_table
+
 PROJECT = Path(__file__).resolve().parents[1]
 STAGES = ["teacher_ft", "distill", "lora_transfer", "evaluate", "report"]
 DEFAULT_VARIANTS = {"k1": ["distill.k=1"], "k2": ["distill.k=2"], "k4": ["distill.k=4"]}
@@ -111,11 +114,8 @@ def run_stage(stage: str, project: str, parent_run_id: str | None, progress_id=N
 
 def _prepare(project: Path, overrides: list[str]) -> dict:
     """Validate params.yaml + overrides before anything runs, write the overrides in, return the params."""
-    sys.path.insert(0, str(project))
-    from tdm import config
-
     params = project / "params.yaml"
-    config.load(params, overrides)  # raises ConfigError naming the key
+    _validate(project, overrides)  # raises ConfigError naming the key
     if overrides:
         from ruamel.yaml import YAML
 
@@ -123,9 +123,8 @@ def _prepare(project: Path, overrides: list[str]) -> dict:
         yaml.preserve_quotes = True  # `"no"` must stay a string for YAML 1.1 readers
         tree = yaml.load(params)
         for item in overrides:
-            key, _, value = item.partition("=")
-            section, _, name = key.partition(".")
-            tree[section][name] = YAML(typ="safe").load(value)
+            section, name, value = config.parse_override(item)
+            tree.setdefault(section, {})[name] = value
         tmp = params.with_suffix(".yaml.tmp")
         with tmp.open("w") as f:
             yaml.dump(tree, f)
@@ -160,18 +159,12 @@ def _check_servers(project: Path) -> None:
 
 
 def _metrics_markdown(project: Path) -> str:
-    """The evaluation rows (teacher vs student by NFE, LoRA transfer) as a markdown table."""
+    """The evaluation rows (teacher vs student by NFE, LoRA transfer) as the evaluate stage's table."""
     path = project / "metrics" / "evaluate.json"
     if not path.is_file():
         return "_no metrics/evaluate.json yet_"
-    rows = json.loads(path.read_text()).get("rows", [])
-    names = sorted({k for r in rows for k, v in (r.get("metrics") or {}).items() if isinstance(v, (int, float))})
-    lines = ["| model | steps | NFE | " + " | ".join(names) + " |", "|---|---:|---:|" + "---:|" * len(names)]
-    for r in rows:
-        vals = [r.get("metrics", {}).get(n) for n in names]
-        lines.append(f"| {r.get('model')} | {r.get('steps')} | {r.get('nfe')} | "
-                     + " | ".join("" if v is None else f"{v:.4g}" for v in vals) + " |")
-    return "\n".join(lines)
+    result = json.loads(path.read_text())
+    return markdown_table(result.get("rows", []), result.get("metrics_skipped"))
 
 
 def _publish(project: Path, parent_run_id: str | None, key: str) -> None:
@@ -263,9 +256,6 @@ def _ablation(root: Path, variants: dict[str, list[str]], common: list[str]) -> 
 
 
 def _validate(root: Path, overrides: list[str]) -> None:
-    sys.path.insert(0, str(root))
-    from tdm import config
-
     config.load(root / "params.yaml", overrides)
 
 
@@ -291,14 +281,15 @@ def _variant_rows(root: Path, run_id: str | None) -> list[dict]:
 
 
 def _comparison_markdown(results: dict) -> str:
-    lines = ["| variant | overrides | model | NFE | metrics |", "|---|---|---|---:|---|"]
+    """Every variant's evaluation rows in one table, the variant and its overrides in front."""
+    rows, lead = [], {"variant": [], "overrides": []}
     for name, res in results.items():
-        for row in res["rows"] or [{}]:
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in (row.get("metrics") or {}).items()
-                                if isinstance(v, (int, float)))
-            lines.append(f"| {name} | {' '.join(res['overrides'])} | {row.get('model', '')} | "
-                         f"{row.get('nfe', '')} | {metrics} |")
-    return "\n".join(lines)
+        rows += res["rows"]
+        lead["variant"] += [name] * len(res["rows"])
+        lead["overrides"] += [" ".join(res["overrides"]) or "defaults"] * len(res["rows"])
+    empty = [name for name, res in results.items() if not res["rows"]]
+    notes = "".join(f"\nVariant `{name}`: no evaluation rows (tracking off, or no evaluate run)\n" for name in empty)
+    return (markdown_table(rows, lead=lead) if rows else "") + notes
 
 
 if __name__ == "__main__":  # run once: python flows/pipeline.py [section.key=value ...]

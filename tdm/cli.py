@@ -55,7 +55,7 @@ def cmd_distill(args) -> dict:
 
 def cmd_evaluate(args) -> dict:
     from tdm import evaluate
-    from tdm.evaluation.runner import markdown_table
+    from tdm.evaluation.table import markdown_table
 
     cfg = _load_config(args)
     result = _tracked("evaluate", cfg, lambda: evaluate.run(cfg, progress=not args.quiet))
@@ -66,7 +66,8 @@ def cmd_evaluate(args) -> dict:
 
 def cmd_score(args) -> dict:
     from tdm import config
-    from tdm.evaluation.runner import Evaluator, MetricSettings, markdown_table, score_sets
+    from tdm.evaluation.runner import Evaluator, MetricSettings, score_sets
+    from tdm.evaluation.table import markdown_table
 
     cfg = config.load(args.params, args.set or [])
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -76,7 +77,7 @@ def cmd_score(args) -> dict:
     evaluator = Evaluator(metrics, MetricSettings.from_config(cfg, args.reference), skip_missing=args.skip_missing)
     rows = score_sets([{"samples": p} for p in args.samples], evaluator)
     print(markdown_table(rows, evaluator.skipped), file=sys.stderr)
-    return {"rows": rows, "metrics_skipped": evaluator.skipped}
+    return {"rows": [r.to_dict() for r in rows], "metrics_skipped": evaluator.skipped}
 
 
 def cmd_report(args) -> dict:

@@ -4,10 +4,11 @@ score the LoRA-transfer stage's sets (its manifest), one row per (model, NFE).
 Writes outputs/evaluate/ (samples_<model>_s<steps>.npz + PNG grids, table.md) and metrics/evaluate.json:
   {"rows": [{"model", "steps", "nfe", "guidance", "n", "samples", "grid", "metrics": {...}}, ...],
    "metrics_skipped": {metric: why}}
-`guidance` is the CFG scale the samples reflect: the teacher's sampling scale, the student's distillation scale
-(baked in). `nfe` counts network evaluations per sample: 2 per teacher step under CFG (cond + uncond), 1 per
-student step. The teacher row samples exactly as `tdm sample --score` does (same prompts, noise, batches),
-so its digits numbers equal that command's.
+(rows: `tdm.evaluation.rows.EvalRow`). `guidance` is the CFG scale the samples reflect: the teacher's sampling
+scale, the student's distillation scale (baked in). `nfe` counts network evaluations per sample
+(`tdm.evaluation.rows.nfe`): 2 per teacher step under CFG (cond + uncond), 1 per student step. The teacher
+row samples exactly as `tdm sample --score` does (same prompts, noise, batches), so its digits numbers equal
+that command's.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from tdm.artifacts import atomic_folder, atomic_write_file, save_samples, write_json
 from tdm.config import Config, StagePaths
 from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS, VIDEO_FAMILIES, VIDEO_METRICS
+from tdm.evaluation.rows import EvalRow, nfe
 
 STAGE = "evaluate"
 
@@ -53,7 +55,7 @@ def _model_folder(path: str | None, key: str) -> Path | None:
 
 
 def read_manifest(path: str | None) -> list[dict]:
-    """The lora_transfer stage's rows; an absent file means none. Bad rows fail naming the key."""
+    """The lora_transfer stage's rows (`EvalRow` dicts); an absent file means none. Bad rows fail naming the key."""
     if path is None or not Path(path).is_file():
         return []
     try:
@@ -61,23 +63,24 @@ def read_manifest(path: str | None) -> list[dict]:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: expected {{\"rows\": [...]}} ({err})") from None
     base = Path(path).parent
+    # Relative paths are taken from the project root, else beside the manifest.
+    resolve = lambda p: p if p.exists() or p.is_absolute() else base / p
     out = []
-    for i, row in enumerate(rows):
+    for i, raw in enumerate(rows):
         for key in ("model", "steps", "nfe", "guidance", "samples"):
-            if key not in row:
+            if key not in raw:
                 raise ValueError(f"{path}: rows[{i}].{key}: missing")
-        samples = Path(row["samples"])
-        reference = row.get("reference")
-        # Relative paths are taken from the project root, else beside the manifest.
-        resolve = lambda p: p if p.exists() or p.is_absolute() else base / p
-        samples = resolve(samples)
+        try:
+            row = EvalRow.from_dict(raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: rows[{i}]: {err}") from None
+        samples = resolve(Path(row.samples))
         if not samples.is_file():
-            raise FileNotFoundError(f"{path}: rows[{i}].samples: not found: {row['samples']}")
-        if reference is not None:
-            reference = resolve(Path(reference))
-            if not reference.exists():
-                raise FileNotFoundError(f"{path}: rows[{i}].reference: not found: {row['reference']}")
-        out.append({**row, "samples": str(samples), "reference": None if reference is None else str(reference)})
+            raise FileNotFoundError(f"{path}: rows[{i}].samples: not found: {row.samples}")
+        reference = None if row.reference is None else resolve(Path(row.reference))
+        if reference is not None and not reference.exists():
+            raise FileNotFoundError(f"{path}: rows[{i}].reference: not found: {row.reference}")
+        out.append(row.replace(samples=str(samples), reference=None if reference is None else str(reference)).to_dict())
     return out
 
 
@@ -91,7 +94,7 @@ def plan(cfg: Config) -> list[dict]:
         steps = e.teacher_steps or cfg.sample.steps
         guidance = e.teacher_guidance if e.teacher_guidance is not None else cfg.sample.guidance
         rows.append({"model": "teacher", "folder": teacher, "steps": steps, "guidance": guidance, "student": False,
-                     "nfe": steps * (2 if guidance != 1.0 else 1), "sample_guidance": guidance})
+                     "sample_guidance": guidance})
     student = _model_folder(e.student, "student")
     if student is not None:
         from tdm.student import StudentRecord
@@ -104,7 +107,7 @@ def plan(cfg: Config) -> list[dict]:
         for k in sorted(set(ks)):
             record.check_k(k)
             rows.append({"model": "student", "folder": student, "steps": k, "guidance": record.guidance or 1.0,
-                         "student": True, "nfe": k, "sample_guidance": 1.0})
+                         "student": True, "sample_guidance": 1.0})
     return rows
 
 
@@ -113,7 +116,8 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
     import torch
 
     from tdm.backbones import load_backbone
-    from tdm.evaluation.runner import Evaluator, MetricSettings, markdown_table, score_sets
+    from tdm.evaluation.runner import Evaluator, MetricSettings, score_sets
+    from tdm.evaluation.table import markdown_table
     from tdm.sampler import sample_student, sample_teacher
     from tdm.student import load_student
 
@@ -144,15 +148,15 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
                                      **common))
             name = f"samples_{r['model']}_s{r['steps']}.npz"
             save_samples(tmp / name, images, prompts, steps=r["steps"], guidance=r["sample_guidance"])
-            rows.append({"model": r["model"], "steps": r["steps"], "nfe": r["nfe"], "guidance": r["guidance"],
-                         "n": len(prompts), "samples": str(out_dir / name),
-                         "grid": str(out_dir / Path(name).with_suffix(".png")),
-                         "metrics": evaluator.score(images.numpy(), prompts)})
+            rows.append(EvalRow(model=r["model"], steps=r["steps"], nfe=nfe(r["steps"], r["guidance"], r["student"]),
+                                guidance=r["guidance"], n=len(prompts), samples=str(out_dir / name),
+                                grid=str(out_dir / Path(name).with_suffix(".png")),
+                                metrics=evaluator.score(images.numpy(), prompts)))
         loaded.clear()
         rows += score_sets(transfer, evaluator)
         table = markdown_table(rows, evaluator.skipped)
         atomic_write_file(tmp / "table.md", lambda p: Path(p).write_text(table))
-    result = {"rows": rows, "metrics_skipped": evaluator.skipped,
+    result = {"rows": [r.to_dict() for r in rows], "metrics_skipped": evaluator.skipped,
               "wall_time_s": round(time.perf_counter() - start, 2)}
     write_json(paths.metrics, result)
     return result

@@ -7,8 +7,9 @@ custom + TDM LoRA at the student's K steps (no CFG: it is baked into the LoRA). 
 
 On the digits default a custom model is named "digits:<style>": the LoRA's base fine-tuned for a few hundred
 steps on restyled digits (tdm.data.digits_style), cached under outputs/lora_transfer/custom/<style>/. Its rows
-are scored against the same style's held-out images: FID and class accuracy in the feature space of the digits
-metric classifier trained on that style (the plain one reads thick strokes at 71%, inverted digits at 14%).
+are scored against the same style's held-out images by the digits metric of that style
+(`tdm.evaluation.digits.DigitsScorer(weights_dir, style)`: FID and class accuracy in the feature space of the
+digit classifier trained on that style; the plain one reads thick strokes at 68%, inverted digits at 15%).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 from tdm.artifacts import atomic_folder, save_samples, write_json
 from tdm.config import Config, StagePaths
+from tdm.evaluation.rows import EvalRow, nfe
 from tdm.lora import LoRA, fuse, load_lora
 from tdm.student import K_EMBEDDING_FILE, RECORD_FILE, Student, StudentRecord, load_k_embedding
 
@@ -155,93 +157,6 @@ def style_reference(style: str) -> np.ndarray:
     return to_uint8(digits_style(digits_split("test")[0], style)).numpy()
 
 
-# -- scoring (digits) -----------------------------------------------------------------------------------------------
-def style_classifier(style: str, weights_dir: str | Path, epochs: int = 25, seed: int = 0):
-    """The digits metric classifier (tdm.evaluation.digits.DigitClassifier) trained on the style's train split,
-    so FID features and class accuracy mean the same for a style as for plain digits (the plain classifier reads
-    thick strokes at 71% and inverted digits at 14%). Trained once (seconds) and cached in `weights_dir`."""
-    import torch.nn.functional as F
-    from safetensors.torch import load_file, save_file
-
-    from tdm.artifacts import atomic_write_file
-    from tdm.data import digits_split, digits_style
-    from tdm.evaluation.digits import CLASSIFIER_VERSION, DigitClassifier, quantize
-
-    path = Path(weights_dir) / f"digit_classifier-{CLASSIFIER_VERSION}-style-{style}-seed{seed}.safetensors"
-    with torch.random.fork_rng(devices=[]):  # layer init must not move the caller's random state
-        torch.manual_seed(seed)
-        model = DigitClassifier()
-    if path.is_file():
-        model.load_state_dict(load_file(path))
-        return model.eval()
-    x, y = digits_split("train")
-    x = quantize(digits_style(x, style))
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=g)
-        for start in range(0, len(y), 64):
-            idx = order[start:start + 64]
-            # Random +-1 pixel shifts (edge-replicated, so any background colour survives).
-            dy, dx = torch.randint(0, 3, (2,), generator=g).tolist()
-            batch = F.pad(x[idx], (1, 1, 1, 1), mode="replicate")[:, :, dy:dy + 8, dx:dx + 8]
-            loss = F.cross_entropy(model(batch), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-    model.eval()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write_file(path, lambda tmp: save_file(state, tmp))
-    return model
-
-
-class StyleScorer:
-    """FID against a style's held-out set and class accuracy, in the feature space of a digit classifier
-    trained on that style."""
-
-    def __init__(self, style: str, weights_dir: str | Path):
-        from tdm.data import digits_split, digits_style
-
-        self.style = style
-        self.classifier = style_classifier(style, weights_dir)
-        self.reference = self._features(style_reference(style))
-        test_labels = digits_split("test")[1]
-        self.real_accuracy = self._accuracy(style_reference(style), test_labels.tolist())
-        self._train = digits_style(digits_split("train")[0], style)
-
-    @torch.no_grad()
-    def _features(self, images: np.ndarray) -> np.ndarray:
-        from tdm.evaluation.digits import images_to_tensor, quantize
-
-        return self.classifier.features(quantize(images_to_tensor(images))).double().numpy()
-
-    def _accuracy(self, images: np.ndarray, labels: list) -> float | None:
-        from tdm.evaluation.digits import class_accuracy, images_to_tensor
-
-        keep = [i for i, label in enumerate(labels) if label is not None]
-        if not keep:
-            return None
-        return class_accuracy(images_to_tensor(images)[keep], torch.tensor([labels[i] for i in keep]), self.classifier)
-
-    def score(self, images: np.ndarray, prompts: list[str]) -> dict:
-        from tdm.data import label_from_prompt
-        from tdm.evaluation.digits import frechet_distance
-
-        return {"fid": frechet_distance(self._features(images), self.reference),
-                "accuracy": self._accuracy(images, [label_from_prompt(p) for p in prompts]), "n": len(images)}
-
-    def floor(self, n: int) -> float:
-        """FID of n real styled train images vs the held-out set: where a perfect generator would sit."""
-        from tdm.backbones.base import to_uint8
-        from tdm.evaluation.digits import frechet_distance
-
-        pick = np.sort(np.random.default_rng(0).permutation(len(self._train))[:min(n, len(self._train))])
-        return frechet_distance(self._features(to_uint8(self._train[pick]).numpy()), self.reference)
-
-
 # -- the stage ------------------------------------------------------------------------------------------------------
 def with_lora(backbone, lora: LoRA, record: StudentRecord, student: Path) -> Student:
     """The student on a custom model: a copy of its denoiser with the LoRA fused in at `record.lora_scale`, on
@@ -252,7 +167,7 @@ def with_lora(backbone, lora: LoRA, record: StudentRecord, student: Path) -> Stu
 
 
 def transfer_rows(cfg: Config, name: str, model: str | Path, lora: LoRA, record: StudentRecord, prompts: list[str],
-                  out_dir: Path, reference: str | None, progress: bool) -> list[dict]:
+                  out_dir: Path, reference: str | None, progress: bool) -> list[EvalRow]:
     """Sample one custom model three ways; returns the manifest rows (with the npz written)."""
     from tdm.backbones import load_backbone
     from tdm.sampler import sample_student, sample_teacher
@@ -269,36 +184,40 @@ def transfer_rows(cfg: Config, name: str, model: str | Path, lora: LoRA, record:
         t0 = time.perf_counter()
         images = sample_teacher(backbone, backbone.net, prompts, steps=steps, guidance=guidance, **common)
         path = save_samples(out_dir / f"{slug}_ddim{steps}.npz", images, prompts, steps=steps, guidance=guidance)[0]
-        rows.append({"model": name, "steps": steps, "nfe": steps * (2 if guidance > 1 else 1), "guidance": guidance,
-                     "samples": str(path), "reference": reference, "sample_time_s": round(time.perf_counter() - t0, 2)})
+        rows.append(EvalRow(model=name, steps=steps, nfe=nfe(steps, guidance, student=False), guidance=guidance,
+                            samples=str(path), reference=reference,
+                            sample_time_s=round(time.perf_counter() - t0, 2)))
     student = with_lora(backbone, lora, record, student_folder(cfg))
     k = record.k
     t0 = time.perf_counter()
     images = sample_student(student, prompts, k=k, **common)
     path = save_samples(out_dir / f"{slug}{LORA_SUFFIX}_k{k}.npz", images, prompts, steps=k, scale=lt.scale)[0]
-    rows.append({"model": name + LORA_SUFFIX, "steps": k, "nfe": k, "guidance": 1.0, "lora_scale": lt.scale,
-                 "samples": str(path), "reference": reference, "sample_time_s": round(time.perf_counter() - t0, 2)})
+    rows.append(EvalRow(model=name + LORA_SUFFIX, steps=k, nfe=nfe(k, 1.0, student=True), guidance=1.0,
+                        lora_scale=lt.scale, samples=str(path), reference=reference,
+                        sample_time_s=round(time.perf_counter() - t0, 2)))
     return rows
 
 
-def score_rows(cfg: Config, rows: list[dict], styles: dict[str, str]) -> tuple[list[dict], dict]:
-    """Each row with its digits `metrics` (FID vs the style's held-out set, class accuracy; {} for models
-    without a reference set: `tdm evaluate` scores those), and per style the real images' reference points."""
+def score_rows(cfg: Config, rows: list[EvalRow], styles: dict[str, str]) -> tuple[list[EvalRow], dict]:
+    """Each row with its digits `metrics` (fid against the style's held-out set, class accuracy, n; {} for
+    models without a reference set: `tdm evaluate` scores those), and per style the real images' reference
+    points (the style classifier's held-out accuracy, the FID floor at the stage's n)."""
     from tdm.artifacts import load_samples
+    from tdm.evaluation.digits import DigitsScorer
 
     scored, references, scorers = [], {}, {}
     for row in rows:
-        custom = row["model"].removesuffix(LORA_SUFFIX)
+        custom = row.model.removesuffix(LORA_SUFFIX)
         style = styles.get(custom)
         metrics = {}
         if style is not None:
             if style not in scorers:
-                scorer = scorers[style] = StyleScorer(style, cfg.eval.weights_dir)
-                references[custom] = {"real_accuracy": scorer.real_accuracy,
+                scorer = scorers[style] = DigitsScorer(cfg.eval.weights_dir, style)
+                references[custom] = {"real_accuracy": scorer.classifier.held_out_accuracy,
                                       "fid_floor": scorer.floor(cfg.lora_transfer.n)}
-            images, prompts = load_samples(row["samples"])
-            metrics = scorers[style].score(images, prompts)
-        scored.append({**row, "metrics": metrics})
+            score = scorers[style].score(*load_samples(row.samples))
+            metrics = {key: score[key] for key in ("fid", "accuracy", "n")}
+        scored.append(row.replace(metrics=metrics))
     return scored, references
 
 
@@ -329,15 +248,16 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
         else:
             model = name
         rows += transfer_rows(cfg, name, model, lora, record, prompts, samples_dir, reference, progress)
-    write_json(paths.out_dir / "manifest.json", {"rows": rows, "lora": str(lt.lora), "scale": lt.scale,
-                                                 "student_steps": record.k, "total_steps": record.total_steps})
+    write_json(paths.out_dir / "manifest.json", {"rows": [r.to_dict() for r in rows], "lora": str(lt.lora),
+                                                 "scale": lt.scale, "student_steps": record.k,
+                                                 "total_steps": record.total_steps})
     scored, references = score_rows(cfg, rows, styles)
     # The layout of metrics/evaluate.json (rows with a `metrics` dict), so tracking and reports read both alike.
-    metrics = {"rows": scored, "references": references, "lora_scale": lt.scale,
+    metrics = {"rows": [r.to_dict() for r in scored], "references": references, "lora_scale": lt.scale,
                "stage_time_s": round(time.perf_counter() - t0, 2)}
     write_json(paths.metrics, metrics)
     return metrics
 
 
-__all__ = ["run", "check_inputs", "digits_custom_model", "style_reference", "style_classifier", "StyleScorer",
-           "transfer_rows", "score_rows", "write_style_folder", "with_lora"]
+__all__ = ["run", "check_inputs", "digits_custom_model", "style_reference", "transfer_rows", "score_rows",
+           "write_style_folder", "with_lora"]

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from tdm.artifacts import atomic_folder
+from tdm.evaluation.table import cells, html_table, markdown
 
 STAGE = "report"
 STAGES = ("teacher_ft", "distill", "lora_transfer", "evaluate")
@@ -29,27 +30,14 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+def _render(header: list[str], body: list[list[str]]) -> tuple[str, str]:
+    """(html, markdown) of one table of string cells."""
+    return html_table(header, body), markdown(header, body)
+
+
 def _table(header: list[str], rows: list[list]) -> tuple[str, str]:
-    """(html, markdown) of one table."""
-    h = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows) + "</table>"
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join(
-        "| " + " | ".join(_fmt(v) for v in row) + " |\n" for row in rows)
-    return h, md
-
-
-def evaluation_table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """Teacher vs student by NFE (and LoRA transfer rows): one row per (model, steps)."""
-    names = []
-    for r in rows:
-        for k, v in (r.get("metrics") or {}).items():
-            if isinstance(v, (int, float)) and k not in names and k != "n":
-                names.append(k)
-    header = ["model", "steps", "NFE", "guidance", "n", *names]
-    body = [[r.get("model"), r.get("steps"), r.get("nfe"), r.get("guidance"),
-             r.get("n", (r.get("metrics") or {}).get("n")), *[(r.get("metrics") or {}).get(n) for n in names]]
-            for r in rows]
-    return header, body
+    """(html, markdown) of one table of values (numbers to 4 significant digits, None blank)."""
+    return _render(header, [[_fmt(v) for v in row] for row in rows])
 
 
 def ablation_table(bench: dict) -> tuple[list[str], list[list]]:
@@ -164,7 +152,7 @@ def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>", f"![{caption}]({name})\n")
 
     if rows:
-        h, md = _table(*evaluation_table(rows))
+        h, md = _render(*cells(rows))
         section("Teacher vs student by NFE (evaluate stage)", h, md)
         plots_h, plots_md = "", ""
         for metric in ("fid_digits", "fid", "hps", "clip_score", "aesthetic"):
@@ -189,7 +177,7 @@ def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
     transfer = metrics["lora_transfer"]
     if transfer:
         # Its rows are scored against each custom style's held-out set with a classifier of that style.
-        h, md = _table(*evaluation_table(transfer["rows"])) if transfer.get("rows") else ("", "")
+        h, md = _render(*cells(transfer["rows"])) if transfer.get("rows") else ("", "")
         flat = [[k, v] for k, v in _flatten(transfer).items() if isinstance(v, (int, float, str))]
         h2, md2 = _table(["lora_transfer", "value"], flat)
         section("LoRA transfer to custom models (lora_transfer stage, per-style metrics)", h + h2, md + "\n" + md2)

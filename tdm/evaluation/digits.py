@@ -1,9 +1,16 @@
-"""Toy metrics for the embedded 8x8 digits default: FID and class accuracy in a small CNN's feature space.
+"""The digits metric: FID and class accuracy in a small CNN's feature space, for plain or restyled digits.
 
 Inception features mean nothing on 8x8 greyscale digits, so a tiny classifier trained on the
 train split stands in for Inception: its penultimate layer is the FID feature space, its logits
 score whether a sample shows the digit its prompt asked for. FID is measured against the
 held-out test split; FID(train vs test) is the floor a perfect generator would sit at.
+
+A classifier belongs to one style (`style=None`: plain digits; "thick", "invert": `tdm.data.digits_style`):
+it is trained on that style's train split and scores against that style's held-out split, so FID
+features and class accuracy mean the same for a style as for plain digits (the plain classifier
+reads thick strokes at 68% and inverted digits at 15%). `DigitsScorer` is the one entry point:
+the runner's `digits_fid` / `class_accuracy`, `evaluate_samples` (teacher_ft, distill,
+`tdm sample --score`) and the lora_transfer stage's per-style rows all score through it.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdm.artifacts import atomic_write_file
-from tdm.data import digits_split, label_from_prompt
+from tdm.data import digits_split, digits_style, label_from_prompt
 
 # Bump whenever the architecture or the training recipe changes, so stale caches are not reused.
 CLASSIFIER_VERSION = "v1"
@@ -31,9 +38,9 @@ _BATCH = 512
 
 
 class DigitClassifier(nn.Module):
-    """Small CNN on 1 x 8 x 8 images in [-1, 1]."""
+    """Small CNN on 1 x 8 x 8 images in [-1, 1], of one digit style (None: plain)."""
 
-    def __init__(self, feature_dim: int = FEATURE_DIM) -> None:
+    def __init__(self, feature_dim: int = FEATURE_DIM, style: str | None = None) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
@@ -45,6 +52,8 @@ class DigitClassifier(nn.Module):
             nn.Linear(64 * 2 * 2, feature_dim),
         )
         self.head = nn.Linear(feature_dim, 10)
+        # The style whose splits it was trained on and scores against.
+        self.style = style
         # Set by load_classifier from the sidecar; NaN until then.
         self.held_out_accuracy: float = float("nan")
 
@@ -83,12 +92,31 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return levels / 127.5 - 1.0
 
 
+# --- styles ----------------------------------------------------------------------------------
+
+def styled(images: torch.Tensor, style: str | None) -> torch.Tensor:
+    """Digits (N x 1 x 8 x 8 in [-1, 1]) in `style`; None leaves them plain."""
+    return images if style is None else digits_style(images, style)
+
+
+def styled_split(split: str, style: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits `split` in `style`, quantised as stored samples are: (images N x 1 x 8 x 8, labels N)."""
+    x, y = digits_split(split)
+    return quantize(styled(x, style)), y
+
+
+def background(style: str | None) -> float:
+    """The style's background level: a blank plain image (all -1) restyled. -1 for plain and thick, +1 for
+    invert; the fill of the shift augmentation, so a shifted digit shows no border."""
+    return float(styled(torch.full((1, 1, IMAGE_SIZE, IMAGE_SIZE), -1.0), style)[0, 0, 0, 0])
+
+
 # --- training and caching -------------------------------------------------------------------
 
-def _shift_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Shift each image by a random -1..+1 pixels in x and y, filling with background (-1)."""
+def _shift_batch(x: torch.Tensor, gen: torch.Generator, fill: float) -> torch.Tensor:
+    """Shift each image by a random -1..+1 pixels in x and y, filling with the background level `fill`."""
     n = x.shape[0]
-    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    padded = F.pad(x, (1, 1, 1, 1), value=fill)
     # All nine crops at once, then pick one per image: batched, no per-sample loop.
     crops = torch.stack([padded[:, :, dy:dy + IMAGE_SIZE, dx:dx + IMAGE_SIZE]
                          for dy in range(3) for dx in range(3)])
@@ -96,14 +124,21 @@ def _shift_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return crops[choice, torch.arange(n)]
 
 
-def _train(seed: int, epochs: int = 25, batch_size: int = 64, lr: float = 2e-3) -> DigitClassifier:
-    x, y = digits_split("train")
-    x = quantize(x)
-    gen = torch.Generator().manual_seed(seed)
+def _new_classifier(seed: int, style: str | None) -> DigitClassifier:
     # Fork the global RNG: layer init draws from it, and callers' random state must not move.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitClassifier()
+        return DigitClassifier(style=style)
+
+
+def train_classifier(style: str | None = None, seed: int = 0, epochs: int = 25, batch_size: int = 64,
+                     lr: float = 2e-3) -> DigitClassifier:
+    """The digit classifier of `style`, trained on that style's train split: per-image random +-1 pixel shifts
+    filled with the style's background, Adam, cosine schedule, seeded (CPU, a few seconds)."""
+    x, y = styled_split("train", style)
+    fill = background(style)
+    gen = torch.Generator().manual_seed(seed)
+    model = _new_classifier(seed, style)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     model.train()
@@ -111,7 +146,7 @@ def _train(seed: int, epochs: int = 25, batch_size: int = 64, lr: float = 2e-3) 
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(model(_shift_batch(x[idx], gen)), y[idx])
+            loss = F.cross_entropy(model(_shift_batch(x[idx], gen, fill)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -119,31 +154,35 @@ def _train(seed: int, epochs: int = 25, batch_size: int = 64, lr: float = 2e-3) 
     return model.eval()
 
 
-def _cache_paths(cache_dir: Path, seed: int) -> tuple[Path, Path]:
-    stem = f"digit_classifier-{CLASSIFIER_VERSION}" + (f"-seed{seed}" if seed else "")
-    return cache_dir / f"{stem}.safetensors", cache_dir / f"{stem}.json"
+def classifier_paths(cache_dir: str | Path, style: str | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """(weights, sidecar) of a cached classifier: digit_classifier-<version>[-<style>][-seed<seed>]."""
+    stem = (f"digit_classifier-{CLASSIFIER_VERSION}" + (f"-{style}" if style is not None else "")
+            + (f"-seed{seed}" if seed else ""))
+    return Path(cache_dir) / f"{stem}.safetensors", Path(cache_dir) / f"{stem}.json"
 
 
-def load_classifier(cache_dir: str | Path, seed: int = 0) -> DigitClassifier:
-    """The digit classifier, trained on the train split on first use (CPU, seeded, a few seconds)
-    and cached under `cache_dir`; `held_out_accuracy` is its accuracy on the test split."""
+def load_classifier(cache_dir: str | Path, *, style: str | None = None, seed: int = 0) -> DigitClassifier:
+    """The digit classifier of `style`, trained on first use and cached under `cache_dir`;
+    `held_out_accuracy` is its accuracy on the style's test split."""
     from safetensors.torch import load_file, save_file
 
+    if style is not None:
+        digits_style(torch.zeros(0, 1, IMAGE_SIZE, IMAGE_SIZE), style)  # an unknown style fails before training
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    weights_path, meta_path = _cache_paths(cache_dir, seed)
+    weights_path, meta_path = classifier_paths(cache_dir, style, seed)
+    meta = {"version": CLASSIFIER_VERSION, "style": style, "seed": seed}
 
     if weights_path.is_file():
-        model = DigitClassifier()
+        model = _new_classifier(seed, style)
         model.load_state_dict(load_file(str(weights_path)))
         model.eval()
     else:
         start = time.perf_counter()
-        model = _train(seed)
+        model = train_classifier(style, seed)
         train_seconds = time.perf_counter() - start
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        meta = {"version": CLASSIFIER_VERSION, "seed": seed, "held_out_accuracy": _held_out_accuracy(model),
-                "train_seconds": round(train_seconds, 2)}
+        meta.update(held_out_accuracy=_held_out_accuracy(model), train_seconds=round(train_seconds, 2))
         # Sidecar first: a weights file on disk then always has its metadata beside it.
         atomic_write_file(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
         atomic_write_file(weights_path, lambda p: save_file(state, p, metadata={"version": CLASSIFIER_VERSION}))
@@ -151,15 +190,13 @@ def load_classifier(cache_dir: str | Path, seed: int = 0) -> DigitClassifier:
     if meta_path.is_file():
         model.held_out_accuracy = float(json.loads(meta_path.read_text())["held_out_accuracy"])
     else:  # sidecar lost: recompute rather than fail
-        model.held_out_accuracy = _held_out_accuracy(model)
-        meta = {"version": CLASSIFIER_VERSION, "seed": seed, "held_out_accuracy": model.held_out_accuracy}
+        model.held_out_accuracy = meta["held_out_accuracy"] = _held_out_accuracy(model)
         atomic_write_file(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return model
 
 
 def _held_out_accuracy(model: DigitClassifier) -> float:
-    x, y = digits_split("test")
-    return class_accuracy(quantize(x), y, model)
+    return class_accuracy(*styled_split("test", model.style), model)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -229,13 +266,13 @@ _REFERENCE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictio
 def _reference(classifier: DigitClassifier) -> dict:
     ref = _REFERENCE.get(classifier)
     if ref is None:
-        ref = {"test": _stats(_features(digits_split("test")[0], classifier))}
+        ref = {"test": _stats(_features(styled_split("test", classifier.style)[0], classifier))}
         _REFERENCE[classifier] = ref
     return ref
 
 
 def digits_fid(images: torch.Tensor, classifier: DigitClassifier) -> float:
-    """FID of images (N x 1 x 8 x 8 in [-1, 1]) against the held-out test split."""
+    """FID of images (N x 1 x 8 x 8 in [-1, 1]) against the held-out test split of the classifier's style."""
     mu, sigma = _stats(_features(images, classifier))
     return _frechet_from_stats(mu, sigma, *_reference(classifier)["test"])
 
@@ -251,14 +288,15 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: Digit
 
 
 def real_fid_floor(classifier: DigitClassifier, n: int | None = None) -> float:
-    """FID(train split vs test split): what a generator that reproduces the data distribution scores.
+    """FID(train split vs test split) in the classifier's style: what a generator that reproduces the data
+    distribution scores.
 
     FID is biased upward at small sample sizes, so `n` scores a fixed n-image subset of the
     train split instead, to compare fairly against a sample set of that size.
     """
     floors = _reference(classifier).setdefault("floor", {})
     if n not in floors:
-        train = digits_split("train")[0]
+        train = styled_split("train", classifier.style)[0]
         if n is not None:
             if not 2 <= n <= len(train):
                 raise ValueError(f"floor subset size must be in [2, {len(train)}], got {n}")
@@ -267,22 +305,64 @@ def real_fid_floor(classifier: DigitClassifier, n: int | None = None) -> float:
     return floors[n]
 
 
-def evaluate_samples(images: np.ndarray, prompts: Sequence[str], cache_dir: str | Path) -> dict:
-    """Metrics for a `tdm sample` npz (`images` uint8 N x 8 x 8 x 1, `prompts`)."""
+# --- the scorer ------------------------------------------------------------------------------
+
+def _sample_set(images: np.ndarray, prompts: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
     x = images_to_tensor(images)
     prompts = [str(p) for p in prompts]
     if len(prompts) != len(x):
         raise ValueError(f"{len(x)} images but {len(prompts)} prompts")
-    classifier = load_classifier(cache_dir)
-    asked = [label_from_prompt(p) for p in prompts]
-    keep = [i for i, label in enumerate(asked) if label is not None]
-    accuracy = (class_accuracy(x[keep], torch.tensor([asked[i] for i in keep]), classifier)
-                if keep else None)
-    return {
-        "fid": digits_fid(x, classifier),
-        "accuracy": accuracy,
-        # FID is biased upward at small n: the fair floor is real data at the same sample count.
-        "fid_floor": real_fid_floor(classifier, n=min(max(len(x), 2), len(digits_split("train")[1]))),
-        "n": len(x),
-        "classifier_accuracy": classifier.held_out_accuracy,
-    }
+    return x, prompts
+
+
+class DigitsScorer:
+    """The digits metric for sample sets (uint8 N x 8 x 8 x 1, as `tdm sample` stores them) in one style's
+    classifier space: FID against the style's held-out split (or given reference images), class accuracy on
+    the samples whose prompt names a digit, and the real-data FID floor at the same n."""
+
+    def __init__(self, cache_dir: str | Path, style: str | None = None, seed: int = 0) -> None:
+        self.classifier = load_classifier(cache_dir, style=style, seed=seed)
+
+    @property
+    def style(self) -> str | None:
+        return self.classifier.style
+
+    def fid(self, images: np.ndarray, reference: np.ndarray | None = None) -> float:
+        """FID against the held-out split, or against `reference` images (uint8, like `images`)."""
+        x = images_to_tensor(images)
+        if reference is None:
+            return digits_fid(x, self.classifier)
+        return frechet_distance(_features(x, self.classifier), _features(images_to_tensor(reference), self.classifier))
+
+    def accuracy(self, images: np.ndarray, prompts: Sequence[str]) -> float | None:
+        """Class accuracy on the samples whose prompt names a digit; None when no prompt does."""
+        x, prompts = _sample_set(images, prompts)
+        asked = [label_from_prompt(p) for p in prompts]
+        keep = [i for i, label in enumerate(asked) if label is not None]
+        if not keep:
+            return None
+        return class_accuracy(x[keep], torch.tensor([asked[i] for i in keep]), self.classifier)
+
+    def floor(self, n: int) -> float:
+        """FID of n real train images (clamped to the split) vs the held-out split: a perfect generator's score
+        at that sample count."""
+        return real_fid_floor(self.classifier, n=min(max(n, 2), len(digits_split("train")[1])))
+
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> dict:
+        """{fid, accuracy, fid_floor, n, classifier_accuracy} of one sample set."""
+        x, prompts = _sample_set(images, prompts)
+        return {
+            "fid": self.fid(images),
+            "accuracy": self.accuracy(images, prompts),
+            # FID is biased upward at small n: the fair floor is real data at the same sample count.
+            "fid_floor": self.floor(len(x)),
+            "n": len(x),
+            "classifier_accuracy": self.classifier.held_out_accuracy,
+        }
+
+
+def evaluate_samples(images: np.ndarray, prompts: Sequence[str], cache_dir: str | Path,
+                     style: str | None = None) -> dict:
+    """Metrics for a `tdm sample` npz (`images` uint8 N x 8 x 8 x 1, `prompts`): `DigitsScorer.score`."""
+    _sample_set(images, prompts)  # bad input fails before a classifier is trained
+    return DigitsScorer(cache_dir, style).score(images, prompts)

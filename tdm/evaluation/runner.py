@@ -1,4 +1,4 @@
-"""The metric runner: load each requested metric once, score sample sets, build the per-(model, NFE) table.
+"""The metric runner: load each requested metric once, score sample sets into rows (tdm.evaluation.rows).
 
 Metric names (the `evaluate.metrics` list):
   digits_fid      FID in the digit classifier's feature space   -> fid_digits, fid_digits_floor
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tdm.evaluation import DIGITS_METRICS, IMAGE_METRICS, METRICS, is_metric  # noqa: F401 (re-exported)
+from tdm.evaluation.rows import EvalRow, nfe
 from tdm.evaluation.weights import MissingWeights, default_device
 
 
@@ -44,28 +44,22 @@ class MetricSettings:
 
 
 class DigitsFID:
-    """FID in the digit classifier's feature space: against the held-out split, or a given reference."""
+    """FID in the digit classifier's feature space: against the held-out split (with the real-data floor at
+    the same n), or against a row's own reference images."""
 
     name = "digits_fid"
 
     def __init__(self, weights_dir: str | Path) -> None:
-        from tdm.evaluation.digits import load_classifier
+        from tdm.evaluation.digits import DigitsScorer
 
-        self.classifier = load_classifier(weights_dir)
+        self.scorer = DigitsScorer(weights_dir)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], reference=None) -> dict:
-        from tdm.data import digits_split
-        from tdm.evaluation.digits import _features, digits_fid, frechet_distance, images_to_tensor, real_fid_floor
-
-        x = images_to_tensor(images)
         if reference is not None:  # a row's own reference images (e.g. the LoRA-transfer target model's)
             from tdm.artifacts import load_samples
 
-            ref = images_to_tensor(load_samples(reference)[0])
-            return {"fid_digits": frechet_distance(_features(x, self.classifier), _features(ref, self.classifier))}
-        floor_n = min(max(len(x), 2), len(digits_split("train")[1]))
-        return {"fid_digits": digits_fid(x, self.classifier),
-                "fid_digits_floor": real_fid_floor(self.classifier, n=floor_n)}
+            return {"fid_digits": self.scorer.fid(images, reference=load_samples(reference)[0])}
+        return {"fid_digits": self.scorer.fid(images), "fid_digits_floor": self.scorer.floor(len(images))}
 
 
 class ClassAccuracy:
@@ -74,20 +68,12 @@ class ClassAccuracy:
     name = "class_accuracy"
 
     def __init__(self, weights_dir: str | Path) -> None:
-        from tdm.evaluation.digits import load_classifier
+        from tdm.evaluation.digits import DigitsScorer
 
-        self.classifier = load_classifier(weights_dir)
+        self.scorer = DigitsScorer(weights_dir)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], reference=None) -> dict:
-        from tdm.data import label_from_prompt
-        from tdm.evaluation.digits import class_accuracy, images_to_tensor
-
-        x = images_to_tensor(images)
-        asked = [label_from_prompt(str(p)) for p in prompts]
-        keep = [i for i, label in enumerate(asked) if label is not None]
-        if not keep:
-            return {"class_accuracy": None}
-        return {"class_accuracy": class_accuracy(x[keep], torch.tensor([asked[i] for i in keep]), self.classifier)}
+        return {"class_accuracy": self.scorer.accuracy(images, prompts)}
 
 
 class VBenchDimension:
@@ -205,9 +191,11 @@ def sample_set_meta(path: str | Path) -> dict:
         return {k: z[k].item() for k in ("steps", "guidance") if k in z and z[k].ndim == 0}
 
 
-def score_sets(sets: Sequence[dict], evaluator: Evaluator) -> list[dict]:
+def score_sets(sets: Sequence[dict], evaluator: Evaluator) -> list[EvalRow]:
     """Rows for sample sets given as {"samples": npz|folder, "model"?, "steps"?, "nfe"?, "guidance"?,
-    "reference"?}; missing fields come from the npz (`tdm sample` records steps and guidance) or the path."""
+    "reference"?, ...} (e.g. manifest rows); missing fields come from the npz (`tdm sample` records steps and
+    guidance) or the path, a missing NFE from `rows.nfe` (a set is taken as a teacher's: a student's npz records
+    guidance 1, where the two agree)."""
     rows = []
     for s in sets:
         path = Path(s["samples"])
@@ -216,33 +204,8 @@ def score_sets(sets: Sequence[dict], evaluator: Evaluator) -> list[dict]:
         steps = int(s.get("steps", meta.get("steps", 0)))
         guidance = float(s.get("guidance", meta.get("guidance", 1.0)))
         grid = path.with_suffix(".png")
-        rows.append({"model": s.get("model", path.stem), "steps": steps,
-                     "nfe": int(s.get("nfe", steps * (2 if guidance != 1.0 else 1))), "guidance": guidance,
-                     "n": len(images), "samples": str(path), "grid": str(grid) if grid.is_file() else None,
-                     "metrics": evaluator.score(images, prompts, reference=s.get("reference"))})
+        rows.append(EvalRow(model=s.get("model", path.stem), steps=steps,
+                            nfe=int(s.get("nfe", nfe(steps, guidance, student=False))), guidance=guidance,
+                            n=len(images), samples=str(path), grid=str(grid) if grid.is_file() else None,
+                            metrics=evaluator.score(images, prompts, reference=s.get("reference"))))
     return rows
-
-
-# --- tables ----------------------------------------------------------------------------------
-
-_COLUMNS = [("fid_digits", "FID (digits)", "{:.2f}"), ("fid_digits_floor", "FID floor", "{:.2f}"),
-            ("class_accuracy", "class acc.", "{:.3f}"), ("hps", "HPS", "{:.2f}"), ("aesthetic", "AeS", "{:.2f}"),
-            ("clip_score", "CLIP", "{:.2f}"), ("fid", "FID", "{:.2f}")]
-
-
-def markdown_table(rows: Sequence[dict], skipped: dict | None = None) -> str:
-    """One line per (model, steps): the metrics any row has, in the paper's order."""
-    present = [c for c in _COLUMNS if any(c[0] in r["metrics"] for r in rows)]
-    extra = sorted({k for r in rows for k in r["metrics"]} - {c[0] for c in _COLUMNS})
-    head = ["model", "steps", "NFE", "guidance", "n"] + [c[1] for c in present] + extra
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["model"], str(r["steps"]), str(r["nfe"]), f"{r['guidance']:g}", str(r["n"])]
-        for key, _, fmt in present:
-            v = r["metrics"].get(key)
-            cells.append("-" if v is None else fmt.format(v))
-        cells += [f"{r['metrics'][k]:.4g}" if isinstance(r["metrics"].get(k), (int, float)) else "-" for k in extra]
-        lines.append("| " + " | ".join(cells) + " |")
-    for name, why in (skipped or {}).items():
-        lines.append(f"\nSkipped `{name}`: {why}")
-    return "\n".join(lines) + "\n"

@@ -36,12 +36,24 @@ def test_overrides_are_validated_then_written_keeping_comments_and_quotes(projec
 
 def test_metrics_markdown_is_one_row_per_model_and_nfe(project):
     (project / "metrics").mkdir()
-    rows = [{"model": "teacher", "steps": 50, "nfe": 100, "metrics": {"fid_digits": 5.12, "class_accuracy": 0.999}},
-            {"model": "student", "steps": 4, "nfe": 4, "metrics": {"fid_digits": 4.95, "class_accuracy": 0.99}}]
+    rows = [{"model": "teacher", "steps": 50, "nfe": 100, "guidance": 1.5, "n": 1000,
+             "metrics": {"fid_digits": 5.12, "class_accuracy": 0.999}},
+            {"model": "student", "steps": 4, "nfe": 4, "guidance": 2.0, "n": 1000,
+             "metrics": {"fid_digits": 4.95, "class_accuracy": 0.99}}]
     (project / "metrics" / "evaluate.json").write_text(json.dumps({"rows": rows}))
-    table = pipeline._metrics_markdown(project).splitlines()
-    assert table[0] == "| model | steps | NFE | class_accuracy | fid_digits |"
-    assert table[2] == "| teacher | 50 | 100 | 0.999 | 5.12 |" and table[3] == "| student | 4 | 4 | 0.99 | 4.95 |"
+    table = pipeline._metrics_markdown(project).splitlines()  # the evaluate stage's table (tdm.evaluation.table)
+    assert table[0] == "| model | steps | NFE | guidance | n | FID (digits) | class acc. |"
+    assert table[2] == "| teacher | 50 | 100 | 1.5 | 1000 | 5.12 | 0.999 |"
+    assert table[3] == "| student | 4 | 4 | 2 | 1000 | 4.95 | 0.990 |"
+
+
+def test_ablation_comparison_is_the_same_table_with_variant_columns():
+    row = {"model": "student", "steps": 4, "nfe": 4, "guidance": 2.0, "n": 20, "metrics": {"fid_digits": 4.95}}
+    table = pipeline._comparison_markdown({"k4": {"overrides": ["distill.k=4"], "rows": [row]},
+                                           "k2": {"overrides": ["distill.k=2"], "rows": []}}).splitlines()
+    assert table[0] == "| variant | overrides | model | steps | NFE | guidance | n | FID (digits) |"
+    assert table[2] == "| k4 | distill.k=4 | student | 4 | 4 | 2 | 20 | 4.95 |"
+    assert "Variant `k2`: no evaluation rows" in table[-1]
 
 
 def test_unreachable_prefect_server_is_one_line_before_anything_runs(project):

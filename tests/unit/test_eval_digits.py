@@ -1,6 +1,9 @@
-"""Toy digits metrics: a really trained classifier, FID against closed forms and real data."""
+"""Toy digits metrics: a really trained classifier, FID against closed forms and real data; one trainer for
+every style (the plain classifier bitwise as before), one scorer behind every caller."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tdm.data import digit_prompt, digits_split
+from tdm.data import DIGIT_STYLES, digit_prompt, digits_split, digits_style
+from tdm.evaluation import digits
 from tdm.evaluation.digits import (
     CLASSIFIER_VERSION,
     DigitClassifier,
+    DigitsScorer,
+    background,
     class_accuracy,
+    classifier_paths,
     digits_fid,
     evaluate_samples,
     frechet_distance,
@@ -20,7 +27,14 @@ from tdm.evaluation.digits import (
     load_classifier,
     quantize,
     real_fid_floor,
+    styled_split,
+    train_classifier,
 )
+
+# The plain classifier as the code before the one-trainer refactor trained it (recorded then, torch 2.14.1 CPU,
+# one thread): every recorded digits figure (FID, class accuracy) rests on these exact weights.
+PLAIN_WEIGHTS_SHA256 = "be4e70f35da8f42d4ba764fe449a862001cdf3310f4ac62bb80e2111c00c614d"
+PLAIN_HELD_OUT_ACCURACY = 442 / 450
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +72,153 @@ def test_classifier_is_accurate_and_cached(classifier, cache_dir):
     assert again.held_out_accuracy == classifier.held_out_accuracy
     for (name, a), (_, b) in zip(classifier.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_plain_classifier_weights_unchanged(classifier, cache_dir):
+    """The 25-epoch plain classifier is the one recorded before the trainer was shared by the styles, under the
+    same cache file (what the old code would find and reuse). Recorded on torch 2.14.1 CPU: on another platform
+    the kernels may round differently, and the recipe test below is the portable proof."""
+    assert classifier.style is None
+    assert _weights_sha256(classifier) == PLAIN_WEIGHTS_SHA256
+    assert classifier.held_out_accuracy == PLAIN_HELD_OUT_ACCURACY
+    assert classifier_paths(cache_dir) == (cache_dir / "digit_classifier-v1.safetensors",
+                                           cache_dir / "digit_classifier-v1.json")
+
+
+def _old_shift_batch(x, gen):
+    n = x.shape[0]
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    crops = torch.stack([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)])
+    return crops[torch.randint(0, 9, (n,), generator=gen), torch.arange(n)]
+
+
+def _old_train(seed, epochs, batch_size=64, lr=2e-3):
+    """The plain classifier's training before the refactor (tdm/evaluation/digits.py `_train`), kept here only."""
+    x, y = digits_split("train")
+    x = quantize(x)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(y), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(model(_old_shift_batch(x[idx], gen)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_plain_recipe_is_the_old_one_bitwise(seed):
+    """The shared trainer with no style is the old plain recipe draw for draw (2 epochs: the same code path as
+    25, in a second)."""
+    old, new = _old_train(seed, epochs=2), train_classifier(None, seed=seed, epochs=2)
+    for (name, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_background_is_the_restyled_blank():
+    assert background(None) == -1.0 and background("thick") == -1.0 and background("invert") == 1.0
+    for style in DIGIT_STYLES:  # agrees with the styled train split's corners (digits never touch them)
+        x = styled_split("train", style)[0]
+        corners = torch.cat([x[:, 0, 0, 0], x[:, 0, 0, -1], x[:, 0, -1, 0], x[:, 0, -1, -1]])
+        assert corners.median().item() == background(style)
+
+
+def test_shift_fills_with_the_style_background():
+    """A shifted image brings in the style's background: blank grounds stay blank, whatever the shift."""
+    for style in (None, *DIGIT_STYLES):
+        blank = torch.full((64, 1, 8, 8), background(style))
+        assert torch.equal(digits._shift_batch(blank, torch.Generator().manual_seed(0), background(style)), blank)
+    x = styled_split("train", "invert")[0][:64]
+    shifted = digits._shift_batch(x, torch.Generator().manual_seed(0), background("invert"))
+    assert sum(not torch.equal(a, b) for a, b in zip(shifted, x)) > 40  # most images move
+
+
+def _fast_trainer(monkeypatch, calls: list):
+    """train_classifier at 3 epochs (the style tests need a trained classifier, not a good one), recording calls."""
+    real = digits.train_classifier
+
+    def fast(style=None, seed=0, **kwargs):
+        calls.append((style, seed))
+        return real(style, seed, epochs=3)
+
+    monkeypatch.setattr(digits, "train_classifier", fast)
+
+
+def test_style_classifier_uses_the_shared_trainer_and_its_own_cache(tmp_path, monkeypatch):
+    calls = []
+    _fast_trainer(monkeypatch, calls)
+    invert = load_classifier(tmp_path, style="invert")
+    assert calls == [("invert", 0)] and invert.style == "invert"
+    weights, sidecar = classifier_paths(tmp_path, "invert")
+    assert weights.name == f"digit_classifier-{CLASSIFIER_VERSION}-invert.safetensors"
+    assert weights.is_file() and sidecar.is_file() and not (tmp_path / f"digit_classifier-{CLASSIFIER_VERSION}.json").exists()
+    meta = json.loads(sidecar.read_text())
+    assert meta["style"] == "invert" and meta["held_out_accuracy"] == invert.held_out_accuracy
+    # Held out on the style's own test split: the inverted digits it was trained on, not plain ones.
+    x, y = digits_split("test")
+    assert invert.held_out_accuracy == class_accuracy(quantize(digits_style(x, "invert")), y, invert) > 0.5
+    again = load_classifier(tmp_path, style="invert")
+    assert calls == [("invert", 0)]  # cached: not retrained
+    for (name, a), (_, b) in zip(invert.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    # Its FID reference is the style's held-out split.
+    assert digits_fid(digits_style(x, "invert"), invert) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown digit style"):
+        load_classifier(tmp_path, style="bold")
+    assert calls == [("invert", 0)]
+
+
+def test_one_scorer_behind_every_caller(classifier, cache_dir, tmp_path, monkeypatch):
+    """evaluate_samples, the runner's metrics and lora_transfer's per-style scoring give the same figures."""
+    from tdm import lora_transfer
+    from tdm.artifacts import save_samples
+    from tdm.config import parse
+    from tdm.evaluation.rows import EvalRow
+    from tdm.evaluation.runner import Evaluator, MetricSettings
+
+    x, y = digits_split("test")
+    noisy = (x[:60] + 0.3 * torch.randn(x[:60].shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    prompts = [digit_prompt(int(label)) for label in y[:60]]
+    images = _to_uint8(noisy)
+
+    by_fn = evaluate_samples(images, prompts, cache_dir)
+    by_scorer = DigitsScorer(cache_dir).score(images, prompts)
+    by_runner = Evaluator(["digits_fid", "class_accuracy"], MetricSettings(weights_dir=str(cache_dir))).score(
+        images, prompts)
+    assert by_fn == by_scorer
+    assert (by_runner["fid_digits"], by_runner["class_accuracy"], by_runner["fid_digits_floor"]) == (
+        by_fn["fid"], by_fn["accuracy"], by_fn["fid_floor"])
+    assert by_fn["fid_floor"] == real_fid_floor(classifier, n=60)
+
+    # A style: lora_transfer's rows and references through the same scorer.
+    _fast_trainer(monkeypatch, [])
+    styled = _to_uint8(digits_style(noisy, "thick"))
+    npz = save_samples(tmp_path / "thick.npz", styled, prompts)[0]
+    cfg = parse({"eval": {"weights_dir": str(tmp_path / "w")}, "lora_transfer": {"n": 60}})
+    row = EvalRow(model="digits:thick+tdm_lora", steps=2, nfe=2, guidance=1.0, samples=str(npz))
+    (scored,), references = lora_transfer.score_rows(cfg, [row], {"digits:thick": "thick"})
+    styled_scores = evaluate_samples(styled, prompts, tmp_path / "w", style="thick")
+    assert scored.metrics == {k: styled_scores[k] for k in ("fid", "accuracy", "n")}
+    assert references["digits:thick"] == {"real_accuracy": styled_scores["classifier_accuracy"],
+                                          "fid_floor": styled_scores["fid_floor"]}
+    assert styled_scores["fid"] != by_fn["fid"]  # another classifier, another reference set
 
 
 def test_classifier_shapes(classifier, test_split):

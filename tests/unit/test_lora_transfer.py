@@ -78,7 +78,7 @@ def test_stage_writes_rows_manifest_and_style_metrics(run_dir, weights_dir, tmp_
     test_images = digits_split("test")[0]
     assert ref.shape == (len(test_images), 8, 8, 1)
     assert np.array_equal(ref, to_uint8(digits_style(test_images, "thick")).numpy())
-    assert rows[3]["reference"] is None
+    assert "reference" not in rows[3]  # an unset field is left out (tdm.evaluation.rows.EvalRow)
 
     saved = json.loads(paths.metrics.read_text())
     assert saved == json.loads(json.dumps(metrics))
@@ -89,6 +89,16 @@ def test_stage_writes_rows_manifest_and_style_metrics(run_dir, weights_dir, tmp_
     assert all(row["metrics"] == {} for row in saved["rows"][3:])  # no reference set: left to `tdm evaluate`
     assert 0 < saved["references"]["digits:thick"]["fid_floor"] < saved["rows"][0]["metrics"]["fid"]
     assert saved["references"]["digits:thick"]["real_accuracy"] > 0.9  # the style's own classifier reads it
+    # Scored by the digits metric of the style (its classifier, its held-out split), as `evaluate_samples` scores.
+    from tdm.evaluation.digits import DigitsScorer, classifier_paths
+
+    scorer = DigitsScorer(weights_dir, "thick")
+    assert classifier_paths(weights_dir, "thick")[0].is_file()
+    images, prompts = load_samples(rows[0]["samples"])
+    assert saved["rows"][0]["metrics"] == {k: v for k, v in scorer.score(images, prompts).items()
+                                           if k in ("fid", "accuracy", "n")}
+    assert saved["references"]["digits:thick"] == {"real_accuracy": scorer.classifier.held_out_accuracy,
+                                                   "fid_floor": scorer.floor(20)}
 
     # The fine-tuned custom model is cached: a second run reuses it.
     model = paths.out_dir / "custom" / "thick" / "model"

@@ -47,7 +47,7 @@ def test_report_has_tables_grids_and_plots_and_renders_offline(tmp_path):
     assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
     assert len(images) == 3 + 1 + 1  # grids, FID vs NFE, losses
     md = Path(result["markdown"]).read_text()
-    assert "| student | 4 | 4 | 2 | 1000 | 5.53 | 0.99 |" in md
+    assert "| student | 4 | 4 | 2 | 1000 | 5.53 | 0.990 |" in md  # the evaluate stage's table (tdm.evaluation.table)
     assert (tmp_path / "outputs" / "report" / "fid_digits_vs_nfe.png").is_file()
     assert report.read_losses(tmp_path)["distill loss_fake"][1] == [0.1, 0.05, 0.1 / 3]
 

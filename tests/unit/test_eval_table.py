@@ -1,0 +1,49 @@
+"""The evaluation table: one (header, cells), rendered as markdown and HTML."""
+import re
+
+import pytest
+
+from tdm.evaluation.rows import EvalRow
+from tdm.evaluation.table import cells, html_table, markdown, markdown_table
+
+ROWS = [
+    {"model": "teacher", "steps": 50, "nfe": 100, "guidance": 1.5, "n": 1000,
+     "metrics": {"fid_digits": 5.1234, "fid_digits_floor": 3.21, "class_accuracy": 0.999}},
+    EvalRow(model="student", steps=4, nfe=4, guidance=2.0, n=1000, metrics={"fid_digits": 4.95, "class_accuracy": 0.99}),
+    # A lora_transfer row: its own metric names, n counted in its metrics.
+    {"model": "digits:thick+tdm_lora", "steps": 4, "nfe": 4, "guidance": 1.0, "metrics": {"fid": 6.961, "accuracy": 0.95321, "n": 20}},
+]
+
+
+def test_cells_columns_and_formats():
+    header, body = cells(ROWS)
+    assert header == ["model", "steps", "NFE", "guidance", "n", "FID (digits)", "FID floor", "class acc.", "FID",
+                      "accuracy"]
+    assert body[0] == ["teacher", "50", "100", "1.5", "1000", "5.12", "3.21", "0.999", "-", "-"]
+    assert body[1] == ["student", "4", "4", "2", "1000", "4.95", "-", "0.990", "-", "-"]  # missing metric: "-"
+    assert body[2] == ["digits:thick+tdm_lora", "4", "4", "1", "20", "-", "-", "-", "6.96", "0.9532"]
+
+
+def test_markdown_and_html_render_the_same_cells():
+    header, body = cells(ROWS)
+    md = markdown(header, body).splitlines()
+    assert md[0] == "| " + " | ".join(header) + " |" and md[1] == "|" + "---|" * len(header)
+    assert [line.strip("| ").split(" | ") for line in md[2:]] == body
+    page = html_table(header, body)
+    assert re.findall(r"<th>(.*?)</th>", page) == header
+    assert [re.findall(r"<td>(.*?)</td>", tr) for tr in re.findall(r"<tr>(<td>.*?)</tr>", page)] == body
+    assert "&lt;b&gt;" in html_table(["<b>"], [["x"]])  # escaped
+
+
+def test_extra_leading_columns():
+    header, body = cells(ROWS[:2], lead={"variant": ["k1", "k4"], "overrides": ["distill.k=1", "distill.k=4"]})
+    assert header[:3] == ["variant", "overrides", "model"]
+    assert body[1][:3] == ["k4", "distill.k=4", "student"]
+    with pytest.raises(ValueError, match="variant"):
+        cells(ROWS[:2], lead={"variant": ["k1"]})
+
+
+def test_markdown_table_notes_skipped_metrics():
+    text = markdown_table(ROWS[:1], {"hps": "weights not found"})
+    assert text.endswith("| 0.999 |\n\nSkipped `hps`: weights not found\n")
+    assert markdown_table([]) == "| model | steps | NFE | guidance | n |\n|---|---|---|---|---|\n"
