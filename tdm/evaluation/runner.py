@@ -43,16 +43,20 @@ class MetricSettings:
                    vbench_venv=e.vbench_venv)
 
 
-class DigitsFID:
-    """FID in the digit classifier's feature space: against the held-out split (with the real-data floor at
-    the same n), or against a row's own reference images."""
-
-    name = "digits_fid"
+class _Digits:
+    """A metric of the digits scorer (tdm.evaluation.digits.DigitsScorer, plain digits)."""
 
     def __init__(self, weights_dir: str | Path) -> None:
         from tdm.evaluation.digits import DigitsScorer
 
         self.scorer = DigitsScorer(weights_dir)
+
+
+class DigitsFID(_Digits):
+    """FID in the digit classifier's feature space: against the held-out split (with the real-data floor at
+    the same n), or against a row's own reference images."""
+
+    name = "digits_fid"
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], reference=None) -> dict:
         if reference is not None:  # a row's own reference images (e.g. the LoRA-transfer target model's)
@@ -62,15 +66,10 @@ class DigitsFID:
         return {"fid_digits": self.scorer.fid(images), "fid_digits_floor": self.scorer.floor(len(images))}
 
 
-class ClassAccuracy:
+class ClassAccuracy(_Digits):
     """Fraction of samples whose prompt names a digit that the classifier sees; None when no prompt does."""
 
     name = "class_accuracy"
-
-    def __init__(self, weights_dir: str | Path) -> None:
-        from tdm.evaluation.digits import DigitsScorer
-
-        self.scorer = DigitsScorer(weights_dir)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], reference=None) -> dict:
         return {"class_accuracy": self.scorer.accuracy(images, prompts)}
