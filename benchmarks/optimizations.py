@@ -151,7 +151,7 @@ def sampling_variants(args, compile_too: bool) -> dict:
     from tdm.student import StudentRecord, load_k_embedding
 
     record = StudentRecord.load(args.student)
-    k, total_steps, k_embedding = record.k, record.total_steps, load_k_embedding(args.student)
+    k, k_embedding = record.k, load_k_embedding(args.student)
     switches = {"plain": {}, "channels_last": {"channels_last": True}}
     if compile_too:
         switches |= {"compile": {"compile": True}, "compile+channels_last": {"compile": True, "channels_last": True}}
@@ -163,8 +163,8 @@ def sampling_variants(args, compile_too: bool) -> dict:
         net = speed_up_net(backbone.net, **kw)
         cond = backbone.encode_prompts(prompts)
         noise = make_noise(args.n, backbone.sample_shape, 0, backbone.device)
-        runs[name] = lambda r, b=backbone, n=net, c=cond, z=noise: student_sample(b, n, c, z, k, total_steps,
-                                                                                   k_embedding)
+        grid = record.timesteps(k)
+        runs[name] = lambda r, b=backbone, n=net, c=cond, z=noise: student_sample(b, n, c, z, grid, k_embedding)
         if kw.get("compile"):
             t0 = time.perf_counter()
             runs[name](0)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -123,6 +123,11 @@ class DistillConfig(_Section):
     lora_alpha: Optional[float] = Field(None, gt=0)  # null = rank (scale 1)
     k: int = Field(4, ge=1)  # student steps
     total_steps: int = Field(900, ge=2)  # trajectory top: the student starts at t = total_steps - 1
+    # The student's grid (tdm.schedule.StudentGrid): the uniform grid warped by `shift` (the flow-matching shift,
+    # 1 = uniform), or an explicit descending list of K timesteps (e.g. the authors' CogVideoX grid
+    # [999, 856, 665, 399], which is shift 2 over 1000).
+    shift: float = Field(1.0, gt=0)
+    timesteps: Optional[tuple[int, ...]] = None
     guidance: float = Field(2.0, ge=1)  # teacher CFG baked into the student
     iterations: int = Field(400, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -155,6 +160,22 @@ class DistillConfig(_Section):
     # Keys that do not change the trained weights (speed switches agree within float tolerance).
     BOOKKEEPING: ClassVar[tuple[str, ...]] = ("eval_samples", "checkpoint_every", "log_every", "compile",
                                               "channels_last")
+
+    @model_validator(mode="after")
+    def _grid(self) -> "DistillConfig":
+        ts = self.timesteps
+        if ts is None:
+            return self
+        if self.unify:
+            raise ValueError("timesteps: an explicit grid serves one K; TDM-unify (unify: true) takes shift instead")
+        if len(ts) != self.k:
+            raise ValueError(f"timesteps: {len(ts)} entries for k = {self.k}")
+        if any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] > self.total_steps - 1 or ts[-1] < 0:
+            raise ValueError(f"timesteps: must be strictly descending within [0, total_steps - 1 = "
+                             f"{self.total_steps - 1}], got {list(ts)}")
+        if self.shift != 1.0:
+            raise ValueError("shift: an explicit grid (timesteps) takes no shift")
+        return self
 
 
 class LoraTransferConfig(_Section):
@@ -339,8 +360,9 @@ def parse(raw: dict | None, source: str = "params") -> Config:
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key"
-            lines.append(f"{source}: {key}: {msg} (got {e['input']!r})" if e["type"] != "extra_forbidden"
-                         else f"{source}: {key}: {msg}")
+            # A section-level check names its key in the message; echoing the whole section would bury it.
+            shown = "" if e["type"] == "extra_forbidden" or isinstance(e["input"], dict) else f" (got {e['input']!r})"
+            lines.append(f"{source}: {key}: {msg}{shown}")
         raise ConfigError("\n".join(lines)) from None
 
 

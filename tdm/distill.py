@@ -1,6 +1,6 @@
-"""TDM distillation: the training loop (data-free: it reads prompts only).
+"""The distill stage: the TDM iteration (data-free: it reads prompts only), run by `tdm.training.run_loop`.
 
-One iteration (see DESIGN.md, "The TDM iteration"):
+One iteration (docs/design.md, "The TDM iteration"):
   1. roll the student out along its K-step grid without grad, keeping its inputs and (x0, eps) at every
      grid point, only as deep as the deepest step any sample drew;
   2. fake-score step: per sample a step i, t_mid (the next grid point, or random below it) and tau in
@@ -28,7 +28,7 @@ from tdm.data import digit_prompt_set, read_prompts
 from tdm.ema import EMA
 from tdm.losses import fake_score_loss, generator_loss, importance_weight
 from tdm.roles import Roles
-from tdm.schedule import student_timesteps
+from tdm.schedule import StudentGrid
 from tdm.student import StudentRecord, load_student
 from tdm.training import LoopSettings, average_gradients, fingerprint, lr_factor, run_loop, step_generator
 
@@ -136,6 +136,7 @@ class TDMTrainer:
         self.sched = {r: torch.optim.lr_scheduler.LambdaLR(
             o, lambda s: lr_factor(s, d.warmup_steps, d.iterations, d.lr_schedule)) for r, o in self.opt.items()}
         self.ema = EMA(self.roles.named_parameters("student"), d.ema_decay)
+        self.grid = StudentGrid(d.total_steps, d.shift, d.timesteps)  # the one grid: training, record, sampling
         self.prompts = (digit_prompt_set(max(1000, d.batch_size), seed=d.seed) if d.prompts == "digits"
                         else read_prompts(d.prompts))
 
@@ -166,7 +167,7 @@ class TDMTrainer:
         g = step_generator(d.seed, step, acc.process_index)
         per_process = d.batch_size // acc.num_processes
         k = d.k if not d.unify else d.k_choices[int(torch.randint(len(d.k_choices), (1,), generator=g))]
-        grid = student_timesteps(k, d.total_steps)
+        grid = self.grid.at(k)
         t_clean = int(schedule.t_clean)
         prompt_idx = torch.randint(len(self.prompts), (per_process,), generator=g)
         cond = self.backbone.encode_prompts([self.prompts[i] for i in prompt_idx])
@@ -284,9 +285,10 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
 def student_record(cfg: Config, family: str) -> StudentRecord:
     """What the distilled student is (the record `tdm sample --student`, evaluate and lora-transfer read)."""
     d = cfg.distill
-    return StudentRecord(family=family, k=d.k, total_steps=d.total_steps, unify=d.unify,
-                         k_choices=tuple(d.k_choices) if d.unify else (d.k,), guidance=d.guidance, mode=d.mode,
-                         teacher=d.teacher)
+    return StudentRecord(family=family, k=d.k, total_steps=d.total_steps, shift=d.shift,
+                         explicit_timesteps=d.timesteps,
+                         unify=d.unify, k_choices=tuple(d.k_choices) if d.unify else (d.k,), guidance=d.guidance,
+                         mode=d.mode, teacher=d.teacher)
 
 
 def save_student(trainer: TDMTrainer, folder: Path) -> StudentRecord:

@@ -5,7 +5,8 @@ they serve epsilon, v and flow models alike.
 
 The student trajectory (the authors' `generate_new`): start from pure noise at t_0 = total_steps - 1, predict
 (x0, eps) with the student, move to the next grid point with DDIM, x_{t_{i+1}} = alpha x0 + sigma eps, and
-return the last x0. The grid is `student_timesteps(K, total_steps)`, e.g. 899, 674, 449, 224 for K=4 of 900.
+return the last x0. The grid comes from the student's record (`tdm.schedule.StudentGrid`), e.g. 899, 674, 449,
+224 for K=4 of 900.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from tdm.backbones.base import Backbone, Cond, cat_cond
-from tdm.schedule import ddim_timesteps, student_timesteps
+from tdm.schedule import ddim_timesteps
 
 
 def guided_x0_eps(backbone: Backbone, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
@@ -67,15 +68,16 @@ def teacher_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.
 
 
 @torch.no_grad()
-def student_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.Tensor, k: int, total_steps: int,
+def student_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.Tensor, timesteps: torch.Tensor,
                    k_embedding: nn.Embedding | None = None) -> torch.Tensor:
-    """The TDM student's deterministic K-step trajectory from `noise` (no CFG: it is baked in); a K-aware
-    (TDM-unify) student's `k_embedding` is told K at every step (`tdm.student.k_conditioning`)."""
+    """The TDM student's deterministic trajectory over its grid `timesteps` (descending, K entries; e.g.
+    `StudentRecord.timesteps(K)`) from `noise`; no CFG (it is baked in). A K-aware (TDM-unify) student's
+    `k_embedding` is told K = len(timesteps) at every step (`tdm.student.k_conditioning`)."""
     from tdm.student import k_conditioning
 
     schedule = backbone.schedule
-    grid = student_timesteps(k, total_steps).tolist()
-    k_cond = torch.full((noise.shape[0],), k, device=noise.device) if k_embedding is not None else None
+    grid = [int(t) for t in timesteps]
+    k_cond = torch.full((noise.shape[0],), len(grid), device=noise.device) if k_embedding is not None else None
     x = noise
     with k_conditioning(backbone, net, k_embedding, k_cond):
         for i, t in enumerate(grid):

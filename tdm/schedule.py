@@ -11,6 +11,9 @@ or, for `coefficients`, the dtype of the tensor they will multiply.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -234,12 +237,73 @@ class FlowSchedule(NoiseSchedule):
         return 1 - s, s
 
 
-def student_timesteps(k: int, total_steps: int) -> Tensor:
-    """The student's K-step grid, descending int64: t_i = total - 1 - floor(i * total / k)."""
+def shift_warp(u: Tensor, shift: float) -> Tensor:
+    """The timestep shift of flow-matching schedulers, on a noise fraction u in [0, 1]: u' = shift u /
+    (1 + (shift - 1) u) (diffusers' `FlowMatchEulerDiscreteScheduler`, static `shift`; SD3 uses 3.0). shift > 1
+    moves steps toward the noisy end. Applied here to the student's grid of any family (VP too)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def student_timesteps(k: int, total_steps: int, shift: float = 1.0) -> Tensor:
+    """The student's K-step grid, descending int64 (the first step at t = total_steps - 1).
+
+    shift = 1: t_i = total - 1 - floor(i * total / k), the authors' uniform grid (`generate_new`): 899, 674, 449,
+    224 for K = 4 of 900. shift != 1: t_i = floor(total * shift_warp(1 - i / k, shift)) - 1 (float64), the
+    flow-matching shift of that grid: shift 2 gives 999, 856, 665, 399 for K = 4 of 1000, the grid the authors'
+    CogVideoX-2B student was trained on. Both forms agree at shift 1 whenever k divides i * total. Across K
+    (TDM-unify) each K gets the warp of its own uniform grid, so every K starts at the same t_0."""
     if not 1 <= k <= total_steps:
         raise ValueError(f"need 1 <= k <= total_steps, got k={k}, total_steps={total_steps}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0, got {shift}")
     i = torch.arange(k, dtype=torch.int64)
-    return total_steps - 1 - (i * total_steps) // k
+    if shift == 1.0:
+        return total_steps - 1 - (i * total_steps) // k
+    u = 1 - i.double() / k
+    grid = torch.floor(total_steps * shift_warp(u, shift)).long() - 1
+    if bool((grid[1:] >= grid[:-1]).any()) or int(grid[-1]) < 0:
+        raise ValueError(f"shift {shift} collapses the {k}-step grid over {total_steps} steps: {grid.tolist()}")
+    return grid
+
+
+def check_timesteps(timesteps, total_steps: int) -> Tensor:
+    """An explicit student grid as int64: non-empty, strictly descending, in [0, total_steps - 1]; ValueError
+    otherwise (naming the offending values)."""
+    grid = torch.as_tensor(list(timesteps), dtype=torch.int64)
+    if grid.ndim != 1 or len(grid) == 0:
+        raise ValueError("timesteps: need a non-empty list of integers")
+    if bool((grid[1:] >= grid[:-1]).any()):
+        raise ValueError(f"timesteps: must be strictly descending, got {grid.tolist()}")
+    if int(grid[0]) > total_steps - 1 or int(grid[-1]) < 0:
+        raise ValueError(f"timesteps: must lie in [0, total_steps - 1 = {total_steps - 1}], got {grid.tolist()}")
+    return grid
+
+
+@dataclass(frozen=True)
+class StudentGrid:
+    """Where the student's K steps sit: `timesteps` when given (one K: its length), else
+    `student_timesteps(K, total_steps, shift)`. The one source of the grid for training, sampling, the
+    diffusers scheduler and the student's record."""
+
+    total_steps: int
+    shift: float = 1.0
+    timesteps: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", tuple(check_timesteps(self.timesteps, self.total_steps).tolist()))
+            if self.shift != 1.0:
+                raise ValueError("timesteps: an explicit grid takes no shift (leave shift at 1)")
+        student_timesteps(1, self.total_steps, self.shift)  # validates total_steps and shift
+
+    def at(self, k: int) -> Tensor:
+        """The K-step grid, descending int64 (k entries). ValueError when an explicit grid has another length."""
+        if self.timesteps is not None:
+            if k != len(self.timesteps):
+                raise ValueError(f"steps: this student's grid is explicit ({list(self.timesteps)}): K = "
+                                 f"{len(self.timesteps)} only, got {k}")
+            return torch.tensor(self.timesteps, dtype=torch.int64)
+        return student_timesteps(k, self.total_steps, self.shift)
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int) -> Tensor:

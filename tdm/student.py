@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterator, Literal
 import torch
 from torch import nn
 
-from tdm.schedule import student_timesteps
+from tdm.schedule import StudentGrid
 
 if TYPE_CHECKING:
     from tdm.backbones.base import Backbone, Cond
@@ -42,14 +42,17 @@ RECORD_VERSION = 1
 class StudentRecord:
     """Everything a saved student needs to be sampled or exported (the contents of tdm_student.json).
 
-    The K-step grid is `student_timesteps(K, total_steps)` (e.g. 899, 674, 449, 224 for K = 4 of 900; the
-    authors' `generate_new`). `guidance` is the CFG scale baked in at distillation (None: not recorded by the
-    tdm that wrote the file); the student itself samples without CFG.
+    The K-step grid is `StudentGrid(total_steps, shift, timesteps).at(K)` (tdm.schedule): uniform 899, 674, 449,
+    224 for K = 4 of 900 (the authors' `generate_new`), its shift warp, or an explicit list. `guidance` is the
+    CFG scale baked in at distillation (None: not recorded by the tdm that wrote the file); the student itself
+    samples without CFG.
     """
 
     family: str  # backbone family (tdm.backbones.FAMILIES)
     k: int  # the K it was distilled for (a TDM-unify student: its default K)
     total_steps: int  # trajectory length the grid spans (distill.total_steps)
+    shift: float = 1.0  # the grid's shift warp (distill.shift)
+    explicit_timesteps: tuple[int, ...] | None = None  # an explicit K-step grid (distill.timesteps)
     unify: bool = False  # TDM-unify: K-aware, trained over k_choices
     k_choices: tuple[int, ...] = ()  # the Ks it was trained over ((k,) unless unify)
     guidance: float | None = None  # CFG scale baked in (distill.guidance)
@@ -66,6 +69,16 @@ class StudentRecord:
             raise ValueError(f"{RECORD_FILE}: k: must be in [1, total_steps={self.total_steps}], got {self.k}")
         if self.mode not in ("lora", "full"):
             raise ValueError(f"{RECORD_FILE}: mode: must be 'lora' or 'full', got {self.mode!r}")
+        if self.explicit_timesteps is not None:
+            object.__setattr__(self, "explicit_timesteps", tuple(int(t) for t in self.explicit_timesteps))
+        try:
+            self.grid.at(self.k)
+        except ValueError as err:
+            raise ValueError(f"{RECORD_FILE}: {err}") from None
+
+    @property
+    def grid(self) -> StudentGrid:
+        return StudentGrid(self.total_steps, self.shift, self.explicit_timesteps)
 
     # -- what it samples --------------------------------------------------------------------------------------
     @property
@@ -78,6 +91,7 @@ class StudentRecord:
         rows its K embedding has)."""
         if not 1 <= k <= self.total_steps:
             raise ValueError(f"steps: must be in [1, total_steps={self.total_steps}], got {k}")
+        self.grid.at(k)  # an explicit grid serves its own K only
         if self.unify and k > max(self.k_choices):
             raise ValueError(f"steps: this TDM-unify student knows K up to {max(self.k_choices)} (trained on "
                              f"{list(self.k_choices)}), got {k}")
@@ -86,7 +100,7 @@ class StudentRecord:
         """The student's grid at `k` steps (default its K): int64, descending (B = k entries)."""
         k = self.k if k is None else k
         self.check_k(k)
-        return student_timesteps(k, self.total_steps)
+        return self.grid.at(k)
 
     # -- files --------------------------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -136,6 +150,8 @@ class StudentRecord:
             raw["family"] = family_of(folder)
         raw["version"] = RECORD_VERSION
         raw["k_choices"] = tuple(raw.get("k_choices") or ())
+        if raw.get("explicit_timesteps") is not None:
+            raw["explicit_timesteps"] = tuple(raw["explicit_timesteps"])
         try:
             return cls(**raw)
         except TypeError as err:
@@ -199,8 +215,7 @@ class Student:
         from tdm.sampler import student_sample
 
         k = self.record.k if k is None else k
-        self.record.check_k(k)
-        return student_sample(self.backbone, self.net, cond, noise, k, self.record.total_steps, self.k_embedding)
+        return student_sample(self.backbone, self.net, cond, noise, self.record.timesteps(k), self.k_embedding)
 
 
 def load_student(folder: str | Path, dtype: torch.dtype | None = None) -> Student:

@@ -133,11 +133,12 @@ def test_channels_last_sampling_gives_the_same_samples(tiny_digits):
     import copy
 
     from tdm.sampler import make_noise, student_sample
+    from tdm.schedule import student_timesteps
 
     cond = tiny_digits.encode_prompts(["a handwritten digit three"] * 4)
     noise = make_noise(4, tiny_digits.sample_shape, seed=0)
-    plain = student_sample(tiny_digits, tiny_digits.net, cond, noise, 4, 900)
+    plain = student_sample(tiny_digits, tiny_digits.net, cond, noise, student_timesteps(4, 900))
     net = speed_up_net(copy.deepcopy(tiny_digits.net), channels_last=True)
     assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    fast = student_sample(tiny_digits, net, cond, noise, 4, 900)
+    fast = student_sample(tiny_digits, net, cond, noise, student_timesteps(4, 900))
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)

@@ -173,3 +173,22 @@ def test_a_teacher_retrained_at_the_same_path_starts_distillation_afresh(tiny_di
         retrained.net.conv_out.bias.add_(0.01)
     retrained.save(teacher)
     assert train(cfg, paths, progress=False)[1]["resumed_from"] is None
+
+
+def test_the_configured_grid_is_trained_on_and_recorded(teacher_dir, tmp_path):
+    """distill.timesteps / distill.shift: the one grid of the draws, the rollout and the saved record."""
+    from tdm.student import StudentRecord
+
+    cfg = _cfg(teacher_dir, tmp_path, "distill.timesteps=[899, 700, 500, 100]", "distill.iterations=2")
+    paths = StagePaths.of("distill", tmp_path)
+    trainer, _ = train(cfg, paths, progress=False)
+    assert trainer.grid.at(4).tolist() == [899, 700, 500, 100]
+    g = torch.Generator().manual_seed(0)
+    pts = draw_points(trainer.grid.at(4), -1, 256, cfg, g)
+    assert set(pts.t_in.tolist()) <= {899, 700, 500, 100} and set(pts.t_mid.tolist()) <= {700, 500, 100, -1}
+    run(cfg, paths, progress=False)
+    assert StudentRecord.load(paths.out_dir / "student").timesteps(4).tolist() == [899, 700, 500, 100]
+    shifted = _cfg(teacher_dir, tmp_path, "distill.shift=2.0", "distill.unify=true", "distill.iterations=2")
+    run(shifted, paths, progress=False)
+    record = StudentRecord.load(paths.out_dir / "student")
+    assert record.shift == 2.0 and record.timesteps(4).tolist() == [899, 770, 599, 359]

@@ -52,7 +52,7 @@ def test_teacher_ddim_lands_on_the_guided_point(tiny_digits, point_mass, steps, 
 def test_student_trajectory_visits_its_grid_and_is_exact(tiny_digits, point_mass, k):
     cond = tiny_digits.encode_prompts(PROMPTS)
     noise = make_noise(2, tiny_digits.sample_shape, seed=2)
-    x0 = student_sample(tiny_digits, point_mass, cond, noise, k, total_steps=900)
+    x0 = student_sample(tiny_digits, point_mass, cond, noise, student_timesteps(k, 900))
     torch.testing.assert_close(x0, point_mass.target(cond["encoder_hidden_states"], noise), atol=1e-4, rtol=1e-4)
     assert [c[0] for c in point_mass.calls] == student_timesteps(k, 900).tolist()
 
@@ -83,7 +83,8 @@ def test_samples_do_not_depend_on_batch_size_and_follow_the_seed(tiny_digits):
     s = sample_student(student, prompts, seed=5)
     assert s.shape == (10, 8, 8, 1)
     noise = make_noise(len(prompts), tiny_digits.sample_shape, seed=5)
-    x0 = student_sample(tiny_digits, tiny_digits.net, tiny_digits.encode_prompts(prompts), noise, 4, 900)
+    x0 = student_sample(tiny_digits, tiny_digits.net, tiny_digits.encode_prompts(prompts), noise,
+                        student_timesteps(4, 900))
     assert torch.equal(s, tiny_digits.decode(x0))  # K = the record's K, same noise as the teacher's
     with pytest.raises(ValueError, match="total_steps"):
         sample_student(student, prompts, k=901)

@@ -322,3 +322,34 @@ def test_ddim_matches_diffusers_ddim_step():
         ours = schedule.ddim_step(x0, eps, torch.tensor([t_next]))
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
         x_t = expected
+
+
+def test_shifted_grid_is_the_flow_shift_warp_of_the_uniform_grid():
+    from tdm.schedule import shift_warp
+
+    # The authors' CogVideoX-2B grid is the shift-2 warp of the uniform 4-step grid over 1000 steps.
+    assert student_timesteps(4, 1000, shift=2.0).tolist() == [999, 856, 665, 399]
+    assert student_timesteps(4, 1000, shift=1.0).tolist() == [999, 749, 499, 249]
+    u = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    expected = FlowMatchEulerDiscreteScheduler(shift=3.0).config.shift * u / (1 + 2 * u)  # diffusers' formula
+    torch.testing.assert_close(shift_warp(u, 3.0), expected)
+    for k in (1, 2, 4):  # every K starts at the top; larger shift pushes steps toward noise
+        grid = student_timesteps(k, 1000, shift=3.0)
+        assert grid[0] == 999 and bool((grid >= student_timesteps(k, 1000)).all())
+    with pytest.raises(ValueError, match="shift"):
+        student_timesteps(4, 1000, shift=0.0)
+    with pytest.raises(ValueError, match="collapses"):
+        student_timesteps(8, 10, shift=50.0)
+
+
+def test_student_grid_explicit_or_shifted():
+    from tdm.schedule import StudentGrid
+
+    explicit = StudentGrid(1000, timesteps=(999, 856, 665, 399))
+    assert explicit.at(4).tolist() == [999, 856, 665, 399]
+    with pytest.raises(ValueError, match="K = 4 only"):
+        explicit.at(2)
+    assert StudentGrid(1000, shift=2.0).at(4).tolist() == [999, 856, 665, 399]
+    for bad in ((999, 999), (1000, 10), (5, -1), ()):
+        with pytest.raises(ValueError, match="timesteps"):
+            StudentGrid(1000, timesteps=bad)

@@ -26,7 +26,7 @@ def test_stock_pipeline_matches_our_student_sampler_exactly(tmp_path, k):
     prompts = ["a photo of a cat", "a red car"]
     noise = torch.randn((2, *backbone.sample_shape), generator=torch.Generator().manual_seed(0))
 
-    ours = student_sample(backbone, backbone.net, backbone.encode_prompts(prompts), noise, k, 900)
+    ours = student_sample(backbone, backbone.net, backbone.encode_prompts(prompts), noise, student_timesteps(k, 900))
     theirs = pipe(prompts, num_inference_steps=k, guidance_scale=1.0, latents=noise.clone(), output_type="latent").images
     assert pipe.scheduler.timesteps.tolist() == student_timesteps(k, 900).tolist()
     assert torch.equal(theirs, ours)
@@ -42,7 +42,7 @@ def test_digits_student_loop_matches_with_x0_clipping(tiny_digits):
     scheduler = TDMScheduler.from_config(tiny_digits.scheduler.config, clip_sample=True, total_steps=900)
     cond = tiny_digits.encode_prompts(["a handwritten digit seven", "a handwritten digit two"])
     noise = torch.randn((2, *tiny_digits.sample_shape), generator=torch.Generator().manual_seed(1))
-    ours = student_sample(tiny_digits, tiny_digits.net, cond, noise, 4, 900)
+    ours = student_sample(tiny_digits, tiny_digits.net, cond, noise, student_timesteps(4, 900))
 
     scheduler.set_timesteps(4)
     x = noise.clone()

@@ -93,7 +93,7 @@ def test_a_loaded_unify_student_is_conditioned_on_k_as_its_training_role(tiny_di
     # The K condition changes the samples (so sampling without it would be a silent difference).
     noise = make_noise(2, student.backbone.sample_shape, seed=0)
     with_k = student.sample(cond, noise, 2)
-    without = student_sample(student.backbone, student.net, cond, noise, 2, 900)
+    without = student_sample(student.backbone, student.net, cond, noise, record.timesteps(2))
     assert (with_k - without).abs().max() > 1e-3
     assert sample_student(student, ["a handwritten digit two"] * 2, k=2).shape == (2, 8, 8, 1)
 
@@ -106,3 +106,20 @@ def test_a_student_on_another_net_leaves_the_backbone_alone(tiny_digits):
     before = dict(vars(tiny_digits))
     Student(tiny_digits, net, StudentRecord(family="digits", k=2, total_steps=900))
     assert vars(tiny_digits).keys() == before.keys() and tiny_digits.net is before["net"]
+
+
+def test_the_record_carries_the_grid_and_sampling_follows_it(tiny_digits, tmp_path):
+    shifted = StudentRecord(family="digits", k=4, total_steps=900, shift=2.0)
+    explicit = StudentRecord(family="digits", k=4, total_steps=900, explicit_timesteps=(899, 700, 500, 100))
+    for record in (shifted, explicit):
+        folder = _save(tiny_digits, tmp_path / str(record.shift), record)
+        loaded = load_student(folder)
+        assert loaded.record == record
+        prompts = ["a handwritten digit three"] * 2
+        noise = make_noise(2, tiny_digits.sample_shape, seed=0)
+        x0 = student_sample(tiny_digits, tiny_digits.net, tiny_digits.encode_prompts(prompts), noise,
+                            record.timesteps(4))
+        assert torch.equal(sample_student(loaded, prompts, seed=0), tiny_digits.decode(x0))
+    assert shifted.timesteps(4).tolist() == [899, 770, 599, 359]
+    with pytest.raises(ValueError, match="K = 4 only"):
+        explicit.check_k(2)
