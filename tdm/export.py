@@ -1,0 +1,40 @@
+"""Students for stock pipelines: what `tdm export` writes so plain diffusers samples exactly what tdm samples.
+
+A stock pipeline knows nothing of TDM-unify's K embedding (`tdm.student.k_conditioning` adds it to the time
+embedding through a hook). For one chosen K the embedding is a constant offset of the time embedding, so it
+can be folded into the weights: every family's time embedding is diffusers' `TimestepEmbedding` (linear_1,
+activation, linear_2, optional post_act), and with no post-activation the offset is exactly a change of
+linear_2's bias. A K-aware student therefore exports as one plain model per K; a family whose time embedding
+ends otherwise is refused, never exported without its K.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def fold_k_embedding(backbone, net: nn.Module, embedding: nn.Embedding, k: int) -> nn.Module:
+    """A copy of `net` that computes, without any hook, what `net` computes under
+    `k_conditioning(backbone, net, embedding, k)`: embedding(k) (shape (D,)) added to linear_2's bias of the
+    family's time embedding (`backbone.time_embedding`). ValueError when that module cannot absorb a constant
+    offset exactly (a post-activation after linear_2, or no bias) or when K has no row in the embedding."""
+    if not 0 <= k < embedding.num_embeddings:
+        raise ValueError(f"K = {k} has no row in the K embedding (it knows K up to {embedding.num_embeddings - 1})")
+    folded = copy.deepcopy(net)
+    target = backbone.time_embedding(folded)
+    linear = getattr(target, "linear_2", None)
+    if not isinstance(linear, nn.Linear) or getattr(target, "post_act", None) is not None:
+        raise ValueError(f"{type(target).__name__} of the {backbone.family} denoiser does not end in a plain Linear: "
+                         f"its K embedding cannot be folded into the weights exactly")
+    if linear.bias is None:
+        raise ValueError(f"the {backbone.family} time embedding's linear_2 has no bias: its K embedding cannot be "
+                         f"folded into the weights")
+    with torch.no_grad():
+        offset = embedding.weight[k].to(device=linear.bias.device, dtype=torch.float32)
+        linear.bias.copy_((linear.bias.float() + offset).to(linear.bias.dtype))
+    return folded
+
+
+__all__ = ["fold_k_embedding"]
