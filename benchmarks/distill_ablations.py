@@ -38,6 +38,10 @@ VARIANTS: dict[str, list[str]] = {
     "tdm_k4_g2_random_mid": ["distill.random_mid=true"],
     "tdm_unify_g2": ["distill.unify=true", "distill.k_choices=[1, 2, 4]"],
     "tdm_k4_g2_lora": ["distill.mode=lora"],
+    # The student's grid (distill.shift / distill.timesteps), K = 4 of 900, LoRA mode: uniform is the row above.
+    "tdm_k4_g2_lora_shift2": ["distill.mode=lora", "distill.shift=2.0"],  # toward noise: 899 770 599 359
+    "tdm_k4_g2_lora_shift0.5": ["distill.mode=lora", "distill.shift=0.5"],  # toward data: 899 539 299 127
+    "tdm_k4_g2_lora_explicit": ["distill.mode=lora", "distill.timesteps=[899, 799, 599, 299]"],
 }
 TEACHER_ROWS = [(steps, g) for g in (1.0, 2.0) for steps in (1, 2, 4, 50)]
 
