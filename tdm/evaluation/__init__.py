@@ -1,4 +1,5 @@
-"""Metrics: one module per metric (digits, hps, aesthetic, clip_score, fid, vbench) and a runner (runner.py)."""
+"""Metrics: one module per metric (digits, hps, aesthetic, clip_score, fid, vbench), a runner (runner.py), the
+evaluation row (rows.py) and its table (table.py)."""
 
 # The names `evaluate.metrics` accepts (kept here so config validation does not import torch).
 METRICS = ("digits_fid", "class_accuracy", "hps", "aesthetic", "clip", "fid")

@@ -20,7 +20,8 @@ def test_nfe_rule(steps, guidance, student, expected):
 
 # Rows as metrics/evaluate.json, the lora_transfer manifest and metrics/lora_transfer.json hold them.
 EVALUATE_ROW = {"model": "teacher", "steps": 50, "nfe": 100, "guidance": 1.5, "n": 1000,
-                "samples": "outputs/evaluate/samples_teacher_s50.npz", "grid": "outputs/evaluate/samples_teacher_s50.png",
+                "samples": "outputs/evaluate/samples_teacher_s50.npz",
+                "grid": "outputs/evaluate/samples_teacher_s50.png",
                 "metrics": {"fid_digits": 5.12, "fid_digits_floor": 3.21, "class_accuracy": 0.999}}
 MANIFEST_ROW = {"model": "digits:thick+tdm_lora", "steps": 4, "nfe": 4, "guidance": 1.0, "lora_scale": 1.0,
                 "samples": "outputs/lora_transfer/samples/digits_thick+tdm_lora_k4.npz",

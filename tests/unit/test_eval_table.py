@@ -9,9 +9,11 @@ from tdm.evaluation.table import cells, html_table, markdown, markdown_table
 ROWS = [
     {"model": "teacher", "steps": 50, "nfe": 100, "guidance": 1.5, "n": 1000,
      "metrics": {"fid_digits": 5.1234, "fid_digits_floor": 3.21, "class_accuracy": 0.999}},
-    EvalRow(model="student", steps=4, nfe=4, guidance=2.0, n=1000, metrics={"fid_digits": 4.95, "class_accuracy": 0.99}),
+    EvalRow(model="student", steps=4, nfe=4, guidance=2.0, n=1000,
+            metrics={"fid_digits": 4.95, "class_accuracy": 0.99}),
     # A lora_transfer row: its own metric names, n counted in its metrics.
-    {"model": "digits:thick+tdm_lora", "steps": 4, "nfe": 4, "guidance": 1.0, "metrics": {"fid": 6.961, "accuracy": 0.95321, "n": 20}},
+    {"model": "digits:thick+tdm_lora", "steps": 4, "nfe": 4, "guidance": 1.0,
+     "metrics": {"fid": 6.961, "accuracy": 0.95321, "n": 20}},
 ]
 
 
