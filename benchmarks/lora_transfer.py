@@ -42,10 +42,10 @@ def main() -> None:
     from tdm.backbones import load_backbone
     from tdm.config import StagePaths, load
     from tdm.data import digit_prompt_set
-    from tdm.distill import student_info
-    from tdm.evaluation.digits import evaluate_samples
+    from tdm.evaluation.digits import DigitsScorer, evaluate_samples
     from tdm.lora import load_lora
-    from tdm.sampler import sample_images
+    from tdm.sampler import sample_student, sample_teacher
+    from tdm.student import load_student
 
     run = Path(args.run).resolve()
     teacher, student = run / "outputs/teacher_ft/model", run / "outputs/distill/student"
@@ -60,8 +60,9 @@ def main() -> None:
                  f"lora_transfer.n={args.n}", f"lora_transfer.finetune_steps={args.finetune_steps}",
                  f"eval.weights_dir={weights}"]
     cfg = load(REPO / "params.yaml", overrides)
-    t = cfg.lora_transfer
-    info = student_info(student)
+    lt = cfg.lora_transfer
+    distilled = load_student(student)
+    record = distilled.record
 
     # 1. The stage itself (custom models fine-tuned by an earlier run are reused: the stage caches them).
     cached = [s for s in args.styles if (out / "custom" / s / "model" / "tdm_custom.json").is_file()]
@@ -79,22 +80,20 @@ def main() -> None:
                 for s in args.styles}
 
     # 2. The base teacher for reference: its 50-step and 4-step DDIM, base + LoRA, and the saved merged student.
-    lora = load_lora(t.lora)
-    prompts = digit_prompt_set(t.n, seed=t.seed)
+    lora = load_lora(lt.lora)
+    prompts = digit_prompt_set(lt.n, seed=lt.seed)
     base = load_backbone(teacher)
     g = cfg.sample.guidance
-    k, total = info["k"], info["total_steps"]
+    k, total = record.k, record.total_steps
+    common = {"seed": lt.seed, "batch_size": lt.batch_size}
     samples = {}
-    for steps in (t.custom_steps, t.few_steps):
-        samples[("base", steps)] = (sample_images(base, base.net, prompts, steps=steps, guidance=g, seed=t.seed,
-                                                  batch_size=t.batch_size), steps * 2, g)
-    styled, net = lora_transfer.with_lora(base, lora, 1.0, student, info.get("unify", False))
-    samples[("base+tdm_lora", k)] = (sample_images(styled, net, prompts, steps=k, student=True, total_steps=total,
-                                                   seed=t.seed, batch_size=t.batch_size), k, 1.0)
-    merged = load_backbone(student)
-    samples[("distilled student (merged)", k)] = (sample_images(merged, merged.net, prompts, steps=k, student=True,
-                                                                total_steps=total, seed=t.seed,
-                                                                batch_size=t.batch_size), k, 1.0)
+    for steps in (lt.custom_steps, lt.few_steps):
+        samples[("base", steps)] = (sample_teacher(base, base.net, prompts, steps=steps, guidance=g, **common),
+                                    steps * 2, g)
+    on_base = lora_transfer.with_lora(base, lora, record.replace(lora_scale=1.0), student)
+    samples[("base+tdm_lora", k)] = (sample_student(on_base, prompts, **common), k, 1.0)
+    merged = distilled.backbone
+    samples[("distilled student (merged)", k)] = (sample_student(distilled, prompts, **common), k, 1.0)
     same = samples[("base+tdm_lora", k)][0]
     merged_diff = int((same.int() - samples[("distilled student (merged)", k)][0].int()).abs().max())
     for (name, steps), (images, nfe, guidance) in samples.items():
@@ -106,14 +105,13 @@ def main() -> None:
     # 3. LoRA scale sweep on every style.
     sweeps = {}
     for style in args.styles:
-        scorer = lora_transfer.StyleScorer(style, weights)
+        scorer = DigitsScorer(weights, style)
         custom = load_backbone(out / "custom" / style / "model")
         sweeps[style] = []
         for scale in sorted({*args.scales, 1.0}):
-            styled, net = lora_transfer.with_lora(custom, lora, scale, student, info.get("unify", False))
-            images = sample_images(styled, net, prompts, steps=k, student=True, total_steps=total, seed=t.seed,
-                                   batch_size=t.batch_size)
-            sweeps[style].append({"scale": scale, **scorer.score(images.numpy(), prompts)})
+            on_custom = lora_transfer.with_lora(custom, lora, record.replace(lora_scale=scale), student)
+            scores = scorer.score(sample_student(on_custom, prompts, **common).numpy(), prompts)
+            sweeps[style].append({"scale": scale, **{key: scores[key] for key in ("fid", "accuracy", "n")}})
 
     # 4. Low-rank extraction (the full-mode path): the merged student's delta from the teacher at lower ranks.
     from tdm.lora import extract
@@ -121,16 +119,15 @@ def main() -> None:
     extraction = []
     for rank in args.extract_ranks:
         extracted, report = extract(base.net, merged.net, rank, targets=base.lora_target_modules)
-        styled, net = lora_transfer.with_lora(base, extracted, 1.0, student, info.get("unify", False))
-        images = sample_images(styled, net, prompts, steps=k, student=True, total_steps=total, seed=t.seed,
-                               batch_size=t.batch_size)
+        images = sample_student(lora_transfer.with_lora(base, extracted, record.replace(lora_scale=1.0), student),
+                                prompts, **common)
         s = evaluate_samples(images.numpy(), prompts, weights)
         extraction.append({"rank": rank, "relative_error": report["relative_error"],
                            "uncaptured_fraction": report["uncaptured_fraction"], "fid": s["fid"],
                            "accuracy": s["accuracy"]})
 
     result = {"command": " ".join(["benchmarks/lora_transfer.py", *sys.argv[1:]]), "machine": machine_info(),
-              "n": t.n, "student": {"k": k, "total_steps": total, "baked_guidance": info.get("guidance"),
+              "n": lt.n, "student": {"k": k, "total_steps": total, "baked_guidance": record.guidance,
                                     "lora_rank": sorted(lora.ranks), "lora_modules": len(lora.modules)},
               "finetune_steps": args.finetune_steps, "finetune_time_s": ft_times, "stage_time_s": round(stage_time, 1),
               "finetunes_cached": cached,

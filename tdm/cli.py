@@ -1,5 +1,8 @@
 """`tdm <stage> ...`: the command line. Each stage command validates params.yaml (+ `-S section.key=value`
-overrides, DVC's syntax) before any compute, then calls the stage's `run`."""
+overrides, DVC's syntax) before any compute, then calls the stage's `run`.
+
+Exit codes: 0 done (the result as JSON on stdout; status lines go to stderr), 2 bad input (one `tdm: error:`
+line naming the key or path), 3 training diverged (one line; the last good checkpoint is kept)."""
 from __future__ import annotations
 
 import argparse
@@ -110,7 +113,7 @@ def _open_student(model: Path, steps: int, total_steps: int | None):
 
 def cmd_sample(args) -> dict:
     from tdm.artifacts import save_samples
-    from tdm.data import digit_prompt_set, read_prompts
+    from tdm.data import prompt_set
 
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
@@ -126,11 +129,8 @@ def cmd_sample(args) -> dict:
         raise ValueError(f"--out must end in .npz, got {out}")
     if args.prompt is not None:
         prompts = [args.prompt] * (args.n or 1)
-    elif args.prompts is not None:
-        listed = read_prompts(args.prompts)
-        prompts = [listed[i % len(listed)] for i in range(args.n or len(listed))]
     else:
-        prompts = digit_prompt_set(args.n or 100, seed=args.seed)
+        prompts = prompt_set(args.prompts or "digits", args.n, seed=args.seed)
     import torch
 
     from tdm.sampler import sample_student, sample_teacher
@@ -280,13 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tdm.config import ConfigError
     from tdm.tracking import TrackingUnavailable
+    from tdm.training import TrainingDiverged
 
     try:
         _set_threads(args.threads)
         result = args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, TrackingUnavailable) as err:
         print(f"tdm: error: {err}", file=sys.stderr)
-        return 2
+        return 2  # bad input: the Prefect flow does not retry it
+    except TrainingDiverged as err:  # the last good checkpoint is kept; an exact resume would diverge again
+        print(f"tdm: error: {err}", file=sys.stderr)
+        return 3
     print(json.dumps(result, indent=2, default=str))
     return 0
 

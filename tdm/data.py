@@ -100,6 +100,15 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def prompt_set(source: str, n: int | None, seed: int = 0) -> list[str]:
+    """The prompts a stage samples: `source` "digits" -> `digit_prompt_set(n or 100, seed)`, else a prompt file
+    (`read_prompts`) cycled to `n` (None: each listed prompt once)."""
+    if source == "digits":
+        return digit_prompt_set(100 if n is None else n, seed=seed)
+    listed = read_prompts(source)
+    return [listed[i % len(listed)] for i in range(len(listed) if n is None else n)]
+
+
 def _jsonl_rows(path: Path) -> list[dict]:
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):

@@ -34,15 +34,9 @@ def metric_names(cfg: Config) -> tuple[str, ...]:
 
 
 def prompt_list(cfg: Config) -> list[str]:
-    e = cfg.evaluate
-    if e.prompts == "digits":
-        from tdm.data import digit_prompt_set
+    from tdm.data import prompt_set
 
-        return digit_prompt_set(e.n, seed=cfg.sample.seed)
-    from tdm.data import read_prompts
-
-    listed = read_prompts(e.prompts)
-    return [listed[i % len(listed)] for i in range(e.n)]
+    return prompt_set(cfg.evaluate.prompts, cfg.evaluate.n, seed=cfg.sample.seed)
 
 
 def _model_folder(path: str | None, key: str) -> Path | None:

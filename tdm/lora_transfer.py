@@ -223,15 +223,14 @@ def score_rows(cfg: Config, rows: list[EvalRow], styles: dict[str, str]) -> tupl
 
 def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> dict:
     """The lora_transfer stage: rows for every custom model, the manifest for `tdm evaluate`, digits metrics."""
-    from tdm.data import digit_prompt_set, read_prompts
+    from tdm.data import prompt_set
 
     paths = paths or StagePaths.of(STAGE)
     lt = cfg.lora_transfer
     record = check_inputs(cfg)
     base = transfer_base(cfg, record)
     lora = load_lora(lt.lora)
-    listed = None if lt.prompts == "digits" else read_prompts(lt.prompts)
-    prompts = digit_prompt_set(lt.n, seed=lt.seed) if listed is None else [listed[i % len(listed)] for i in range(lt.n)]
+    prompts = prompt_set(lt.prompts, lt.n, seed=lt.seed)
     samples_dir = paths.out_dir / "samples"
     rows, styles, t0 = [], {}, time.perf_counter()
     for name in lt.custom_models:

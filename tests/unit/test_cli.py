@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import PARAMS
 from tdm.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,3 +56,17 @@ def test_console_script_is_installed(project):
     exe = Path(sys.executable).parent / "tdm"
     out = subprocess.run([str(exe), "teacher-ft", "-S", "teacher_ft.nope=1"], capture_output=True, text=True)
     assert out.returncode == 2 and "teacher_ft.nope: unknown key" in out.stderr
+
+
+def test_divergence_is_one_error_line_and_exit_code_3(tmp_path, capsys, monkeypatch):
+    """Divergence is permanent (an exact resume diverges again): one `tdm: error:` line, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    code = main(["teacher-ft", "-q", "--params", str(tmp_path / "params.yaml"), "-S", "model.channels=[32, 32]",
+                 "-S", "teacher_ft.steps=20", "-S", "teacher_ft.batch_size=8", "-S", "teacher_ft.lr=1e12",
+                 "-S", "teacher_ft.warmup_steps=0", "-S", "teacher_ft.grad_clip=1e30", "-S", "teacher_ft.log_every=1",
+                 "-S", f"eval.weights_dir={tmp_path / 'w'}", "-S", "teacher_ft.eval_samples=0"])
+    out, err = capsys.readouterr()
+    assert code == 3 and out == ""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("tdm: error: teacher_ft: non-finite") and "Traceback" not in err
