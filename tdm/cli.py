@@ -96,7 +96,7 @@ def _open_student(model: Path, steps: int, total_steps: int | None):
     from tdm.backbones import family_of, load_backbone
     from tdm.student import RECORD_FILE, Student, StudentRecord, load_student
 
-    if (model / RECORD_FILE).is_file():
+    if StudentRecord.find(model) is not None:
         student = load_student(model)
         if total_steps is not None:
             student.record = student.record.replace(total_steps=total_steps)

@@ -44,13 +44,12 @@ def student_record(cfg: Config) -> StudentRecord:
     its K / grid length when set. A LoRA without a student record (e.g. `tdm lora extract`) needs both keys."""
     lt = cfg.lora_transfer
     folder = student_folder(cfg)
-    if (folder / RECORD_FILE).is_file():
-        record = StudentRecord.load(folder)
-    elif lt.steps is None or lt.total_steps is None:
-        key = "lora_transfer.total_steps" if lt.total_steps is None else "lora_transfer.steps"
-        raise ValueError(f"params.yaml: {key}: not set and no {RECORD_FILE} in {folder} (set it, or "
-                         f"lora_transfer.student)")
-    else:
+    record = StudentRecord.find(folder)
+    if record is None:
+        if lt.steps is None or lt.total_steps is None:
+            key = "lora_transfer.total_steps" if lt.total_steps is None else "lora_transfer.steps"
+            raise ValueError(f"params.yaml: {key}: not set and no {RECORD_FILE} in {folder} (set it, or "
+                             f"lora_transfer.student)")
         record = StudentRecord(family=cfg.model.family, k=lt.steps, total_steps=lt.total_steps)
     try:
         record = record.replace(total_steps=lt.total_steps or record.total_steps)

@@ -212,11 +212,11 @@ def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
 
 def student_rows(folder: Path) -> list[list]:
     """What the distilled student is, from its record (tdm.student): family, K and grid, baked guidance, mode."""
-    from tdm.student import RECORD_FILE, StudentRecord
+    from tdm.student import StudentRecord
 
-    if not (folder / RECORD_FILE).is_file():
+    r = StudentRecord.find(folder)
+    if r is None:
         return []
-    r = StudentRecord.load(folder)
     rows = [["family", r.family], ["K (steps)", ", ".join(map(str, r.sampling_ks))],
             ["timesteps", "; ".join(" ".join(map(str, r.timesteps(k).tolist())) for k in r.sampling_ks)],
             ["total_steps", r.total_steps], ["TDM-unify", r.unify], ["guidance baked in", r.guidance],

@@ -157,6 +157,11 @@ class StudentRecord:
         except TypeError as err:
             raise ValueError(f"{path}: {err}") from None
 
+    @classmethod
+    def find(cls, folder: str | Path) -> StudentRecord | None:
+        """The record in `folder`, or None when the folder holds none (a plain model, a LoRA alone)."""
+        return cls.load(folder) if (Path(folder) / RECORD_FILE).is_file() else None
+
     def replace(self, **changes) -> StudentRecord:
         return dataclasses.replace(self, **changes)
 
