@@ -87,17 +87,15 @@ def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
     assert os.stat(target).st_mode & 0o055  # readable by others, unlike mkdtemp's 0700
 
 
-def test_metrics_log_batches_and_truncates_on_resume(tmp_path):
+def test_metrics_log_writes_rows_and_truncates_on_resume(tmp_path):
     log = MetricsLog(tmp_path / "m.jsonl")
-    for step in range(1, 6):
-        log.log(step, {"loss": torch.tensor(step * 0.5), "lr": 1e-3})
-    rows = log.flush()
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[1]["loss"] == 1.0
+    log.write([{"step": s, "loss": s * 0.5, "lr": 1e-3} for s in range(1, 6)])
     resumed = MetricsLog(tmp_path / "m.jsonl", resume_from_step=3)
-    resumed.log(4, {"loss": torch.tensor(9.0)})
-    resumed.flush()
+    resumed.write([{"step": 4, "loss": 9.0, "grad_norm": float("inf")}])
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[-1]["loss"] == 9.0
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[1]["loss"] == 1.0 and lines[-1]["loss"] == 9.0
+    assert lines[-1]["grad_norm"] == "inf"  # strict JSON: non-finite values as strings
+    assert MetricsLog(tmp_path / "m.jsonl").path.read_text() == ""  # a fresh run starts an empty log
 
 
 def test_step_generators_are_independent_and_reproducible():
