@@ -57,7 +57,8 @@ def test_digits_student_loop_matches_with_x0_clipping(tiny_digits):
 def test_config_round_trip_and_errors(tmp_path):
     from diffusers import DDIMScheduler
 
-    sd = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    sd = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                       clip_sample=False)  # (DDIM's default clip_sample=True is refused unless said explicitly)
     scheduler = TDMScheduler.from_config(sd.config, total_steps=1000)
     torch.testing.assert_close(scheduler.alphas_cumprod, sd.alphas_cumprod, rtol=0, atol=0)
     scheduler.save_pretrained(tmp_path)
@@ -73,3 +74,59 @@ def test_config_round_trip_and_errors(tmp_path):
         TDMScheduler(total_steps=2000)
     with pytest.raises(ValueError, match="prediction_type"):
         TDMScheduler(prediction_type="flow")
+
+
+# -- the issue's failing inputs (shared/cases 01 and 02), with the right values --------------------------------
+def test_case01_cogvideox_keeps_its_snr_shift(tmp_path):
+    """TDMScheduler.from_config(<CogVideoXPipeline's scheduler config>) used to drop `snr_shift_scale` (diffusers only
+    warned): alphas_cumprod[500] 0.241 instead of 0.0953, latents 0.34 off. Right: identical alphas_cumprod, and
+    the stock pipeline's latents equal student_sample's (max diff 0)."""
+    from diffusers import CogVideoXPipeline
+
+    from tdm.backbones import load_backbone
+
+    folder = tiny_models.save_pipeline(tiny_models.build("cogvideox"), tmp_path / "cog")
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    cog_acp = pipe.scheduler.alphas_cumprod.clone()
+    scheduler = TDMScheduler.from_config(pipe.scheduler.config, total_steps=900)
+    assert scheduler.config.snr_shift_scale == 3.0
+    assert scheduler.alphas_cumprod.dtype == cog_acp.dtype and torch.equal(scheduler.alphas_cumprod, cog_acp)
+    assert round(float(scheduler.alphas_cumprod[500]), 4) == 0.0953
+    backbone = load_backbone(folder)
+    noise = torch.randn((1, *backbone.sample_shape), generator=torch.Generator().manual_seed(0))
+    ours = student_sample(backbone, backbone.net, backbone.encode_prompts(["a photo of a cat"]), noise,
+                          student_timesteps(2, 900))
+    pipe.scheduler = scheduler
+    theirs = pipe(["a photo of a cat"], num_inference_steps=2, guidance_scale=1.0, latents=noise.clone(), num_frames=9,
+                  height=16, width=16, output_type="latent", max_sequence_length=16).frames
+    assert (ours - theirs).abs().max().item() == 0.0
+
+
+def test_case02_flow_matching_config_refused_by_the_vp_scheduler_and_run_by_the_flow_one(tmp_path):
+    """TDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3).config) used to build a linear/epsilon VP
+    schedule (the stock SD3 pipeline then differed from our student by ~550). Right: a ValueError naming what is
+    wrong, and TDMFlowScheduler reproducing student_sample exactly."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from tdm.backbones import load_backbone
+    from tdm.scheduling_tdm import TDMFlowScheduler
+
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler.*use TDMFlowScheduler"):
+        TDMScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3).config, total_steps=1000)
+    folder = tiny_models.save_pipeline(tiny_models.build("sd3"), tmp_path / "sd3")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="_class_name 'FlowMatchEulerDiscreteScheduler'.*use TDMFlowScheduler"):
+        TDMScheduler.from_config(pipe.scheduler.config, total_steps=1000)
+    with pytest.raises(ValueError, match=r"the keys of FlowMatchHeunDiscreteScheduler.*use TDMFlowScheduler"):
+        TDMScheduler.from_config({"num_train_timesteps": 1000, "shift": 3.0}, total_steps=1000)
+    backbone = load_backbone(folder)
+    noise = torch.randn((1, *backbone.sample_shape), generator=torch.Generator().manual_seed(0))
+    ours = student_sample(backbone, backbone.net, backbone.encode_prompts(["a photo of a cat"]), noise,
+                          student_timesteps(2, 1000))
+    pipe.scheduler = TDMFlowScheduler.from_config(pipe.scheduler.config, total_steps=1000)
+    theirs = pipe(["a photo of a cat"], num_inference_steps=2, guidance_scale=1.0, latents=noise.clone(),
+                  output_type="latent", height=16, width=16, max_sequence_length=16).images
+    assert pipe.scheduler.timesteps.tolist() == [999.0, 499.0]
+    assert (ours - theirs).abs().max().item() == 0.0
