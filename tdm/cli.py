@@ -163,6 +163,29 @@ def cmd_lora_transfer(args) -> dict:
     return _tracked("lora_transfer", cfg, lambda: lora_transfer.run(cfg, progress=not args.quiet))
 
 
+def cmd_export(args) -> dict:
+    """`tdm export`: the student as stock diffusers pipeline folders, one per K (tdm/export.py)."""
+    from tdm.export import export_student
+
+    if not (Path(args.student) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--student: not a model folder (no model_index.json): {args.student}")
+    folders = export_student(args.student, args.out, args.steps)
+    return {"out": [str(f) for f in folders],
+            "load": "DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=K, guidance_scale=1.0)"}
+
+
+def _unify_lora_refusal(lora_path: str) -> None:
+    """A TDM-unify student's LoRA leaves its K embedding behind (it lives beside the student, not in the LoRA):
+    a stock loader would run a different model. Refuse, pointing at `tdm export`, which folds K in."""
+    from tdm.student import StudentRecord
+
+    record = StudentRecord.find(Path(lora_path).parent / "student")
+    if record is not None and record.unify:
+        raise ValueError(f"{lora_path}: the LoRA of a TDM-unify student cannot carry its K embedding into a stock "
+                         f"loader (it would sample without K); export pipelines with the K folded in instead: "
+                         f"`tdm export --student {Path(lora_path).parent / 'student'} --out exported/`")
+
+
 def cmd_lora(args) -> dict:
     """`tdm lora export|info|fuse|extract`: the student's LoRA as files other tools load (docs/lora.md)."""
     from tdm import lora as L
@@ -176,6 +199,8 @@ def cmd_lora(args) -> dict:
             (out / "tdm_extraction.json").write_text(json.dumps({**report, "base": args.base,
                                                                  "student": args.student}, indent=2))
         return {"out": str(out), "format": args.format, **report}
+    if args.lora_command == "export":
+        _unify_lora_refusal(args.lora)
     lora = L.load_lora(args.lora, args.component)
     if args.lora_command == "info":
         rows = lora.summary()
@@ -242,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="params file (for eval.weights_dir)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="the student as stock diffusers pipeline folders, one per K (K embedding "
+                                      "folded in, the TDM scheduler of its grid)")
+    p.add_argument("--student", required=True, help="a distilled student folder (outputs/distill/student)")
+    p.add_argument("--out", required=True, help="output folder: one pipeline folder k<K>/ per K")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="the Ks to export (default: the Ks the student was trained for)")
+    p.set_defaults(func=cmd_export)
 
     stage("lora-transfer", cmd_lora_transfer,
           "the TDM LoRA on custom models: many-step custom vs custom + LoRA at K steps -> outputs/lora_transfer")

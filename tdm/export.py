@@ -1,5 +1,11 @@
 """Students for stock pipelines: what `tdm export` writes so plain diffusers samples exactly what tdm samples.
 
+`tdm export --student outputs/distill/student --out exported/` writes one diffusers pipeline folder per K
+(`exported/k4/`, ...): the family's pipeline with the student's denoiser, its scheduler replaced by the TDM
+scheduler of the student's grid (`tdm.scheduling_tdm.from_student`), and the student's record for K. With tdm
+installed, `DiffusionPipeline.from_pretrained("exported/k4")(prompt, num_inference_steps=4,
+guidance_scale=1.0)` then gives exactly `tdm sample --student --steps 4` (tested per family).
+
 A stock pipeline knows nothing of TDM-unify's K embedding (`tdm.student.k_conditioning` adds it to the time
 embedding through a hook). For one chosen K the embedding is a constant offset of the time embedding, so it
 can be folded into the weights: every family's time embedding is diffusers' `TimestepEmbedding` (linear_1,
@@ -37,4 +43,34 @@ def fold_k_embedding(backbone, net: nn.Module, embedding: nn.Embedding, k: int) 
     return folded
 
 
-__all__ = ["fold_k_embedding"]
+def export_student(folder, out, ks=None) -> list:
+    """Write the student in `folder` as one stock pipeline folder per K under `out` (`out/k<K>/`); `ks` defaults
+    to the Ks it was trained for. Returns the folders. ValueError (before anything is written) when a K cannot be
+    honoured or a K embedding cannot be folded; each folder is written atomically."""
+    from pathlib import Path
+
+    from tdm.scheduling_tdm import from_student
+    from tdm.student import load_student
+
+    student = load_student(folder)
+    record = student.record
+    ks = list(record.sampling_ks if ks is None else ks)
+    for k in ks:
+        record.check_k(k)
+    backbone = student.backbone
+    plans = []
+    for k in ks:  # everything that can fail is built first
+        net = student.net if student.k_embedding is None else fold_k_embedding(backbone, student.net,
+                                                                               student.k_embedding, k)
+        at_k = record.replace(k=k, unify=False, k_choices=(k,))
+        scheduler = from_student(at_k, backbone.scheduler.config)
+        plans.append((k, net, at_k, scheduler))
+    written = []
+    for k, net, at_k, scheduler in plans:
+        target = Path(out) / f"k{k}"
+        backbone.save(target, net=net, extra_files=at_k.files(), scheduler=scheduler)
+        written.append(target)
+    return written
+
+
+__all__ = ["fold_k_embedding", "export_student"]

@@ -96,9 +96,10 @@ class Backbone(ABC):
 
     @abstractmethod
     def save(self, folder: str | Path, net: nn.Module | None = None,
-             extra_files: dict[str, str | bytes] | None = None) -> None:
-        """Write a diffusers-style model folder atomically (with `net` in place of the teacher when given,
-        plus `extra_files` {name: text or bytes}, e.g. a student's sidecars)."""
+             extra_files: dict[str, str | bytes] | None = None, scheduler=None) -> None:
+        """Write a diffusers-style model folder atomically (with `net` in place of the teacher and `scheduler`
+        in place of the model's when given, plus `extra_files` {name: text or bytes}, e.g. a student's
+        sidecars)."""
 
     def load_lora(self, folder: str | Path, adapter_name: str = "default") -> nn.Module:
         """Inject a LoRA saved as plain peft + safetensors (adapter_config.json + adapter_model.safetensors, as

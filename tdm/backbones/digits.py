@@ -104,9 +104,9 @@ class DigitsBackbone(Backbone):
         return backbone
 
     def save(self, folder: str | Path, net: nn.Module | None = None,
-             extra_files: dict[str, str | bytes] | None = None) -> None:
+             extra_files: dict[str, str | bytes] | None = None, scheduler=None) -> None:
         """Write the model folder atomically (a sibling temp folder, then a rename); `extra_files` are written
-        into it too (e.g. the params that made it)."""
+        into it too (e.g. the params that made it); `scheduler` in place of the model's when given."""
         import diffusers
 
         from tdm.artifacts import atomic_folder
@@ -115,11 +115,13 @@ class DigitsBackbone(Backbone):
             (net if net is not None else self.net).save_pretrained(tmp / "unet")
             self.text_encoder.save_pretrained(tmp / "text_encoder")
             self.tokenizer.save_pretrained(tmp / "tokenizer")
-            self.scheduler.save_pretrained(tmp / "scheduler")
+            scheduler = scheduler or self.scheduler
+            scheduler.save_pretrained(tmp / "scheduler")
+            module = "diffusers" if type(scheduler).__module__.startswith("diffusers") else type(scheduler).__module__
             (tmp / "model_index.json").write_text(json.dumps({
                 "_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__, "tdm_family": FAMILY,
                 "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+                "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": [module, type(scheduler).__name__],
             }, indent=2))
             write_extra_files(tmp, extra_files)
 

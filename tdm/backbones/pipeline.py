@@ -121,20 +121,24 @@ class PipelineBackbone(Backbone):
         return backbone
 
     def save(self, folder: str | Path, net: nn.Module | None = None,
-             extra_files: dict[str, str | bytes] | None = None) -> None:
+             extra_files: dict[str, str | bytes] | None = None, scheduler=None) -> None:
         """The whole pipeline with `save_pretrained` (diffusers reads it back as is), `net` in place of the
-        teacher when given. Written atomically. The pipeline class in model_index.json names the family (a
-        `tdm_family` key there would make diffusers warn on every load)."""
+        teacher and `scheduler` in place of the pipeline's when given (model_index.json then names its module,
+        e.g. ["tdm.scheduling_tdm", "TDMScheduler"], which diffusers imports on load). Written atomically. The
+        pipeline class in model_index.json names the family (a `tdm_family` key there would make diffusers warn
+        on every load)."""
         from tdm.artifacts import atomic_folder
 
+        swaps = {self.net_name: net, "scheduler": scheduler}
         with atomic_folder(folder) as tmp:
-            original = getattr(self.pipe, self.net_name)
+            originals = {name: getattr(self.pipe, name) for name in swaps}
             try:
-                if net is not None:
-                    setattr(self.pipe, self.net_name, net)
+                for name, module in swaps.items():
+                    if module is not None:
+                        self.pipe.register_modules(**{name: module})
                 self.pipe.save_pretrained(tmp)
             finally:
-                setattr(self.pipe, self.net_name, original)
+                self.pipe.register_modules(**originals)
             write_extra_files(tmp, extra_files)
 
     # -- shapes ---------------------------------------------------------------------------------------------------
