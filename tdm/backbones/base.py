@@ -30,7 +30,7 @@ def cat_cond(conds: Sequence[Cond]) -> Cond:
 
 
 class Backbone(ABC):
-    """One model family behind one interface (see DESIGN.md, "backbones/")."""
+    """One model family behind one interface (docs/design.md, "backbones/")."""
 
     family: str
     net: nn.Module  # the teacher denoiser (UNet / transformer)
