@@ -23,7 +23,18 @@ from tdm.schedule import FlowSchedule, NoiseSchedule, VPSchedule
 # authors' and DMD2's UNet LoRAs use.
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "TDMFlowScheduler")
+TDM_SCHEDULERS = "tdm.scheduling_tdm"  # the module model_index.json names for a `tdm export`ed folder's scheduler
+
+
+def scheduler_class(library: str | None, name: str | None):
+    """The scheduler class a model_index.json entry [library, name] names: diffusers', or tdm's own (the
+    student schedulers of an exported folder); None when unknown."""
+    if library == TDM_SCHEDULERS:
+        from tdm import scheduling_tdm as module
+    else:
+        import diffusers as module
+    return getattr(module, str(name), None)
 
 
 class UnsupportedModel(ValueError):
@@ -88,8 +99,6 @@ class PipelineBackbone(Backbone):
     @classmethod
     def check_folder(cls, folder: Path) -> None:
         """Fail before loading any weights if this adapter cannot run the folder."""
-        import diffusers
-
         meta = read_model_index(folder)
         where = str(Path(folder) / "model_index.json")
         if meta.get("_class_name") not in cls.pipeline_classes:
@@ -99,8 +108,8 @@ class PipelineBackbone(Backbone):
         if net not in cls.net_classes:
             raise UnsupportedModel(f"{where}: {cls.net_name} class {net!r} is not handled by the {cls.family} adapter "
                                    f"(expects {', '.join(cls.net_classes)})")
-        sched_name = (meta.get("scheduler") or [None, None])[1]
-        sched_cls = getattr(diffusers, str(sched_name), None)
+        library, sched_name = (meta.get("scheduler") or [None, None])
+        sched_cls = scheduler_class(library, sched_name)
         if sched_cls is None:
             raise UnsupportedModel(f"{where}: unknown scheduler class {sched_name!r}")
         config_file = Path(folder) / "scheduler" / "scheduler_config.json"
