@@ -75,6 +75,9 @@ def student_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.
     `k_embedding` is told K = len(timesteps) at every step (`tdm.student.k_conditioning`)."""
     from tdm.student import k_conditioning
 
+    if isinstance(timesteps, int):
+        raise TypeError("student_sample takes the student's grid, not K and total_steps: pass "
+                        "tdm.schedule.StudentGrid(total_steps).at(k) (or StudentRecord.timesteps(k))")
     schedule = backbone.schedule
     grid = [int(t) for t in timesteps]
     k_cond = torch.full((noise.shape[0],), len(grid), device=noise.device) if k_embedding is not None else None
@@ -133,3 +136,12 @@ def sample_student(student, prompts: Sequence[str], *, k: int | None = None, see
 
 __all__ = ["speed_up_net", "clip_prediction", "guided_x0_eps", "teacher_sample", "student_sample", "make_noise",
            "sample_teacher", "sample_student"]
+
+
+def __getattr__(name: str):
+    """`from tdm.sampler import TDMScheduler` (the documented import before tdm.scheduling_tdm) keeps working."""
+    if name in ("TDMScheduler", "TDMFlowScheduler"):
+        from tdm import scheduling_tdm
+
+        return getattr(scheduling_tdm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -88,3 +88,14 @@ def test_samples_do_not_depend_on_batch_size_and_follow_the_seed(tiny_digits):
     assert torch.equal(s, tiny_digits.decode(x0))  # K = the record's K, same noise as the teacher's
     with pytest.raises(ValueError, match="total_steps"):
         sample_student(student, prompts, k=901)
+
+
+def test_the_old_call_forms_fail_clearly_or_keep_working(tiny_digits):
+    from tdm.sampler import TDMScheduler  # the import the README documented before tdm.scheduling_tdm
+    from tdm.scheduling_tdm import TDMScheduler as same
+
+    assert TDMScheduler is same
+    noise = make_noise(1, tiny_digits.sample_shape, seed=0)
+    cond = tiny_digits.encode_prompts(["a handwritten digit one"])
+    with pytest.raises(TypeError, match="StudentGrid"):
+        student_sample(tiny_digits, tiny_digits.net, cond, noise, 4, 900)
