@@ -37,7 +37,12 @@ def _tracked(stage: str, cfg, run_fn) -> dict:
     with tracking.stage_run(stage, dump(cfg), extra_tags=tags) as run:
         result = run_fn()
         if run is not None:
-            run.log_result(result, paths.metrics, paths.out_dir)
+            try:  # tracking observes: a logging failure must not fail a stage whose outputs are written
+                run.log_result(result, paths.metrics, paths.out_dir)
+            except Exception as err:
+                print(f"tdm: warning: {stage}: MLflow logging of the results failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); the stage's outputs are written",
+                      file=sys.stderr)
     return result
 
 

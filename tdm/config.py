@@ -40,7 +40,8 @@ StepCounts = Annotated[tuple[int, ...], AfterValidator(_step_counts)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every numeric range is a finite range (`lr: .inf` passes `gt=0` otherwise).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -320,6 +321,22 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
+def _duplicate_key(node, prefix: str = "") -> str | None:
+    """The dotted path of the first key repeated within one mapping (DVC's loader refuses such a file; PyYAML
+    would silently keep the last value), with its line; None when there is none."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            name = f"{prefix}{key_node.value}"
+            if key_node.value in seen:
+                return f"{name} (line {key_node.start_mark.line + 1})"
+            seen.add(key_node.value)
+            found = _duplicate_key(value_node, name + ".")
+            if found:
+                return found
+    return None
+
+
 def parse_override(item: str) -> tuple[str, str, object]:
     """`section.key=value` -> (section, key, value parsed as YAML 1.2, as DVC's `-S` does); ConfigError
     naming the override when it is malformed or names an unknown section."""
@@ -371,9 +388,15 @@ def load(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) 
     path = Path(path)
     if path.is_file():
         try:
-            raw = yaml_load(path.read_text())
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (editors on Windows) is not a key
+            duplicate = _duplicate_key(yaml.compose(text, Loader=_Yaml12Loader))
+            if duplicate:
+                raise ConfigError(f"{path}: duplicate key {duplicate}: refused, as DVC refuses it")
+            raw = yaml_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     elif path == DEFAULT_PARAMS:
         raw = {}
     else:

@@ -5,6 +5,7 @@ Distillation reads prompts only (data-free); teacher fine-tuning and FID read im
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -80,6 +81,15 @@ def digit_prompt_set(n: int, seed: int = 0) -> list[str]:
     return [digit_prompt(i % 10, int(rng.integers(len(PROMPT_TEMPLATES)))) for i in range(n)]
 
 
+def read_text(path: Path) -> str:
+    """A text file as users' tools write it: UTF-8 with or without a byte-order mark (spreadsheets, Notepad);
+    ValueError naming the file when it is not UTF-8 text."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a .txt (one per line), .jsonl or .csv (field `prompt`, `text` or `caption`)."""
     path = Path(path)
@@ -87,12 +97,11 @@ def read_prompts(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     elif suffix == ".jsonl":
         prompts = [_prompt_field(row, path) for row in _jsonl_rows(path)]
     elif suffix == ".csv":
-        with path.open(newline="") as f:
-            prompts = [_prompt_field(row, path) for row in csv.DictReader(f)]
+        prompts = [_prompt_field(row, path) for row in csv.DictReader(io.StringIO(read_text(path), newline=""))]
     else:
         raise ValueError(f"{path}: prompt files must be .txt, .jsonl or .csv")
     if not prompts:
@@ -111,7 +120,7 @@ def prompt_set(source: str, n: int | None, seed: int = 0) -> list[str]:
 
 def _jsonl_rows(path: Path) -> list[dict]:
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)

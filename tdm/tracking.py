@@ -97,8 +97,19 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
 
 
 def metric_key(*parts: object) -> str:
-    """An MLflow-legal metric name (letters, digits, _ - . / and spaces only)."""
-    return "/".join(re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(p)) for p in parts)
+    """An MLflow-legal, stable metric name from `parts` joined by "/": characters outside letters, digits,
+    _ - . and space become "_", an empty / "." / ".." part becomes "_" (MLflow rejects "//" and ".." segments),
+    and a name over MLflow's 250 characters keeps its head and a digest of the whole (distinct inputs stay
+    distinct)."""
+    clean = []
+    for part in parts:
+        text = re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(part)).strip()
+        text = re.sub(r"\.{2,}", ".", text)
+        clean.append("_" if text in ("", ".") else text)
+    key = "/".join(clean)
+    if len(key) > 250:
+        key = f"{key[:233]}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return key
 
 
 def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict:

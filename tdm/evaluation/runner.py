@@ -167,7 +167,9 @@ def load_sample_set(path: str | Path) -> tuple[np.ndarray, list[str]]:
     prompts = {}
     meta = path / "metadata.jsonl"
     if meta.is_file():
-        for line in meta.read_text().splitlines():
+        from tdm.data import read_text
+
+        for line in read_text(meta).splitlines():
             if line.strip():
                 row = json.loads(line)
                 prompts[row["file_name"]] = row.get("text", row.get("prompt", ""))

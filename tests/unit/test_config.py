@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from tdm import config
@@ -78,3 +80,33 @@ def test_params_read_as_yaml_1_2_like_dvc(tmp_path):
     cfg = config.load(tmp_path / "params.yaml", ["distill.unify=true", "teacher_ft.mixed_precision=no"])
     assert cfg.teacher_ft.mixed_precision == "no" and cfg.distill.mixed_precision == "no"
     assert cfg.distill.unify is True
+
+
+@pytest.mark.parametrize("override", ["distill.lr=inf", "distill.fake_lr=.inf", "distill.guidance=Infinity",
+                                      "distill.huber_c=inf", "distill.snr_clamp=.inf", "distill.shift=inf",
+                                      "teacher_ft.lr=inf", "teacher_ft.grad_clip=.inf", "lora_transfer.scale=inf",
+                                      "sample.guidance=-inf", "distill.lr=nan"])
+def test_infinite_values_are_refused_naming_the_key(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        config.load(PARAMS, [override])
+
+
+@pytest.mark.parametrize("text, key", [
+    ("distill:\n  k: 4\n  iterations: 400\n  k: 1\n", "distill.k"),
+    ("distill:\n  k: 4\nsample:\n  steps: 2\ndistill:\n  k: 1\n", "distill"),
+    ("lora_transfer:\n  custom_models: [digits:thick]\n  scale: 1\n  scale: 2\n", "lora_transfer.scale"),
+])
+def test_duplicate_keys_are_refused_as_dvc_refuses_them(tmp_path, text, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"duplicate key {re.escape(key)} \(line"):
+        config.load(path)
+
+
+def test_params_with_a_byte_order_mark_or_not_text(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + b"distill:\n  k: 2\n")
+    assert config.load(path).distill.k == 2
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(path)

@@ -57,3 +57,26 @@ def test_image_caption_folder_validates(tmp_path):
     im = folder.load(0, 8)
     assert im.shape == (3, 8, 8) and im[0].min() == 1.0 and im[1].max() == -1.0
     assert folder.load(0, 8, channels=1).shape == (1, 8, 8)
+
+
+def test_prompt_files_and_captions_with_a_byte_order_mark(tmp_path):
+    """What spreadsheets and Notepad write: the same prompts as without the BOM; binary files refused by name."""
+    from PIL import Image
+
+    bom = "\ufeff"
+    files = {"p.txt": "a handwritten digit one\na handwritten digit two\n",
+             "p.csv": "prompt,seed\na handwritten digit one,0\na handwritten digit two,1\n",
+             "p.jsonl": '{"prompt": "a handwritten digit one"}\n{"prompt": "a handwritten digit two"}\n'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        (tmp_path / f"bom_{name}").write_text(bom + text, encoding="utf-8")
+        assert read_prompts(tmp_path / f"bom_{name}") == read_prompts(tmp_path / name) == \
+            ["a handwritten digit one", "a handwritten digit two"]
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ValueError, match="bin.txt: not UTF-8"):
+        read_prompts(tmp_path / "bin.txt")
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "metadata.jsonl").write_text(bom + '{"file_name": "a.png", "text": "a cat"}\n', encoding="utf-8")
+    assert ImageCaptionFolder.open(folder).captions == ["a cat"]

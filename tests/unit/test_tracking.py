@@ -112,3 +112,15 @@ def test_stages_of_one_dvc_repro_are_children_of_one_pipeline_run(store, tmp_pat
     children = _runs(store, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["stage"] for r in children) == ["a", "b"]
     assert not _runs(store, "tags.standalone = 'true'")
+
+
+@pytest.mark.parametrize("model", ["digits:thick+tdm_lora", "", ".", "..", "a..b", "/data/" + "m" * 240])
+def test_metric_keys_are_always_mlflow_legal(model):
+    from mlflow.utils.validation import _validate_metric_name
+
+    from tdm.tracking import metric_key
+
+    key = metric_key("fid_digits", model, "nfe4")
+    _validate_metric_name(key)  # raises MlflowException when MLflow would reject it
+    assert "//" not in key and ".." not in key and len(key) <= 250
+    assert key == metric_key("fid_digits", model, "nfe4")  # stable
