@@ -11,7 +11,8 @@ from conftest import PARAMS
 from tdm import config
 from tdm.backbones import load_backbone
 from tdm.config import ConfigError
-from tdm.distill import TDMTrainer, check_inputs, config_fingerprint, save_student
+from tdm.distill import TDMTrainer, check_inputs, save_student
+from tdm.training import fingerprint
 from tdm.roles import Roles
 from tdm.sampler import speed_up_net
 
@@ -64,9 +65,9 @@ def test_switches_default_off_and_are_validated():
 
 def test_switches_do_not_change_the_resume_fingerprint(teacher_dir):
     # Same math within float tolerance: a run may resume with a switch flipped.
-    plain = config_fingerprint(_cfg(teacher_dir))
-    assert config_fingerprint(_cfg(teacher_dir, "distill.channels_last=true", "distill.compile=true")) == plain
-    assert config_fingerprint(_cfg(teacher_dir, "distill.guidance=3")) != plain
+    plain = fingerprint(_cfg(teacher_dir), "distill")
+    assert fingerprint(_cfg(teacher_dir, "distill.channels_last=true", "distill.compile=true"), "distill") == plain
+    assert fingerprint(_cfg(teacher_dir, "distill.guidance=3"), "distill") != plain
 
 
 def test_channels_last_is_refused_for_non_unet_teachers(tmp_path):
