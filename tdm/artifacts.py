@@ -5,13 +5,21 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: stale temps are never removed
+    fcntl = None
 
 
 def _umask() -> int:
@@ -20,19 +28,85 @@ def _umask() -> int:
     return mask
 
 
+# Temps are named `.<name>.tmp-<random>` (`.<name>.old-<random>` for the folder moved aside) and their writer
+# holds an exclusive flock on them while it writes. The kernel drops the lock when the writer dies, even by
+# SIGKILL, so a temp nobody holds a lock on is one a killed write left: it would otherwise stay forever (and land
+# in DVC's cache and remote). The next write of that output, and the start of its stage, remove such temps.
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:tmp|old)-[a-z0-9_]{8}(?:\.[^.]*)?$")
+
+
+def _hold(path: str | Path) -> int:
+    """Open `path` (a file or a folder) and take an exclusive lock on it; close the fd to release it."""
+    fd = os.open(path, os.O_RDONLY)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def in_use(path: str | Path) -> bool:
+    """True while a live writer holds its lock on temp `path` (or when that cannot be told)."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _remove(path: Path) -> None:
+    print(f"tdm: removed {path} (left by an interrupted write)", file=sys.stderr, flush=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove the temps in `folder` (those of output `name` only, if given) that a killed write left: no live
+    writer holds them. Each with a one-line note on stderr. Also the unmarked temps of output `name` that
+    earlier versions left (`.<name>.<8 random chars>`, `.<name>.old.<8>`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    legacy = re.compile(rf"^\.{re.escape(name)}\.(?:old\.)?[a-z0-9_]{{8}}(?:{re.escape(Path(name).suffix)})?$") \
+        if name else None
+    removed = []
+    for p in sorted(folder.iterdir()):
+        m = _TEMP.match(p.name)
+        ours = (m is not None and (name is None or m["name"] == name)) or (legacy is not None and legacy.match(p.name))
+        if ours and not in_use(p):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
 def _atomic_write(path: Path, write) -> Path:
     """Write a file beside `path` and rename it into place (mkstemp's 0600 widened to the umask's default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
     try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         write(tmp)
+        fault_point("atomic_write")
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
     return path
 
 
@@ -44,23 +118,51 @@ def atomic_write_file(path: str | Path, write) -> Path:
 @contextlib.contextmanager
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `folder`; on success it replaces `folder` (the old one is moved aside first,
-    so a crash at any point leaves either the old or the new folder complete); on error it is removed."""
+    so a crash at any point leaves either the old or the new folder complete); on error it is removed. Temps
+    a killed write left beside `folder` are removed first."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    remove_stale_temps(folder.parent, folder.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    held = [_hold(tmp)]
     try:
         yield tmp
+        fault_point("atomic_folder")
         os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            held.append(_hold(old))
             os.rename(folder, old / folder.name)
+            fault_point("atomic_swap")
         os.rename(tmp, folder)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+_faults: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Fault-injection hook for tests/integration/test_fault_injection.py, inert unless TDM_FAULT_AT is set:
+    `TDM_FAULT_AT=<name>:<n>` SIGKILLs this process the n-th time it reaches the point `name` (atomic_write:
+    a file's temp written, not yet renamed; atomic_folder: a folder's temp written; atomic_swap: the old folder
+    moved aside, the new one not yet in place; iteration, log_flush: tdm.training.run_loop)."""
+    spec = os.environ.get("TDM_FAULT_AT")
+    if not spec:
+        return
+    point, _, n = spec.partition(":")
+    if point != name:
+        return
+    _faults[name] = _faults.get(name, 0) + 1
+    if _faults[name] == int(n or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")

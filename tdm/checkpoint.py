@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tdm.artifacts import atomic_folder
+from tdm.artifacts import atomic_folder, in_use
+from tdm.artifacts import remove_stale_temps as remove_stale_artifacts
 
 _TENSOR = "__tensor__"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -99,17 +100,29 @@ def load_latest(root: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
+def remove_stale_temps(root: str | Path) -> list[Path]:
+    """Remove the temp folders under `root` that a killed checkpoint write left (no live writer holds them:
+    `tdm.artifacts.in_use`), with a note on stderr; also the unmarked `.step-*` ones of earlier versions."""
+    root = Path(root)
+    removed = remove_stale_artifacts(root)
+    for p in sorted(root.glob(".step-*")) if root.is_dir() else []:
+        if p.exists() and not in_use(p):
+            print(f"tdm: removed {p} (left by an interrupted write)", file=sys.stderr, flush=True)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def prune_checkpoints(root: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep=0: all of them), and any temp folder a crash left
-    behind."""
+    """Delete all but the newest `keep` checkpoints (keep=0: all of them), and any temp folder a killed write
+    left behind."""
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
     root = Path(root)
     found = list_checkpoints(root)
     for p in found[:len(found) - keep]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".step-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    remove_stale_temps(root)
 
 
 def rng_state() -> dict:

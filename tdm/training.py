@@ -160,11 +160,15 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
     """Run (or resume) `step` from the last checkpoint to `settings.total` (or `stop_after`, as a kill would:
     a checkpoint is written there). Raises TrainingDiverged as described in the module docstring."""
     from tdm import checkpoint as ckpt
+    from tdm.artifacts import fault_point, remove_stale_temps
     from tdm.checkpoint import rng_state, set_rng_state
     from tdm.tracking import MetricsLog
 
     s = settings
     root = s.out_dir / "checkpoints"
+    if accelerator.is_main_process:  # temps a killed write left (a model save, a checkpoint, a log rewrite)
+        remove_stale_temps(s.out_dir)
+        ckpt.remove_stale_temps(root)
     start, resumed_from, past_time, last = 0, None, 0.0, {}
     found = resumable_checkpoint(accelerator, root, s.fingerprint, s.stage)
     if found is not None:
@@ -192,6 +196,7 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
                     if k.startswith("loss") and not math.isfinite(v)), None)
         if log is not None:
             log.write(rows)  # the bad row too: it is the evidence
+            fault_point("log_flush")
         if bad is not None:
             raise diverged(f"non-finite {bad[1]} = {bad[2]} at {s.unit} {bad[0]}")
         last.clear()
@@ -218,6 +223,7 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
         bar = tqdm(total=s.total, initial=start, desc=s.stage, unit=s.unit, dynamic_ncols=True)
     for i in range(start, end):
         pending.append((i + 1, step(i)))
+        fault_point("iteration")
         if (i + 1) % s.log_every == 0:
             flush()
             if bar is not None and last:

@@ -71,3 +71,104 @@ def test_a_damaged_newest_checkpoint_falls_back_quietly_on_stdout(tmp_path, caps
     assert state["step"] == 1
     out, err = capsys.readouterr()
     assert out == "" and "trying an older one" in err
+
+
+# -- temps a killed write leaves (issue 18 case 16) ---------------------------------------------------------------
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tdm import artifacts  # noqa: E402
+
+_KILLED_WRITE = """
+import sys, torch
+from pathlib import Path
+from tdm import artifacts, checkpoint as ckpt
+out, what = Path(sys.argv[1]), sys.argv[2]
+if what == "checkpoint":
+    ckpt.save_state(ckpt.step_dir(out / "checkpoints", 4), {"w": torch.ones(3)})
+elif what == "model":
+    with artifacts.atomic_folder(out / "model") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"new weights")
+elif what == "json":
+    artifacts.write_json(out / "metrics.json", {"a": 1})
+elif what == "samples":
+    artifacts.save_samples(out / "samples.npz", torch.zeros(2, 4, 4, 1, dtype=torch.uint8).numpy(), ["a", "b"])
+"""
+
+
+def _killed_write(out: Path, what: str, point: str) -> subprocess.CompletedProcess:
+    """Run one write in a subprocess that SIGKILLs itself at the named point (tdm.artifacts.fault_point)."""
+    env = {**os.environ, "TDM_FAULT_AT": point}
+    run = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(out), what], env=env, capture_output=True,
+                         timeout=120)
+    assert run.returncode == -9, run.stderr.decode()[-2000:]
+    return run
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*"))
+
+
+@pytest.mark.parametrize("what, point, final", [
+    ("model", "atomic_folder:1", "model"),  # temp folder written, not yet renamed
+    ("model", "atomic_swap:1", "model"),  # old folder moved aside, new one not in place
+    ("checkpoint", "atomic_folder:1", "checkpoints/step-0000004"),
+    ("json", "atomic_write:1", "metrics.json"),
+    ("samples", "atomic_write:1", "samples.npz"),  # the npz (its PNG is the second write)
+    ("samples", "atomic_write:2", "samples.png"),
+])
+def test_a_killed_write_leaves_a_temp_that_the_next_write_removes(tmp_path, capfd, what, point, final):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"old weights")
+    _killed_write(tmp_path, what, point)
+    left = _hidden(tmp_path)
+    assert left, "the kill left no temp: the fault point was not reached"
+    if what == "model" and point.startswith("atomic_swap"):
+        assert not (tmp_path / "model").exists()  # the old one aside, the new one in its temp: both complete
+    # The next write of that output (here in this process, as a rerun of the stage would) removes the temps.
+    if what == "checkpoint":
+        ckpt.save_state(ckpt.step_dir(tmp_path / "checkpoints", 4), {"w": torch.ones(3)})
+    elif what == "model":
+        with artifacts.atomic_folder(tmp_path / "model") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"new weights")
+    elif what == "json":
+        artifacts.write_json(tmp_path / "metrics.json", {"a": 1})
+    else:
+        artifacts.save_samples(tmp_path / "samples.npz", torch.zeros(2, 4, 4, 1, dtype=torch.uint8).numpy(), ["a", "b"])
+    assert _hidden(tmp_path) == []
+    assert (tmp_path / final).exists()
+    err = capfd.readouterr().err
+    assert err.count("left by an interrupted write") == len(left) and left[0] in err
+
+
+def test_stage_start_sweep_removes_every_stale_temp_but_not_a_live_one(tmp_path, capfd):
+    out = tmp_path / "distill"
+    _killed_write(out, "model", "atomic_folder:1")
+    _killed_write(out, "json", "atomic_write:1")
+    _killed_write(out, "checkpoint", "atomic_folder:1")
+    (out / "checkpoints" / ".step-0000008.abcd1234").mkdir()  # an unmarked temp of an earlier version
+    (out / ".student.k2x_9abc").mkdir()  # earlier versions' unmarked temp of a model folder
+    (out / ".notes.txt").write_text("not ours")  # a hidden file tdm did not write stays
+    with artifacts.atomic_folder(out / "live") as live:  # a write in progress (this process holds it)
+        remove_stale = subprocess.run(  # another process sweeps meanwhile
+            [sys.executable, "-c", "import sys; from tdm import artifacts, checkpoint as c; "
+             "artifacts.remove_stale_temps(sys.argv[1]); c.remove_stale_temps(sys.argv[1] + '/checkpoints'); "
+             "artifacts.remove_stale_temps(sys.argv[1], 'student')", str(out)],
+            capture_output=True, text=True, timeout=120)
+        assert remove_stale.returncode == 0, remove_stale.stderr
+        assert live.is_dir() and artifacts.in_use(live)
+        (live / "w").write_text("x")
+    assert (out / "live" / "w").read_text() == "x"
+    assert _hidden(out) == [".notes.txt"]
+    assert remove_stale.stderr.count("left by an interrupted write") == 5
+
+
+def test_prune_keeps_a_checkpoint_being_written(tmp_path):
+    ckpt.save_state(ckpt.step_dir(tmp_path, 2), {"step": 2})
+    with artifacts.atomic_folder(ckpt.step_dir(tmp_path, 4)) as tmp:
+        ckpt.prune_checkpoints(tmp_path, keep=0)
+        assert tmp.is_dir()
+        (tmp / "state.json").write_text("{}")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-0000004"]
