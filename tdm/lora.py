@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,17 +63,31 @@ class LoRA:
         return replace(self, modules={n: replace(m, alpha=m.alpha * scale) for n, m in self.modules.items()})
 
     def resolved(self, net: nn.Module) -> LoRA:
-        """Module names mapped onto `net`'s own (dotted) paths; shapes checked. Fails before any compute."""
-        table = _layer_table(net)
+        """Module names mapped onto `net`'s own (dotted) paths; shapes checked. Fails before any compute. Kohya's
+        flattened names are matched against the flattened paths of `net`'s layers (SDXL's original `input_blocks_*`
+        / `middle_block_*` / `output_blocks_*` names through diffusers' own SDXL key conversion)."""
+        flat = bool(self.meta.get("flat_names"))
+        modules = _sgm_to_diffusers(self.modules, net) if flat else self.modules
+        table, ambiguous = _layer_table(net)
         out = {}
-        for name, module in self.modules.items():
-            layer_name = table.get(name) or table.get(name.replace(".", "_"))
+        for name, module in modules.items():
+            key = name.replace(".", "_") if flat else name
+            if flat and key in ambiguous:
+                raise ValueError(f"LoRA module {name!r}: the flattened name fits several layers of "
+                                 f"{type(net).__name__} ({sorted(ambiguous[key])}); use a dotted-path format")
+            layer_name = table.get(key) if flat else (name if name in table.values() else None)
             if layer_name is None:
-                raise ValueError(f"LoRA module {name!r} is not a Linear/Conv2d layer of {type(net).__name__}")
+                example = next(iter(sorted(table.values())), "?")
+                raise ValueError(f"LoRA module {name!r} is not a Linear/Conv2d layer of {type(net).__name__} "
+                                 f"(its layers are named like {example!r}: a LoRA of another architecture, or a "
+                                 f"module naming tdm does not map)")
             weight = net.get_submodule(layer_name).weight
-            if tuple(module.delta().shape) != tuple(weight.shape):
-                raise ValueError(f"LoRA module {name!r}: update shape {tuple(module.delta().shape)} does not match "
+            shape = (module.up.shape[0], *module.down.shape[1:])
+            if tuple(shape) != tuple(weight.shape):
+                raise ValueError(f"LoRA module {name!r}: update shape {tuple(shape)} does not match "
                                  f"the layer's weight {tuple(weight.shape)} (a different architecture?)")
+            if layer_name in out:
+                raise ValueError(f"LoRA modules map twice onto layer {layer_name!r} of {type(net).__name__}")
             out[layer_name] = module
         return replace(self, modules=out, meta={**self.meta, "flat_names": False})
 
@@ -92,40 +107,208 @@ class LoRA:
                  "rank": m.rank, "alpha": m.alpha} for n, m in sorted(self.modules.items())]
 
 
-def _layer_table(net: nn.Module) -> dict[str, str]:
-    """LoRA-able layers by dotted path and by kohya's flattened path."""
-    table = {}
+def _layer_table(net: nn.Module) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """LoRA-able layers by dotted path and by kohya's flattened path; flattened names shared by several layers."""
+    table, seen = {}, {}
     for name, module in net.named_modules():
         if isinstance(module, LORA_LAYERS) and name:
             table[name] = name
-            table[name.replace(".", "_")] = name
-    return table
+            seen.setdefault(name.replace(".", "_"), set()).add(name)
+    ambiguous = {k: v for k, v in seen.items() if len(v) > 1}
+    table.update({k: next(iter(v)) for k, v in seen.items() if len(v) == 1})
+    return table, ambiguous
+
+
+def _sgm_to_diffusers(modules: dict[str, LoRAModule], net: nn.Module) -> dict[str, LoRAModule]:
+    """Kohya's SDXL files name a UNet's modules as the original (sgm) checkpoint does (`input_blocks_4_1_...`):
+    those names go through diffusers' own conversion (the one `StableDiffusionXLPipeline.load_lora_weights` runs),
+    given `net`'s config. Other names pass unchanged."""
+    sgm = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_2")
+    if not any(n.startswith(sgm) for n in modules):
+        return modules
+    config = getattr(net, "config", None)
+    if config is None or "layers_per_block" not in config:
+        raise ValueError(f"LoRA modules named as an original SD/SDXL checkpoint (e.g. "
+                         f"{next(n for n in modules if n.startswith(sgm))!r}) need a diffusers UNet to map onto, "
+                         f"not {type(net).__name__}")
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key, _maybe_map_sgm_blocks_to_diffusers
+
+    state = {}
+    for n, m in modules.items():
+        state[f"lora_unet_{n}.lora_down.weight"] = m.down
+        state[f"lora_unet_{n}.lora_up.weight"] = m.up
+    mapped = _maybe_map_sgm_blocks_to_diffusers(state, config)
+    by_tensor = {id(m.down): m for m in modules.values()}
+    out = {}
+    for key, value in mapped.items():
+        if key.endswith(".lora_down.weight"):
+            diffusers_key = _convert_unet_lora_key(key)  # <path>.lora.down.weight or <proc>.to_q_lora.down.weight
+            name = re.sub(r"(_lora|\.lora)\.down\.weight$", "", diffusers_key)
+            out[_module_name(name, "_lora.down" in diffusers_key).replace(".", "_")] = by_tensor[id(value)]
+    return out
+
+
+# -- the layouts ---------------------------------------------------------------------------------------------------
+# Every LoRA file is a flat state dict; a key is <prefix><module><pair suffix> or <prefix><module>.alpha. Prefixes
+# say whose module it is (the denoiser's, a text encoder's) and how module paths are spelled (dotted diffusers
+# paths, or kohya's flattened ones); pair suffixes are the naming variants of the down / up weights.
+DENOISER_PREFIXES = {  # prefix -> (layout, flattened names?)
+    "base_model.model.": ("peft", False),     # PeftModel.save_pretrained
+    "unet.": ("diffusers", False),            # pipe.save_lora_weights (UNet families)
+    "transformer.": ("diffusers", False),     # pipe.save_lora_weights (DiT families), ComfyUI's DiT layout
+    "lora_unet_": ("kohya", True),            # kohya / A1111 webui / ComfyUI
+    "lora_transformer_": ("kohya", True),     # OneTrainer / ComfyUI for DiTs
+    "lycoris_": ("kohya", True),              # LyCORIS LoCon (plain LoRA weights)
+}
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "lora_te_", "lora_te1_", "lora_te2_",
+                         "lora_te3_")
+_PAIR_KEYS = [  # (pattern, which group is down / up): the naming variants of one module's pair
+    (re.compile(r"^(?P<m>.+)\.lora_(?P<w>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$"), {"A": "down", "B": "up"}),  # peft
+    (re.compile(r"^(?P<m>.+)\.lora_(?P<w>down|up)\.weight$"), None),                      # kohya / LyCORIS
+    (re.compile(r"^(?P<m>.+)\.lora(?:_linear_layer)?\.(?P<w>down|up)\.weight$"), None),   # older diffusers
+    (re.compile(r"^(?P<m>.+)_lora\.(?P<w>down|up)\.weight$"), None),       # diffusers attention processors
+]
+_ALPHA_KEY = re.compile(r"^(?P<m>.+)\.alpha$")
+_UNSUPPORTED_KEYS = [  # (pattern, what it is): adapters that are not a plain low-rank update, refused by name
+    (re.compile(r"dora_scale|lora_magnitude_vector"), "DoRA (weight-decomposed LoRA)"),
+    (re.compile(r"\.hada_"), "LoHa (LyCORIS)"),
+    (re.compile(r"\.lokr_"), "LoKr (LyCORIS)"),
+    (re.compile(r"\.lora_mid\."), "LoCon with a Tucker mid weight (LyCORIS)"),
+    (re.compile(r"\.(diff|diff_b)$"), "full weight differences (LyCORIS 'full')"),
+    (re.compile(r"\.(w_norm|b_norm)$"), "norm-layer weights (LyCORIS)"),
+    (re.compile(r"\.lora_(A|B|down|up)(\.[^.]+)?\.bias$|\.lora_linear_layer\.(down|up)\.bias$"),
+     "LoRA biases (peft lora_bias)"),
+    (re.compile(r"lora_embedding_[AB]"), "LoRA on embedding layers"),
+    (re.compile(r"modules_to_save"), "fully trained modules (peft modules_to_save)"),
+    (re.compile(r"\.(oft_|boft_)"), "OFT / BOFT"),
+]
+_PEFT_CONFIG_REFUSED = {  # LoraConfig fields whose non-default values make the adapter something else
+    "use_dora": "DoRA (weight-decomposed LoRA)", "fan_in_fan_out": "fan_in_fan_out (transposed Conv1D weights)",
+    "lora_bias": "LoRA biases", "layer_replication": "layer replication", "target_parameters": "LoRA on parameters",
+    "modules_to_save": "fully trained modules (modules_to_save)", "trainable_token_indices": "trainable tokens",
+    "use_qalora": "QA-LoRA", "use_bdlora": "block-diagonal LoRA", "alora_invocation_tokens": "activated LoRA",
+}
+
+
+def _refuse_unsupported_config(config: dict, where: str) -> None:
+    peft_type = str(config.get("peft_type") or "LORA").upper().rsplit(".", 1)[-1]
+    if peft_type != "LORA":
+        raise ValueError(f"{where}: a peft {peft_type} adapter is not a LoRA; only LORA adapters are supported")
+    for key, what in _PEFT_CONFIG_REFUSED.items():
+        if config.get(key):
+            raise ValueError(f"{where}: LoraConfig {key}={config[key]!r}: {what} is not supported (a plain LoRA only)")
+    if config.get("bias", "none") not in ("none", None):
+        raise ValueError(f"{where}: LoraConfig bias={config['bias']!r}: trained biases are not supported")
+
+
+def _split_prefix(key: str) -> tuple[str, str]:
+    """(denoiser prefix or "", the rest); text-encoder keys raise."""
+    if key.startswith(TEXT_ENCODER_PREFIXES):
+        raise ValueError(f"text-encoder LoRA weights ({key!r}): tdm applies a LoRA to the denoiser only, so this "
+                         f"file would not load exactly; remove the text encoder's keys to use its denoiser part")
+    for prefix in DENOISER_PREFIXES:
+        if key.startswith(prefix):
+            return prefix, key[len(prefix):]
+    return "", key
+
+
+def _module_name(m: str, processor_style: bool) -> str:
+    """diffusers' attention-processor naming (`attn1.processor.to_out_lora`) -> the layer's path (`attn1.to_out.0`)."""
+    if processor_style or ".processor." in m:
+        m = m.replace(".processor.", ".")
+        if m.endswith(".to_out"):
+            m += ".0"
+    return m
+
+
+def from_state_dict(state: dict[str, torch.Tensor], config: dict | None = None, where: str = "LoRA") -> LoRA:
+    """A LoRA from a state dict in any layout tdm reads (peft with or without `base_model.model.`, diffusers
+    `unet.` / `transformer.` / bare paths, kohya / webui `lora_unet_` / `lora_transformer_` / `lycoris_`; pairs named
+    `lora_A/B`, `lora_down/up`, `lora.down/up`, `lora_linear_layer.down/up`, `<proj>_lora.down/up`; per-module
+    `.alpha` or the peft config's alpha, else alpha = rank). Anything else is refused, naming the key."""
+    config = dict(config or {})
+    _refuse_unsupported_config(config, where)
+    downs, ups, alphas, layouts, adapters = {}, {}, {}, set(), set()
+    for key, value in state.items():
+        for pattern, what in _UNSUPPORTED_KEYS:
+            if pattern.search(key):
+                raise ValueError(f"{where}: key {key!r} is {what}, which tdm does not support (a plain LoRA only)")
+        try:
+            prefix, rest = _split_prefix(key)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        layouts.add(prefix)
+        alpha_match = _ALPHA_KEY.match(rest)
+        if alpha_match:
+            if value.numel() != 1:
+                raise ValueError(f"{where}: alpha {key!r} is not a scalar (shape {tuple(value.shape)})")
+            alphas[_module_name(alpha_match["m"], False)] = float(value)
+            continue
+        for i, (pattern, names) in enumerate(_PAIR_KEYS):
+            match = pattern.match(rest)
+            if match:
+                break
+        else:
+            raise ValueError(f"{where}: key {key!r} is not a LoRA weight tdm knows (expected <module>.lora_A/B.weight, "
+                             f".lora_down/up.weight, .lora.down/up.weight or .alpha)")
+        if match.groupdict().get("adapter"):
+            adapters.add(match["adapter"])
+        which = names[match["w"]] if names else match["w"]
+        name = _module_name(match["m"], processor_style=i == 3)
+        table = downs if which == "down" else ups
+        if name in table:
+            raise ValueError(f"{where}: module {name!r} has two {which} weights (naming variants mixed?)")
+        table[name] = value
+    if not downs and not ups:
+        raise ValueError(f"{where}: no LoRA weights found")
+    if len(layouts) > 1:
+        raise ValueError(f"{where}: keys mix layouts (prefixes {sorted(p or '<none>' for p in layouts)})")
+    if len(adapters) > 1:
+        raise ValueError(f"{where}: several peft adapters in one state dict ({sorted(adapters)}); save one at a time")
+    if downs.keys() != ups.keys():
+        odd = sorted(downs.keys() ^ ups.keys())
+        raise ValueError(f"{where}: LoRA has unpaired down/up weights, e.g. module {odd[0]!r}")
+    if not alphas.keys() <= downs.keys():
+        raise ValueError(f"{where}: alpha without LoRA weights, e.g. module {sorted(alphas.keys() - downs.keys())[0]!r}")
+    from peft.utils.other import get_pattern_key
+
+    (prefix,) = layouts
+    layout, flat = DENOISER_PREFIXES.get(prefix, ("diffusers", False))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules = {}
+    for name, down in downs.items():
+        up = _check_pair(name, down, ups[name], where)
+        r = down.shape[0]
+        if name in alphas:
+            alpha = alphas[name]
+        else:
+            alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", r)))
+            if config.get("use_rslora"):  # scaling alpha / sqrt(r) == (alpha sqrt(r)) / r
+                alpha *= math.sqrt(r)
+        modules[name] = LoRAModule(down, up, alpha)
+    meta = {"source_format": layout, "layout": prefix or "<bare module paths>"}
+    if flat:
+        meta["flat_names"] = True
+    return LoRA(modules, meta)
+
+
+def _check_pair(name: str, down: torch.Tensor, up: torch.Tensor, where: str) -> torch.Tensor:
+    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+        raise ValueError(f"{where}: module {name!r}: down {tuple(down.shape)} / up {tuple(up.shape)} are not a "
+                         f"Linear (2-d) or Conv2d (4-d) LoRA pair")
+    if up.shape[1] != down.shape[0]:
+        raise ValueError(f"{where}: module {name!r}: rank mismatch, down {tuple(down.shape)} vs up {tuple(up.shape)}")
+    if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise ValueError(f"{where}: module {name!r}: a {tuple(up.shape[2:])} up convolution is not supported (1x1 only)")
+    return up
 
 
 # -- peft ----------------------------------------------------------------------------------------------------------
-def _pattern_value(patterns: dict, name: str, default):
-    """peft's rank_pattern / alpha_pattern lookup (a key matches a module path suffix)."""
-    import re
-
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def from_peft(state: dict[str, torch.Tensor], config: dict) -> LoRA:
-    """A peft state dict (`<module>.lora_A.weight`, no adapter name) and its LoraConfig dict."""
-    if config.get("use_dora"):
-        raise ValueError("DoRA adapters are not plain LoRAs; not supported")
-    pairs = _pairs(state, ".lora_A.weight", ".lora_B.weight")
-    modules = {}
-    for name, (down, up) in pairs.items():
-        r = down.shape[0]
-        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", r)))
-        if config.get("use_rslora"):  # scaling alpha / sqrt(r) == (alpha sqrt(r)) / r
-            alpha *= math.sqrt(r)
-        modules[name] = LoRAModule(down, up, alpha)
-    return LoRA(modules, {"source_format": "peft"})
+    """A peft state dict (`<module>.lora_A.weight` or `base_model.model.<module>...`, no adapter name) and its
+    LoraConfig dict."""
+    lora = from_state_dict(state, config, where="peft adapter")
+    return replace(lora, meta={**lora.meta, "source_format": "peft"})
 
 
 def to_peft(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict]:
@@ -151,35 +334,31 @@ def to_peft(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _exact(name: str) -> str:
-    import re
-
     return re.escape(name)
 
 
-def _pairs(state: dict[str, torch.Tensor], down_suffix: str, up_suffix: str) -> dict[str, tuple]:
-    downs = {k[: -len(down_suffix)]: v for k, v in state.items() if k.endswith(down_suffix)}
-    ups = {k[: -len(up_suffix)]: v for k, v in state.items() if k.endswith(up_suffix)}
-    if downs.keys() != ups.keys():
-        odd = sorted(downs.keys() ^ ups.keys())
-        raise ValueError(f"LoRA has unpaired down/up weights, e.g. {odd[:2]}")
-    if not downs:
-        raise ValueError(f"no LoRA weights found (expected keys ending in {down_suffix!r})")
-    return {n: (downs[n], ups[n]) for n in downs}
-
-
 # -- reading -------------------------------------------------------------------------------------------------------
-def load_lora(path: str | Path, component: str = "unet") -> LoRA:
-    """Read a LoRA in any of the three formats (a peft or diffusers folder, a diffusers or kohya file);
-    `component` picks the denoiser's keys in a diffusers file (`unet`, or `transformer` for DiTs)."""
+def load_lora(path: str | Path, component: str | None = None) -> LoRA:
+    """Read a LoRA in any layout tdm knows (`from_state_dict`): a peft folder (adapter_config.json +
+    adapter_model.safetensors, with or without the `base_model.model.` prefix), a diffusers folder or file
+    (`unet.` / `transformer.` keys, the peft config in the header), a kohya / webui / LyCORIS-LoCon file. The
+    denoiser's keys are read whatever their prefix (`component` is accepted for compatibility and, when given,
+    must agree with the file's prefix for dotted diffusers keys); text-encoder keys and non-LoRA adapters are
+    refused by name."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():
-        if (path / PEFT_CONFIG).is_file() and (path / PEFT_WEIGHTS).is_file():
+        if (path / PEFT_CONFIG).is_file():
+            if not (path / PEFT_WEIGHTS).is_file():
+                pickled = (path / "adapter_model.bin").is_file()
+                raise (ValueError if pickled else FileNotFoundError)(
+                    f"{path}: {PEFT_CONFIG} without {PEFT_WEIGHTS}" +
+                    (" (adapter_model.bin: pickled weights are not loaded; save with safe_serialization)" if pickled else ""))
             config = json.loads((path / PEFT_CONFIG).read_text())
-            lora = from_peft(load_file(path / PEFT_WEIGHTS), config)
-            return replace(lora, meta={**lora.meta, "path": str(path)})
+            lora = from_state_dict(load_file(path / PEFT_WEIGHTS), config, where=str(path))
+            return replace(lora, meta={**lora.meta, "source_format": "peft", "path": str(path)})
         files = [path / DIFFUSERS_WEIGHTS] if (path / DIFFUSERS_WEIGHTS).is_file() else sorted(path.glob("*.safetensors"))
         if len(files) != 1:
             raise FileNotFoundError(f"{path}: not a LoRA folder (expected {PEFT_WEIGHTS} + {PEFT_CONFIG}, "
@@ -192,64 +371,84 @@ def load_lora(path: str | Path, component: str = "unet") -> LoRA:
     state = load_file(path)
     with safe_open(path, "pt") as f:
         header = f.metadata() or {}
-    if any(k.startswith(("lora_unet_", "lora_transformer_")) for k in state):
-        lora = _from_kohya(state)
-    else:
-        lora = _from_diffusers(state, header, component, path)
+    prefixes = {_split_prefix(k)[0] for k in state if not k.startswith(TEXT_ENCODER_PREFIXES)}
+    dotted = sorted(p for p in prefixes if p in ("unet.", "transformer."))
+    if component is not None and dotted and dotted != [f"{component}."]:
+        raise ValueError(f"{path}: no {component!r} LoRA weights: its denoiser keys start with {dotted[0]!r} "
+                         f"(pass component={dotted[0][:-1]!r})")
+    config = {}
+    if DIFFUSERS_METADATA_KEY in header:  # diffusers keeps the peft config as {"<component>.<field>": value}
+        meta = json.loads(header[DIFFUSERS_METADATA_KEY])
+        own = dotted[0] if dotted else ""
+        config = {k[len(own):]: v for k, v in meta.items() if k.startswith(own) and "." not in k[len(own):]}
+    lora = from_state_dict(state, config, where=str(path))
     return replace(lora, meta={**lora.meta, "path": str(path)})
 
 
-def _from_diffusers(state: dict, header: dict, component: str, path: Path) -> LoRA:
-    prefix = f"{component}."
-    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not own:
-        found = sorted({k.split(".")[0] for k in state})
-        raise ValueError(f"{path}: no {component!r} LoRA weights (top-level keys: {found[:5]})")
-    # Older diffusers files name the pair lora.down / lora.up.
-    own = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
-           for k, v in own.items()}
-    meta = json.loads(header.get(DIFFUSERS_METADATA_KEY, "{}"))
-    config = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
-    alphas = {k[: -len(".alpha")]: float(v) for k, v in own.items() if k.endswith(".alpha")}
-    lora = from_peft({k: v for k, v in own.items() if not k.endswith(".alpha")}, config)
-    if alphas:  # per-module network alphas (diffusers' kohya conversions) override the config
-        lora = replace(lora, modules={n: replace(m, alpha=alphas.get(n, m.alpha)) for n, m in lora.modules.items()})
-    return replace(lora, meta={"source_format": "diffusers"})
-
-
-def _from_kohya(state: dict) -> LoRA:
-    pairs = _pairs(state, ".lora_down.weight", ".lora_up.weight")
-    modules = {}
-    for key, (down, up) in pairs.items():
-        if not key.startswith(("lora_unet_", "lora_transformer_")):
-            continue  # text-encoder LoRAs (lora_te_*) are not the denoiser's
-        name = key.split("_", 2)[2]
-        alpha_t = state.get(f"{key}.alpha")
-        modules[name] = LoRAModule(down, up, float(alpha_t) if alpha_t is not None else float(down.shape[0]))
-    if not modules:
-        raise ValueError("kohya LoRA has no lora_unet_* / lora_transformer_* modules")
-    return LoRA(modules, {"source_format": "kohya", "flat_names": True})
-
-
 # -- writing -------------------------------------------------------------------------------------------------------
-def save_lora(lora: LoRA, out: str | Path, fmt: str, component: str = "unet") -> Path:
-    """Write `lora` as `fmt` ("diffusers" / "peft": a folder; "kohya": a .safetensors file), atomically."""
+UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.")
+TRANSFORMER_ROOTS = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def denoiser_component(lora: LoRA) -> str | None:
+    """`unet` or `transformer` from the LoRA's module paths (diffusers' UNets vs its DiTs); None if they don't say."""
+    unet = any(n.startswith(UNET_ROOTS) for n in lora.modules)
+    dit = any(n.startswith(TRANSFORMER_ROOTS) for n in lora.modules)
+    return None if unet == dit else ("unet" if unet else "transformer")
+
+
+def save_lora(lora: LoRA, out: str | Path, fmt: str, component: str | None = "unet") -> Path:
+    """Write `lora` as `fmt`, atomically, in the layout the format's loaders read:
+
+    - "peft": a folder as `PeftModel.save_pretrained` writes it (keys `base_model.model.<module>.lora_A.weight`,
+      alpha in adapter_config.json), so `PeftModel.from_pretrained(denoiser, folder)` loads it;
+    - "diffusers": a folder with `pytorch_lora_weights.safetensors`, keys `<component>.<module>.lora_A/B.weight`, for
+      `pipe.load_lora_weights(folder)`; alpha / r is folded into the up weights (the header says lora_alpha = r),
+      so readers that ignore the header (ComfyUI reads `transformer.` keys without alpha at scale 1) load it at the
+      same strength;
+    - "kohya": one .safetensors, `lora_unet_<module_with_underscores>.lora_down/up.weight` + `.alpha`: UNet
+      denoisers only. diffusers' DiT loaders (SD3, CogVideoX) ignore kohya's `lora_transformer_` keys, so a
+      transformer's kohya file would load as a no-op: refused (the diffusers format is what they and ComfyUI read).
+
+    `component` is the denoiser's name in the pipeline (`unet` / `transformer`; None: from the module paths); one
+    that contradicts the module paths is refused (the file would load as a no-op)."""
     from safetensors.torch import save_file
 
     from tdm.artifacts import atomic_folder, atomic_write_file
 
     if fmt not in FORMATS:
         raise ValueError(f"LoRA format must be one of {FORMATS}, got {fmt!r}")
-    if fmt != "kohya" and lora.meta.get("flat_names"):
+    if lora.meta.get("flat_names"):
         raise ValueError("this LoRA was read from a kohya file: call .resolved(net) to recover module paths first")
+    if not lora.modules:
+        raise ValueError("empty LoRA")
+    inferred = denoiser_component(lora)
+    component = component or inferred or "unet"
+    if component not in ("unet", "transformer"):
+        raise ValueError(f"component must be 'unet' or 'transformer' (the denoiser's pipeline name), got {component!r}")
+    if inferred is not None and component != inferred:
+        example = next(n for n in sorted(lora.modules) if n.startswith(UNET_ROOTS + TRANSFORMER_ROOTS))
+        raise ValueError(f"component {component!r} does not fit this LoRA: its modules (e.g. {example!r}) are a "
+                         f"{inferred}'s, and a pipeline would find no keys for its {inferred} (pass component="
+                         f"{inferred!r})")
     out = Path(out)
     if fmt == "kohya":
+        if component != "unet":
+            raise ValueError("kohya format is written for UNet denoisers only (lora_unet_* keys): diffusers' "
+                             "transformer loaders (StableDiffusion3Pipeline, CogVideoXPipeline) ignore kohya's "
+                             "lora_transformer_* keys, so the file would load as a no-op; export --format diffusers "
+                             "(keys transformer.<module>, read by pipe.load_lora_weights and by ComfyUI)")
         if out.suffix != ".safetensors":
             raise ValueError(f"a kohya LoRA is one .safetensors file, got {out}")
+        table = {}
+        for name in lora.modules:
+            table.setdefault(name.replace(".", "_"), []).append(name)
+        clash = next((v for v in table.values() if len(v) > 1), None)
+        if clash:
+            raise ValueError(f"modules {clash} have the same kohya name; kohya's flattened names cannot tell them apart")
         state = {}
-        prefix = "lora_unet_" if component == "unet" else f"lora_{component}_"
         for name, m in lora.modules.items():
-            key = prefix + name.replace(".", "_")
+            key = "lora_unet_" + name.replace(".", "_")
             state[f"{key}.lora_down.weight"] = m.down.contiguous()
             state[f"{key}.lora_up.weight"] = m.up.contiguous()
             state[f"{key}.alpha"] = torch.tensor(float(m.alpha))
@@ -258,10 +457,12 @@ def save_lora(lora: LoRA, out: str | Path, fmt: str, component: str = "unet") ->
                   "ss_network_alpha": str(next(iter(lora.modules.values())).alpha), "tdm": "TDM student LoRA"}
         atomic_write_file(out, lambda tmp: save_file(state, tmp, metadata=header))
         return out
+    if fmt == "diffusers":
+        lora = replace(lora, modules={n: _fold_alpha(m) for n, m in lora.modules.items()})
     state, config = to_peft(lora)
     with atomic_folder(out) as tmp:
         if fmt == "peft":
-            save_file(state, tmp / PEFT_WEIGHTS)
+            save_file({f"base_model.model.{k}": v for k, v in state.items()}, tmp / PEFT_WEIGHTS)
             (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
         else:
             packed = {f"{component}.{k}": v for k, v in state.items()}
@@ -273,6 +474,13 @@ def save_lora(lora: LoRA, out: str | Path, fmt: str, component: str = "unet") ->
         for f in tmp.iterdir():  # safetensors writes 0600: give exports the usual permissions
             os.chmod(f, 0o666 & ~mask)
     return out
+
+
+def _fold_alpha(m: LoRAModule) -> LoRAModule:
+    """The same update with alpha = r: up multiplied by alpha / r (in float32, stored in the up's dtype)."""
+    if m.alpha == m.rank:
+        return m
+    return LoRAModule(m.down, (m.up.float() * (m.alpha / m.rank)).to(m.up.dtype), float(m.rank))
 
 
 # -- applying ------------------------------------------------------------------------------------------------------
@@ -368,5 +576,6 @@ def extract(base: nn.Module, tuned: nn.Module, rank: int, targets: list[str] | N
     return LoRA(modules, {"source_format": "extracted", **report}), report
 
 
-__all__ = ["LoRA", "LoRAModule", "FORMATS", "load_lora", "save_lora", "from_peft", "to_peft", "fuse", "attach",
+__all__ = ["LoRA", "LoRAModule", "FORMATS", "load_lora", "save_lora", "from_peft", "to_peft", "from_state_dict",
+           "denoiser_component", "fuse", "attach",
            "fuse_into_model", "extract"]
