@@ -43,17 +43,22 @@ def fold_k_embedding(backbone, net: nn.Module, embedding: nn.Embedding, k: int) 
     return folded
 
 
-def export_student(folder, out, ks=None) -> list:
+def export_student(folder, out, ks=None, solver_order: int | None = None) -> list:
     """Write the student in `folder` as one stock pipeline folder per K under `out` (`out/k<K>/`); `ks` defaults
-    to the Ks it was trained for. Returns the folders. ValueError (before anything is written) when a K cannot be
-    honoured or a K embedding cannot be folded; each folder is written atomically."""
+    to the Ks it was trained for, `solver_order` (1 DDIM, 2 DPM-Solver++(2M)) to the record's; both the exported
+    scheduler config and the exported record carry it, so `tdm sample --student out/k<K>` and the stock pipeline
+    agree. Returns the folders. ValueError (before anything is written) when a K cannot be honoured, the order is
+    neither, or a K embedding cannot be folded; each folder is written atomically."""
     from pathlib import Path
 
+    from tdm.sampler import check_solver_order
     from tdm.scheduling_tdm import from_student
     from tdm.student import load_student
 
     student = load_student(folder)
     record = student.record
+    if solver_order is not None:
+        record = record.replace(solver_order=check_solver_order(solver_order))
     ks = list(record.sampling_ks if ks is None else ks)
     for k in ks:
         record.check_k(k)

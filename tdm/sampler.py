@@ -6,7 +6,7 @@ they serve epsilon, v and flow models alike.
 The student trajectory (the authors' `generate_new`): start from pure noise at t_0 = total_steps - 1, predict
 (x0, eps) with the student, move to the next grid point with DDIM, x_{t_{i+1}} = alpha x0 + sigma eps, and
 return the last x0. The grid comes from the student's record (`tdm.schedule.StudentGrid`), e.g. 899, 674, 449,
-224 for K=4 of 900.
+224 for K=4 of 900. DPM-Solver++(2M) over the same grid is an option (`solver_order=2`).
 """
 from __future__ import annotations
 
@@ -67,26 +67,45 @@ def teacher_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.
     return x
 
 
+SOLVER_ORDERS = (1, 2)  # 1: DDIM (the trajectory TDM trains), 2: DPM-Solver++(2M) over the same grid
+
+
+def check_solver_order(solver_order) -> int:
+    """`solver_order` as an int in SOLVER_ORDERS; ValueError naming it otherwise."""
+    if isinstance(solver_order, bool) or solver_order not in SOLVER_ORDERS:
+        raise ValueError(f"solver_order: must be 1 (DDIM, the trajectory the student is trained on) or 2 "
+                         f"(DPM-Solver++(2M) over the same grid), got {solver_order!r}")
+    return int(solver_order)
+
+
 @torch.no_grad()
 def student_sample(backbone: Backbone, net: nn.Module, cond: Cond, noise: torch.Tensor, timesteps: torch.Tensor,
-                   k_embedding: nn.Embedding | None = None) -> torch.Tensor:
+                   k_embedding: nn.Embedding | None = None, solver_order: int = 1) -> torch.Tensor:
     """The TDM student's deterministic trajectory over its grid `timesteps` (descending, K entries; e.g.
     `StudentRecord.timesteps(K)`) from `noise`; no CFG (it is baked in). A K-aware (TDM-unify) student's
-    `k_embedding` is told K = len(timesteps) at every step (`tdm.student.k_conditioning`)."""
+    `k_embedding` is told K = len(timesteps) at every step (`tdm.student.k_conditioning`).
+
+    `solver_order` 1 moves between grid points with DDIM (the trajectory TDM trains, the authors'
+    `generate_new`); 2 with DPM-Solver++(2M) (`NoiseSchedule.solver_step`; its first step is DDIM, so K <= 2
+    samples identically). The same K network evaluations either way; the last step returns x0."""
     from tdm.student import k_conditioning
 
     if isinstance(timesteps, int):
         raise TypeError("student_sample takes the student's grid, not K and total_steps: pass "
                         "tdm.schedule.StudentGrid(total_steps).at(k) (or StudentRecord.timesteps(k))")
+    check_solver_order(solver_order)
     schedule = backbone.schedule
     grid = [int(t) for t in timesteps]
     k_cond = torch.full((noise.shape[0],), len(grid), device=noise.device) if k_embedding is not None else None
-    x = noise
+    x, previous = noise, None
     with k_conditioning(backbone, net, k_embedding, k_cond):
         for i, t in enumerate(grid):
             tt = torch.full((x.shape[0],), t, device=x.device)
             x0, eps = clip_prediction(backbone, x, tt, *backbone.predict_x0_eps(net, x, tt, cond))
-            x = schedule.ddim_step(x0, eps, grid[i + 1]) if i + 1 < len(grid) else x0
+            if i + 1 == len(grid):
+                return x0
+            x = schedule.solver_step(x, x0, eps, tt, grid[i + 1], previous)
+            previous = (t, x0) if solver_order == 2 else None
     return x
 
 
@@ -123,19 +142,21 @@ def sample_teacher(backbone: Backbone, net: nn.Module, prompts: Sequence[str], *
 
 
 def sample_student(student, prompts: Sequence[str], *, k: int | None = None, seed: int = 0, batch_size: int = 64,
-                   progress: bool = False) -> torch.Tensor:
-    """Sample a `tdm.student.Student` along its K-step trajectory (K = `k`, default the record's), one image
-    per prompt: uint8 (N, H, W, C). Same noise as `sample_teacher` for the same seed and prompts."""
+                   progress: bool = False, solver_order: int | None = None) -> torch.Tensor:
+    """Sample a `tdm.student.Student` along its K-step trajectory (K = `k`, default the record's; solver order
+    default the record's), one image per prompt: uint8 (N, H, W, C). Same noise as `sample_teacher` for the
+    same seed and prompts."""
     k = student.record.k if k is None else k
     student.record.check_k(k)
+    order = check_solver_order(student.record.solver_order if solver_order is None else solver_order)
     student.net.eval()
     return _sample_prompts(student.backbone, prompts, seed, batch_size,
-                           f"student, {k} steps" if progress else None,
-                           lambda cond, noise: student.sample(cond, noise, k))
+                           f"student, {k} steps" + (", DPM-Solver++(2M)" if order == 2 else "") if progress else None,
+                           lambda cond, noise: student.sample(cond, noise, k, solver_order=order))
 
 
 __all__ = ["speed_up_net", "clip_prediction", "guided_x0_eps", "teacher_sample", "student_sample", "make_noise",
-           "sample_teacher", "sample_student"]
+           "sample_teacher", "sample_student", "SOLVER_ORDERS", "check_solver_order"]
 
 
 def __getattr__(name: str):

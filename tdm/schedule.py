@@ -168,6 +168,34 @@ class NoiseSchedule:
         """Deterministic DDIM: keep the predicted noise, move to t_next (t_clean gives x0)."""
         return self.add_noise(x0, eps, t_next)
 
+    def log_snr_half(self, t: TimestepLike) -> float:
+        """lambda_t = log(alpha_t / sigma_t) (DPM-Solver's half log-SNR) of one timestep, float64; -inf where
+        alpha = 0 (flow t = T, a zero-terminal-SNR VP end)."""
+        alpha, sigma = (float(v) for v in self._coeffs64(_as_t(t).reshape(-1)[:1]))
+        return -math.inf if alpha == 0.0 else math.log(alpha) - math.log(sigma)
+
+    def solver_step(self, x: Tensor, x0: Tensor, eps: Tensor, t: Tensor, t_next: int,
+                    previous: tuple[int, Tensor] | None = None) -> Tensor:
+        """One step of the student's sampler from x = x_t (per-sample t, (B,)) to t_next, given the model's
+        (x0, eps) at t. `previous` = (t_prev, x0 at t_prev) of the step before makes it DPM-Solver++(2M)
+        (Lu et al. 2022, "DPM-Solver++", Alg. 2; diffusers' DPMSolverMultistepScheduler with
+        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"): the data prediction is
+        extrapolated, D = (1 + c) x0 - c x0_prev with c = h / (2 h_prev), h = lambda_next - lambda_t,
+        h_prev = lambda_t - lambda_prev, and DDIM moves to t_next with D and the noise it implies,
+        x_next = alpha_next D + sigma_next (x - alpha_t D) / sigma_t (algebraically the paper's
+        sigma_next / sigma_t x - alpha_next (exp(-h) - 1) D). Without `previous` (the first step), or when
+        lambda_prev is -inf (alpha = 0 there), it is exactly `ddim_step(x0, eps, t_next)`."""
+        if previous is None:
+            return self.ddim_step(x0, eps, t_next)
+        t_prev, x0_prev = previous
+        lam, lam_prev = self.log_snr_half(t), self.log_snr_half(t_prev)
+        if not math.isfinite(lam_prev):
+            return self.ddim_step(x0, eps, t_next)
+        c = (self.log_snr_half(t_next) - lam) / (2.0 * (lam - lam_prev))
+        d = (1.0 + c) * x0 - c * x0_prev
+        alpha, sigma = self.coefficients(t, x)
+        return self.ddim_step(d, (x - alpha * d) / sigma, t_next)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, num_train_timesteps={self.num_train_timesteps})"
 

@@ -16,8 +16,10 @@ Both take the steps of `tdm.sampler.student_sample` with its arithmetic (the sha
 timesteps are `StudentGrid(total_steps, grid_shift, grid_timesteps).at(K)` (K = num_inference_steps; e.g. 899,
 674, 449, 224 for K = 4 of 900); at each one the model output becomes (x0, eps) (`NoiseSchedule.to_x0_eps`), x0
 is optionally clipped with eps re-derived (`clip_sample`, pixel-space models: `tdm.sampler.clip_prediction`),
-DDIM moves to the next grid point (`NoiseSchedule.ddim_step`), and the last step returns x0. Given the same
-starting noise, the latents equal our own sampler's bit for bit (tests/unit/test_scheduling_families.py).
+DDIM moves to the next grid point (`NoiseSchedule.ddim_step`; with `solver_order=2`, DPM-Solver++(2M) over the
+same grid, `NoiseSchedule.solver_step`), and the last step returns x0. Given the same starting noise, the
+latents equal our own sampler's bit for bit (tests/unit/test_scheduling_families.py). `solver_order` is the
+student's (its record's), never a base config's: a DPM-Solver config's `solver_order` is the teacher's sampler's.
 
 Two classes, because the two kinds of schedule share no config key that means the same thing: a VP schedule is
 `alphas_cumprod` (betas, zero-SNR rescaling, CogVideoX's SNR shift), a flow-matching schedule is t = T s with
@@ -74,7 +76,9 @@ class TDMSchedulerOutput(BaseOutput):
 
 
 # -- config tables ----------------------------------------------------------------------------------------------
-_GRID_KEYS = ("total_steps", "grid_shift", "grid_timesteps")  # the student's grid: ours, never from a base config
+# The student's grid and solver: ours, never read from a base config (a DPM-Solver config's `solver_order` is the
+# teacher's sampler's, not the student's).
+_STUDENT_KEYS = ("total_steps", "grid_shift", "grid_timesteps", "solver_order")
 
 # VP keys that only choose the base scheduler's own inference grid, solver or stochasticity. The student samples
 # on its own grid with its own deterministic step, so none of them changes what it computes.
@@ -265,6 +269,15 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
         k = len(self.grid.timesteps) if self.grid.timesteps is not None else 1
         self._grid = self.grid.at(k).tolist()
         self.timesteps = self._as_timesteps(self.grid.at(k))
+        self._previous: tuple[int, int, torch.Tensor] | None = None  # (index, t, x0) of the last step (order 2)
+
+    def _init_solver(self, solver_order) -> None:
+        from tdm.sampler import check_solver_order
+
+        try:
+            self.solver_order = check_solver_order(solver_order)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
 
     def _as_timesteps(self, grid: torch.Tensor) -> torch.Tensor:
         return grid.to(self._timesteps_dtype)
@@ -307,6 +320,7 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = int(num_inference_steps)
         self._grid = grid.tolist()
         self.timesteps = self._as_timesteps(grid).to(device)
+        self._previous = None
 
     def _sigmas_to_t(self, sigmas) -> torch.Tensor:
         raise ValueError(f"{type(self).__name__}: sigmas are not taken by a VP student's scheduler (its grid is "
@@ -343,7 +357,19 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
             x0 = x0.clamp(-self._clip, self._clip)
             alpha, sigma = self.schedule.coefficients(tt, x)
             eps = (x - alpha * x0) / sigma
-        prev = self.schedule.ddim_step(x0, eps, self._grid[i + 1]) if i + 1 < len(self._grid) else x0
+        # Order 2 uses the previous step's x0 (DPM-Solver++(2M), as tdm.sampler.student_sample); a run restarted
+        # at the first grid point, or steps taken out of order, start afresh / are refused.
+        previous = None
+        if self.solver_order == 2 and i > 0:
+            if self._previous is None or self._previous[0] != i - 1:
+                raise ValueError(f"{type(self).__name__}: solver_order=2 steps the grid in order; step() at "
+                                 f"timestep {t} did not follow the step at {self._grid[i - 1]}")
+            previous = self._previous[1:]
+        if i + 1 < len(self._grid):
+            prev = self.schedule.solver_step(x, x0, eps, tt, self._grid[i + 1], previous)
+        else:
+            prev = x0
+        self._previous = (i, t, x0) if self.solver_order == 2 and i + 1 < len(self._grid) else None
         return prev.to(sample.dtype), x0.to(sample.dtype)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -404,7 +430,7 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
             # missing ones take that class's defaults (as it does), the student's grid comes from `overrides` only.
             taken = _init_keys(base)
             values = {**_init_defaults(base), **{k: v for k, v in config.items() if k in taken}}
-            values = {k: v for k, v in values.items() if k not in _GRID_KEYS}
+            values = {k: v for k, v in values.items() if k not in _STUDENT_KEYS}
             if values.get("clip_sample") and "clip_sample" not in overrides:
                 # DDPM / DDIM clip by default; tdm's samplers clip x0 by family (pixel-space digits), not by config.
                 raise ValueError(f"{name}: clip_sample=True in the {base.__name__} config: tdm's sampler clips x0 "
@@ -417,7 +443,7 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
                              f"tdm_student.json; or use tdm.scheduling_tdm.from_student)")
         init = {}
         for key, value in values.items():
-            if key in cls._implemented or key in _GRID_KEYS:
+            if key in cls._implemented or key in _STUDENT_KEYS:
                 init[key] = value
             elif key in cls._must_be:
                 if value != cls._must_be[key]:
@@ -436,10 +462,10 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
         """(init kwargs, the diffusers classes to check them against) for `config` + `overrides`."""
         name = cls.__name__
         for key in overrides:
-            if key not in cls._implemented and key not in _GRID_KEYS:
+            if key not in cls._implemented and key not in _STUDENT_KEYS:
                 hint = " (the student grid's shift is grid_shift)" if key == "shift" else ""
                 raise ValueError(f"{name}: {key}={overrides[key]!r} is not a setting of {name}{hint}; "
-                                 f"it takes {sorted(cls._implemented | set(_GRID_KEYS))}")
+                                 f"it takes {sorted(cls._implemented | set(_STUDENT_KEYS))}")
         bases = cls._bases(config)
         named = [b for b in bases if b is not None]
         if named:
@@ -502,7 +528,8 @@ class TDMScheduler(_TDMStudentScheduler):
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                  clip_sample: bool = False, clip_sample_range: float = 1.0, rescale_betas_zero_snr: bool = False,
                  snr_shift_scale: float | None = None, terminal_alpha_cumprod: float | None = None,
-                 total_steps: int = 900, grid_shift: float = 1.0, grid_timesteps: list[int] | None = None):
+                 total_steps: int = 900, grid_shift: float = 1.0, grid_timesteps: list[int] | None = None,
+                 solver_order: int = 1):
         name = type(self).__name__
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{name}: prediction_type={prediction_type!r} is not handled (epsilon or v_prediction; "
@@ -521,12 +548,14 @@ class TDMScheduler(_TDMStudentScheduler):
         self.prediction_type = prediction_type
         self._clip = float(clip_sample_range) if clip_sample else None
         self._init_grid(total_steps, grid_shift, grid_timesteps, num_train_timesteps)
+        self._init_solver(solver_order)
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, eta: float = 0.0,
              generator: torch.Generator | None = None, return_dict: bool = True) -> TDMSchedulerOutput | tuple:
         """One student step at grid point `timestep`: model_output (epsilon or v, the sample's shape (B, ...)) ->
-        (x0, eps), clip x0 if configured, DDIM to the next grid point (x0 after the last). Deterministic: `eta`
-        must be 0 (pipelines pass their default 0), `generator` is accepted and unused. Returns (prev, x0)."""
+        (x0, eps), clip x0 if configured, DDIM (solver_order 2: DPM-Solver++(2M), which needs the steps in grid
+        order) to the next grid point (x0 after the last). Deterministic: `eta` must be 0 (pipelines pass their
+        default 0), `generator` is accepted and unused. Returns (prev, x0)."""
         if eta != 0:
             raise ValueError(f"TDMScheduler: eta={eta!r}: the student's step is deterministic DDIM (eta = 0)")
         prev, x0 = self._step(model_output, timestep, sample)
@@ -601,9 +630,10 @@ class TDMFlowScheduler(_TDMStudentScheduler):
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, total_steps: int = 900, grid_shift: float = 1.0,
-                 grid_timesteps: list[int] | None = None):
+                 grid_timesteps: list[int] | None = None, solver_order: int = 1):
         self.schedule = FlowSchedule(num_train_timesteps)
         self._init_grid(total_steps, grid_shift, grid_timesteps, num_train_timesteps)
+        self._init_solver(solver_order)
         self._set_sigmas()
 
     def _set_sigmas(self) -> None:
@@ -625,7 +655,8 @@ class TDMFlowScheduler(_TDMStudentScheduler):
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True) -> TDMSchedulerOutput | tuple:
         """One student step at grid point `timestep`: the velocity (the sample's shape (B, ...)) -> (x0, eps),
-        DDIM (= Euler) to the next grid point (x0 after the last). Deterministic. Returns (prev, x0)."""
+        DDIM (= Euler; solver_order 2: DPM-Solver++(2M), steps in grid order) to the next grid point (x0 after
+        the last). Deterministic. Returns (prev, x0)."""
         prev, x0 = self._step(model_output, timestep, sample)
         return TDMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
@@ -646,11 +677,13 @@ class TDMFlowScheduler(_TDMStudentScheduler):
 
 
 # -- the student's scheduler ------------------------------------------------------------------------------------
-def from_student(record, scheduler_config, *, k_embedding_handled: bool = False) -> _TDMStudentScheduler:
+def from_student(record, scheduler_config, *, k_embedding_handled: bool = False,
+                 solver_order: int | None = None) -> _TDMStudentScheduler:
     """The scheduler that runs the student of `record` (a `tdm.student.StudentRecord`, or a student folder) in a
     stock pipeline whose scheduler config (the teacher's: `pipe.scheduler.config`) is `scheduler_config`:
     TDMFlowScheduler for flow-matching families (sd3), TDMScheduler otherwise; the record's grid
-    (total_steps, shift, explicit timesteps); x0 clipping exactly when the family's sampler clips (digits).
+    (total_steps, shift, explicit timesteps) and solver order (`solver_order` overrides the record's: 1 DDIM,
+    2 DPM-Solver++(2M)); x0 clipping exactly when the family's sampler clips (digits).
 
     ValueError when the config is not of the family's kind, its prediction type is not the family's, or the
     student is TDM-unify: its K embedding (k_embedding.safetensors) is no part of a diffusers pipeline, so a stock
@@ -671,7 +704,8 @@ def from_student(record, scheduler_config, *, k_embedding_handled: bool = False)
     kinds = getattr(adapter, "prediction_types", (getattr(adapter, "prediction_type", "epsilon"),))
     flow = "flow" in kinds
     grid = dict(total_steps=record.total_steps, grid_shift=record.shift,
-                grid_timesteps=None if record.explicit_timesteps is None else list(record.explicit_timesteps))
+                grid_timesteps=None if record.explicit_timesteps is None else list(record.explicit_timesteps),
+                solver_order=record.solver_order if solver_order is None else solver_order)
     if flow:
         return TDMFlowScheduler.from_config(scheduler_config, **grid)
     clip = adapter.clip_x0

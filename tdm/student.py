@@ -45,7 +45,9 @@ class StudentRecord:
     The K-step grid is `StudentGrid(total_steps, shift, timesteps).at(K)` (tdm.schedule): uniform 899, 674, 449,
     224 for K = 4 of 900 (the authors' `generate_new`), its shift warp, or an explicit list. `guidance` is the
     CFG scale baked in at distillation (None: not recorded by the tdm that wrote the file); the student itself
-    samples without CFG.
+    samples without CFG. `solver_order` is how it is sampled by default: 1, DDIM between grid points (the
+    trajectory TDM trains; what distill writes), or 2, DPM-Solver++(2M) over the same grid (an export choice,
+    `tdm export --solver-order 2`; benchmarks/results/student_multistep.md).
     """
 
     family: str  # backbone family (tdm.backbones.FAMILIES)
@@ -59,6 +61,7 @@ class StudentRecord:
     mode: Literal["lora", "full"] = "full"  # how it was trained (LoRA on a frozen base, or full copies)
     teacher: str | None = None  # the teacher folder / hub id it was distilled from
     lora_scale: float = 1.0  # the strength its LoRA is applied at (1 = as trained)
+    solver_order: int = 1  # how it samples its grid: 1 DDIM (as trained), 2 DPM-Solver++(2M) (`tdm export`)
     version: int = field(default=RECORD_VERSION)
 
     def __post_init__(self):
@@ -69,6 +72,9 @@ class StudentRecord:
             raise ValueError(f"{RECORD_FILE}: k: must be in [1, total_steps={self.total_steps}], got {self.k}")
         if self.mode not in ("lora", "full"):
             raise ValueError(f"{RECORD_FILE}: mode: must be 'lora' or 'full', got {self.mode!r}")
+        if isinstance(self.solver_order, bool) or self.solver_order not in (1, 2):
+            raise ValueError(f"{RECORD_FILE}: solver_order: must be 1 (DDIM) or 2 (DPM-Solver++(2M)), got "
+                             f"{self.solver_order!r}")
         if self.explicit_timesteps is not None:
             object.__setattr__(self, "explicit_timesteps", tuple(int(t) for t in self.explicit_timesteps))
         try:
@@ -214,13 +220,17 @@ class Student:
         return self
 
     @torch.no_grad()
-    def sample(self, cond: Cond, noise: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """x0 (the denoiser's space, like `noise`: (B, ...)) of the K-step trajectory from `noise`;
-        `k` defaults to the record's K. ValueError when the student cannot honour `k`."""
+    def sample(self, cond: Cond, noise: torch.Tensor, k: int | None = None,
+               solver_order: int | None = None) -> torch.Tensor:
+        """x0 (the denoiser's space, like `noise`: (B, ...)) of the K-step trajectory from `noise`; `k` and
+        `solver_order` (1 DDIM, 2 DPM-Solver++(2M)) default to the record's. ValueError when the student
+        cannot honour `k` or the order is neither."""
         from tdm.sampler import student_sample
 
         k = self.record.k if k is None else k
-        return student_sample(self.backbone, self.net, cond, noise, self.record.timesteps(k), self.k_embedding)
+        order = self.record.solver_order if solver_order is None else solver_order
+        return student_sample(self.backbone, self.net, cond, noise, self.record.timesteps(k), self.k_embedding,
+                              solver_order=order)
 
 
 def load_student(folder: str | Path, dtype: torch.dtype | None = None) -> Student:

@@ -46,11 +46,15 @@ def _stock_latents(folder, k, noise, family):
     ("sd15", dict(k=4, total_steps=900, unify=True, k_choices=(1, 2, 4))),
     ("sdxl", dict(k=2, total_steps=900, shift=2.0)),
     ("sd3", dict(k=4, total_steps=1000, shift=3.0, unify=True, k_choices=(2, 4))),
+    ("sd15", dict(k=4, total_steps=900, solver_order=2)),
+    ("sd3", dict(k=4, total_steps=1000, shift=3.0, unify=True, k_choices=(2, 4), solver_order=2)),
 ])
 def test_exported_pipelines_reproduce_the_student(tmp_path, family, record_kw):
+    order = record_kw.pop("solver_order", 1)  # an export choice: the record and the scheduler both carry it
     folder = _student(tmp_path, family, record_kw)
     student = load_student(folder)
-    exported = export_student(folder, tmp_path / "exported")
+    exported = export_student(folder, tmp_path / "exported", solver_order=order if order != 1 else None)
+    student.record = student.record.replace(solver_order=order)
     assert [p.name for p in exported] == [f"k{k}" for k in student.record.sampling_ks]
     for k, out in zip(student.record.sampling_ks, exported):
         noise = make_noise(1, student.backbone.sample_shape, seed=k)
@@ -61,7 +65,8 @@ def test_exported_pipelines_reproduce_the_student(tmp_path, family, record_kw):
         index = json.loads((out / "model_index.json").read_text())
         assert index["scheduler"][0] == "tdm.scheduling_tdm"
         again = load_student(out)  # `tdm sample --student` reads the same folder
-        assert (again.record.k, again.record.unify) == (k, False)
+        assert (again.record.k, again.record.unify, again.record.solver_order) == (k, False, order)
+        assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["solver_order"] == order
         assert again.record.timesteps(k).tolist() == student.record.timesteps(k).tolist()
         assert (again.sample(cond, noise, k) - ours).abs().max().item() < 1e-5
         if student.record.unify:  # without the fold the stock pipeline would sample another model

@@ -317,3 +317,44 @@ def test_from_student_picks_the_family_scheduler(tmp_path):
     folder.mkdir()
     (folder / "tdm_student.json").write_text(StudentRecord(family="sd15", k=4, total_steps=800).to_json())
     assert from_student(folder, ddim).config.total_steps == 800  # a student folder works too
+
+
+def test_solver_order_is_the_students_and_round_trips(tmp_path):
+    """solver_order (1 DDIM, 2 DPM-Solver++(2M)) is a student key: saved and reloaded, set by from_student from the
+    record, never read from a base scheduler's config (a DPM-Solver config's solver_order is the teacher's)."""
+    dpm = diffusers.DPMSolverMultistepScheduler(**SD, solver_order=3).config
+    assert TDMScheduler.from_config(dpm, total_steps=900).config.solver_order == 1
+    two = TDMScheduler.from_config(dpm, total_steps=900, solver_order=2)
+    two.save_pretrained(tmp_path / "vp")
+    assert TDMScheduler.from_pretrained(tmp_path / "vp").config.solver_order == 2
+    flow = TDMFlowScheduler.from_config(FLOW, total_steps=1000, solver_order=2)
+    flow.save_pretrained(tmp_path / "flow")
+    assert TDMFlowScheduler.from_pretrained(tmp_path / "flow").config.solver_order == 2
+    record = StudentRecord(family="sd15", k=4, total_steps=900, solver_order=2)
+    assert from_student(record, dpm).config.solver_order == 2
+    assert from_student(record, dpm, solver_order=1).config.solver_order == 1
+    for bad in (0, 3, True, "2"):
+        with pytest.raises(ValueError, match="solver_order: must be 1"):
+            TDMScheduler.from_config(dpm, total_steps=900, solver_order=bad)
+
+
+def test_second_order_steps_must_follow_the_grid():
+    """DPM-Solver++(2M) needs the previous step's x0: a step taken out of grid order is refused, a restart at the
+    first grid point starts afresh (and gives the same result), set_timesteps resets."""
+    vp = TDMScheduler.from_config(diffusers.DDIMScheduler(**SD, clip_sample=False).config, total_steps=900,
+                                  solver_order=2)
+    vp.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        y = x
+        for t in vp.timesteps:
+            y = vp.step(0.5 * y, t, y).prev_sample
+        return y
+
+    first = run()
+    assert torch.equal(run(), first)  # restarting at t_0 needs no set_timesteps
+    vp.set_timesteps(4)
+    vp.step(0.5 * x, 899, x)
+    with pytest.raises(ValueError, match="did not follow the step at 674"):
+        vp.step(0.5 * x, 449, x)

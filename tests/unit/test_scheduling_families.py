@@ -78,10 +78,10 @@ def _latent_shape(name, backbone):
     return (4, 8, 8) if name == "pixart_1024" else backbone.sample_shape  # 1024 layout sampled at 16 px
 
 
-def _run(name: str, pipe, k: int, noise: torch.Tensor) -> torch.Tensor:
+def _run(name: str, pipe, k: int | None, noise: torch.Tensor, **extra) -> torch.Tensor:
     """The stock pipeline at K steps, no CFG (guidance 1: the student has it baked in), fixed latents."""
     common = dict(prompt=PROMPTS, num_inference_steps=k, guidance_scale=1.0, latents=noise.clone(),
-                  output_type="latent")
+                  output_type="latent", **extra)
     if name in ("sd15", "sdxl"):
         return pipe(**common).images
     if name.startswith("pixart"):
@@ -97,28 +97,36 @@ def _family(name):
     return "pixart_alpha" if name.startswith("pixart") else name
 
 
+@pytest.mark.parametrize("solver_order", (1, 2))
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 @pytest.mark.parametrize("name", FAMILIES + ("pixart_1024",))
-def test_stock_pipeline_runs_the_student_exactly(name, grid, families):
+def test_stock_pipeline_runs_the_student_exactly(name, grid, solver_order, families):
+    """solver_order 1: the DDIM trajectory; 2: DPM-Solver++(2M) (the record's solver order reaches the
+    scheduler's config through from_student; the scheduler keeps the previous x0 across the pipeline's steps)."""
     pipe, backbone = families[name]
     base_config = pipe.scheduler.config
     total_steps, shift = GRIDS[grid]
     noise = torch.randn((len(PROMPTS), *_latent_shape(name, backbone)), generator=torch.Generator().manual_seed(3))
     cond = backbone.encode_prompts(PROMPTS)
     try:
-        for k in KS if name != "pixart_1024" else (2,):
-            record = StudentRecord(family=_family(name), k=k, total_steps=total_steps, shift=shift)
+        for k in KS if name != "pixart_1024" else (4,):
+            record = StudentRecord(family=_family(name), k=k, total_steps=total_steps, shift=shift,
+                                   solver_order=solver_order)
             pipe.scheduler = from_student(record, base_config)
             assert isinstance(pipe.scheduler, TDMFlowScheduler if name == "sd3" else TDMScheduler)
+            assert pipe.scheduler.config.solver_order == solver_order
             theirs = _run(name, pipe, k, noise)
-            ours = student_sample(backbone, backbone.net, cond, noise, record.timesteps(k))
+            ours = student_sample(backbone, backbone.net, cond, noise, record.timesteps(k), solver_order=solver_order)
             assert pipe.scheduler.timesteps.tolist() == record.timesteps(k).tolist()
             diff = (theirs.float() - ours).abs().max().item()
-            MEASURED[f"{name}/{grid}/K={k}"] = diff
-            print(f"{name:12s} {grid:8s} K={k} grid={record.timesteps(k).tolist()}: max |stock - ours| = {diff:.3g}"
-                  f" (max |x0| {ours.abs().max():.3g})")
+            MEASURED[f"{name}/{grid}/order{solver_order}/K={k}"] = diff
+            print(f"{name:12s} {grid:8s} order {solver_order} K={k} grid={record.timesteps(k).tolist()}: "
+                  f"max |stock - ours| = {diff:.3g} (max |x0| {ours.abs().max():.3g})")
             assert theirs.dtype == ours.dtype and theirs.shape == ours.shape
-            assert torch.equal(theirs, ours), (name, grid, k, diff)
+            assert torch.equal(theirs, ours), (name, grid, solver_order, k, diff)
+            if solver_order == 2 and k == 4:  # the second-order steps do change the result (not DDIM renamed)
+                ddim = student_sample(backbone, backbone.net, cond, noise, record.timesteps(k))
+                assert (ddim - ours).abs().max() > 1e-4
     finally:
         _restore(pipe, base_config)
 
@@ -167,18 +175,65 @@ def test_against_diffusers_own_schedulers_on_the_same_grid(name, families):
         _restore(pipe, base_config)
 
 
+@pytest.mark.parametrize("name", ("sd15", "sdxl", "pixart_alpha", "sd3"))
+def test_second_order_against_diffusers_dpm_solver(name, families):
+    """Independent of tdm's solver code: diffusers' DPMSolverMultistepScheduler (algorithm_type "dpmsolver++",
+    solver_order 2, midpoint, lower_order_final, final sigma 0: its last step returns x0) on the student's
+    4-step grid (`set_timesteps(timesteps=...)`) gives the latents of `solver_order=2` within float noise (its
+    float32 sigmas vs our float64 coefficients). SD3 through its flow mode (use_flow_sigmas, flow_prediction,
+    shift 1), whose set_timesteps takes no custom grid in this diffusers: its sigmas are set to the grid's.""" 
+    import diffusers
+
+    pipe, backbone = families[name]
+    base_config = pipe.scheduler.config
+    noise = torch.randn((len(PROMPTS), *backbone.sample_shape), generator=torch.Generator().manual_seed(7))
+    total_steps, shift = GRIDS["shifted"]
+    record = StudentRecord(family=name, k=4, total_steps=total_steps, shift=shift, solver_order=2)
+    grid = record.timesteps(4)
+    try:
+        pipe.scheduler = from_student(record, base_config)
+        ours = _run(name, pipe, 4, noise)
+        dpm = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
+                   final_sigmas_type="zero", euler_at_final=False, use_karras_sigmas=False)
+        if name == "sd3":
+            class OnTheGrid(diffusers.DPMSolverMultistepScheduler):
+                """Its flow mode takes no custom grid here: only the grid is replaced (sigmas = t / 1000, then 0)."""
+
+                def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
+                    super().set_timesteps(len(grid), device)
+                    self.sigmas = torch.cat([grid.double() / 1000, torch.zeros(1, dtype=torch.float64)]).float()
+                    self.timesteps = grid.float().to(device)
+
+            pipe.scheduler = OnTheGrid(use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction", **dpm)
+            theirs = _run(name, pipe, 4, noise)
+        else:
+            pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(base_config, **dpm)
+            theirs = _run(name, pipe, None, noise, timesteps=grid.tolist())
+            assert pipe.scheduler.timesteps.tolist() == grid.tolist()
+        diff = (theirs.float() - ours).abs().max().item()
+        ddim = student_sample(backbone, backbone.net, backbone.encode_prompts(PROMPTS), noise, grid)
+        apart = (ddim - ours).abs().max().item()
+        print(f"{name:12s} K=4 order 2: max |TDM scheduler - diffusers' DPMSolverMultistepScheduler| = {diff:.3g} "
+              f"(order 2 vs DDIM: {apart:.3g})")
+        torch.testing.assert_close(theirs.float(), ours, atol=1e-4, rtol=1e-4)
+        assert apart > 20 * diff  # the check can tell a second-order step from DDIM
+    finally:
+        _restore(pipe, base_config)
+
+
+@pytest.mark.parametrize("solver_order", (1, 2))
 @pytest.mark.parametrize("grid", sorted(GRIDS))
-def test_digits_through_step_alone(grid, tiny_digits):
+def test_digits_through_step_alone(grid, solver_order, tiny_digits):
     """Digits has no diffusers pipeline class: the pipeline loop (set_timesteps, scale_model_input, the UNet, step)
     written out, with x0 clipping switched on by from_student because the digits sampler clips."""
     total_steps, shift = GRIDS[grid]
     cond = tiny_digits.encode_prompts(["a handwritten digit seven", "a handwritten digit two"])
     noise = torch.randn((2, *tiny_digits.sample_shape), generator=torch.Generator().manual_seed(1))
     for k in KS:
-        record = StudentRecord(family="digits", k=k, total_steps=total_steps, shift=shift)
+        record = StudentRecord(family="digits", k=k, total_steps=total_steps, shift=shift, solver_order=solver_order)
         scheduler = from_student(record, tiny_digits.scheduler.config)
         assert scheduler.config.clip_sample and scheduler.config.clip_sample_range == 1.0
-        ours = student_sample(tiny_digits, tiny_digits.net, cond, noise, record.timesteps(k))
+        ours = student_sample(tiny_digits, tiny_digits.net, cond, noise, record.timesteps(k), solver_order=solver_order)
         scheduler.set_timesteps(k)
         x = noise.clone() * scheduler.init_noise_sigma
         with torch.no_grad():
@@ -187,7 +242,7 @@ def test_digits_through_step_alone(grid, tiny_digits):
                                       encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
                 x = scheduler.step(out, t, x, return_dict=False)[0]
         diff = (x - ours).abs().max().item()
-        MEASURED[f"digits/{grid}/K={k}"] = diff
+        MEASURED[f"digits/{grid}/order{solver_order}/K={k}"] = diff
         print(f"digits       {grid:8s} K={k} grid={record.timesteps(k).tolist()}: max |step loop - ours| = {diff:.3g}")
         assert torch.equal(x, ours)
 

@@ -40,6 +40,7 @@ def test_old_sidecar_files_still_load(tiny_digits, tmp_path, legacy):
     assert (record.k, record.total_steps, record.unify) == (legacy["k"], 900, False)
     assert record.guidance == legacy.get("guidance") and record.sampling_ks == (legacy["k"],)
     assert load_student(folder).record == record
+    assert record.solver_order == 1  # older records sample as they always did: DDIM
 
 
 @pytest.mark.parametrize("content, match", [
@@ -49,6 +50,8 @@ def test_old_sidecar_files_still_load(tiny_digits, tmp_path, legacy):
     ({"k": 4, "total_steps": 900, "version": 99}, "newer than this tdm"),
     ({"k": 1000, "total_steps": 900}, "k: must be in"),
     ({"k": 4, "total_steps": 900, "mode": "half"}, "mode"),
+    ({"k": 4, "total_steps": 900, "solver_order": 3}, "solver_order: must be 1"),
+    ({"k": 4, "total_steps": 900, "solver_order": True}, "solver_order: must be 1"),
 ])
 def test_bad_records_fail_naming_the_key(tiny_digits, tmp_path, content, match):
     folder = tmp_path / "bad"
