@@ -7,24 +7,139 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `tdm: error:` line (exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        sub = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"tdm: error: {sub}{message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    from tdm.config import SEED_MAX
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: --threads, else $TDM_NUM_THREADS, else 1 on CPU-only machines. ValueError naming
+    TDM_NUM_THREADS when it is not an integer >= 1."""
+    env = os.environ.get("TDM_NUM_THREADS", "").strip()
+    if threads is None and env:
+        try:
+            threads = int(env)
+        except ValueError:
+            raise ValueError(f"TDM_NUM_THREADS: expected an integer >= 1, got {env!r}") from None
+        if threads < 1:
+            raise ValueError(f"TDM_NUM_THREADS: must be >= 1, got {threads}")
     import torch
 
     # One thread per process unless told otherwise: on small shared CPUs two threads thrash (10-100x slower).
-    n = threads or int(os.environ.get("TDM_NUM_THREADS", "0")) or (None if torch.cuda.is_available() else 1)
+    n = threads or (None if torch.cuda.is_available() else 1)
     if n:
         torch.set_num_threads(n)
+
+
+def _quiet_libraries() -> None:
+    """`-q`: also silence the loading bars of transformers, diffusers and huggingface_hub (their own switches)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _load_config(args):
     from tdm import config
 
     return config.load(args.params, args.set or [])
+
+
+_writing: Path | None = None  # the output the running command writes (named by a write error without a path)
+
+
+def _check_model(path: str | Path, flag: str) -> Path:
+    """A model folder given on the command line, checked without loading it (errors name the flag)."""
+    from tdm.backbones import check_model
+
+    try:
+        return check_model(path)[0]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{flag}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def _stage_outputs(stage: str, weights_dir: str | None) -> tuple[list[Path], list[Path]]:
+    """(files, folders) a stage writes: its metrics file and lock, its output folder, and the metric-weights
+    cache when it does not exist yet (an existing one may be a read-only shared cache holding every weight)."""
+    from tdm.config import StagePaths
+    from tdm.outputs import lock_path
+
+    paths = StagePaths.of(stage)
+    files = [paths.metrics, lock_path(paths.out_dir)]
+    folders = [paths.out_dir]
+    if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
+        folders.append(Path(weights_dir).expanduser())
+    return files, folders
+
+
+def _run_stage(stage: str, args, cfg, run_fn, check=None, weights_dir: str | None = None) -> dict:
+    """A stage command: its inputs (`check`) and every path it writes checked before any model loads, then the
+    stage run under its output folder's one-writer lock (`tdm.outputs.stage_lock`) and its MLflow run."""
+    global _writing
+    from tdm.config import StagePaths
+    from tdm.outputs import check_writable, stage_lock
+
+    if check is not None:
+        check(cfg)
+    files, folders = _stage_outputs(stage, weights_dir)
+    check_writable(files, folders)
+    from tdm import tracking
+
+    if tracking.enabled():  # an unreachable server fails before anything is created
+        tracking.check_server(tracking.tracking_uri())
+    if getattr(args, "quiet", False):
+        _quiet_libraries()
+    out_dir = StagePaths.of(stage).out_dir
+    with stage_lock(out_dir, stage.replace("_", "-")):
+        _writing = out_dir
+        return _tracked(stage, cfg, run_fn)
 
 
 def _tracked(stage: str, cfg, run_fn) -> dict:
@@ -40,9 +155,9 @@ def _tracked(stage: str, cfg, run_fn) -> dict:
             try:  # tracking observes: a logging failure must not fail a stage whose outputs are written
                 run.log_result(result, paths.metrics, paths.out_dir)
             except Exception as err:
+                text = tracking.redact(str(err).splitlines()[0] if str(err) else "")
                 print(f"tdm: warning: {stage}: MLflow logging of the results failed ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}); the stage's outputs are written",
-                      file=sys.stderr)
+                      f"{text}); the stage's outputs are written", file=sys.stderr)
     return result
 
 
@@ -50,15 +165,16 @@ def cmd_teacher_ft(args) -> dict:
     from tdm import teacher_ft
 
     cfg = _load_config(args)
-    return _tracked("teacher_ft", cfg, lambda: teacher_ft.run(cfg, progress=not args.quiet))
+    return _run_stage("teacher_ft", args, cfg, lambda: teacher_ft.run(cfg, progress=not args.quiet),
+                      teacher_ft.check_inputs, cfg.eval.weights_dir)
 
 
 def cmd_distill(args) -> dict:
     from tdm import distill
 
     cfg = _load_config(args)
-    distill.check_inputs(cfg)
-    return _tracked("distill", cfg, lambda: distill.run(cfg, progress=not args.quiet))
+    return _run_stage("distill", args, cfg, lambda: distill.run(cfg, progress=not args.quiet), distill.check_inputs,
+                      cfg.eval.weights_dir)
 
 
 def cmd_evaluate(args) -> dict:
@@ -66,22 +182,82 @@ def cmd_evaluate(args) -> dict:
     from tdm.evaluation.table import markdown_table
 
     cfg = _load_config(args)
-    result = _tracked("evaluate", cfg, lambda: evaluate.run(cfg, progress=not args.quiet))
+    result = _run_stage("evaluate", args, cfg, lambda: evaluate.run(cfg, progress=not args.quiet),
+                        evaluate.check_inputs, cfg.eval.weights_dir)
     if not args.quiet:
         print(markdown_table(result["rows"], result["metrics_skipped"]), file=sys.stderr)
     return result
 
 
+def check_sample_set(path: str | Path) -> None:
+    """A `tdm score` input, checked before any metric model loads: an npz with arrays `images` (uint8) and
+    `prompts` and nothing pickled (tdm never unpickles), or an image folder whose metadata.jsonl (if any)
+    parses. Raises FileNotFoundError or ValueError naming the path. Reads array headers only."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    if path.is_dir():
+        from tdm.evaluation.fid import list_images
+
+        list_images(path, what="sample folder")
+        if (path / "metadata.jsonl").is_file():
+            from tdm.data import _jsonl_rows
+
+            _jsonl_rows(path / "metadata.jsonl")
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"samples not found (an npz from `tdm sample` or an image folder): {path}")
+    what = "not an npz from `tdm sample` (arrays images, prompts)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy"): n for n in z.namelist()}
+            if "images" not in names or "prompts" not in names:
+                raise ValueError(f"{path}: {what}; it holds {sorted(names)}")
+            for key in ("images", "prompts"):
+                with z.open(names[key]) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    _, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise ValueError(f"{path}: {key} holds pickled Python objects; refused (tdm never unpickles: "
+                                     f"write plain arrays, e.g. `tdm sample`)")
+                if key == "images" and dtype != np.uint8:
+                    raise ValueError(f"{path}: images must be uint8, got {dtype}")
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
+        raise ValueError(f"{path}: {what} ({err})") from None
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {what} ({err})") from None
+
+
 def cmd_score(args) -> dict:
     from tdm import config
-    from tdm.evaluation.runner import Evaluator, MetricSettings, score_sets
-    from tdm.evaluation.table import markdown_table
+    from tdm.evaluation import METRICS, is_metric
 
     cfg = config.load(args.params, args.set or [])
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    for path in [*args.samples, *([args.reference] if args.reference else [])]:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"not found: {path}")
+    unknown = [m for m in metrics if not is_metric(m)]
+    if unknown or not metrics:
+        raise ValueError(f"--metrics: unknown metric(s) {unknown} (known: {', '.join(METRICS)}, vbench_<dimension>)"
+                         if unknown else "--metrics: need at least one metric")
+    for path in args.samples:
+        check_sample_set(path)
+    if args.reference and not Path(args.reference).exists():
+        raise FileNotFoundError(f"--reference: not found: {args.reference}")
+    if args.reference and Path(args.reference).is_file():
+        check_sample_set(args.reference)
+    weights = Path(cfg.eval.weights_dir).expanduser()
+    if not weights.is_dir():
+        from tdm.outputs import check_writable
+
+        check_writable(folders=[weights])
+    from tdm.evaluation.runner import Evaluator, MetricSettings, score_sets
+    from tdm.evaluation.table import markdown_table
+
     evaluator = Evaluator(metrics, MetricSettings.from_config(cfg, args.reference), skip_missing=args.skip_missing)
     rows = score_sets([{"samples": p} for p in args.samples], evaluator)
     print(markdown_table(rows, evaluator.skipped), file=sys.stderr)
@@ -92,32 +268,54 @@ def cmd_report(args) -> dict:
     from tdm import report
 
     cfg = _load_config(args)
-    return _tracked("report", cfg, lambda: report.run(cfg))
+    return _run_stage("report", args, cfg, lambda: report.run(cfg))
 
 
-def _open_student(model: Path, steps: int, total_steps: int | None):
-    """The student in `model` (its record; `--total-steps` overrides the record's grid length). A folder
-    without a record (a plain model run as a student) needs --total-steps."""
-    from tdm.backbones import family_of, load_backbone
-    from tdm.student import RECORD_FILE, Student, StudentRecord, load_student
+def _student_record(model: Path, steps: int, total_steps: int | None):
+    """The record `tdm sample --student` samples by, checked before loading: the folder's own (with
+    `--total-steps` in place of its grid length) or, for a plain model folder, one made of --steps and
+    --total-steps (required then). Raises ValueError naming the flag."""
+    from tdm.backbones import family_of
+    from tdm.student import RECORD_FILE, StudentRecord
+
+    record = StudentRecord.find(model)
+    if record is None:
+        if total_steps is None:
+            raise ValueError(f"--student: {model} has no {RECORD_FILE}; give --total-steps (the distillation's "
+                             "trajectory length, e.g. 900)")
+        record = StudentRecord(family=family_of(model), k=steps, total_steps=total_steps)
+    elif total_steps is not None:
+        record = record.replace(total_steps=total_steps)
+    try:
+        record.check_k(steps)
+    except ValueError as err:
+        raise ValueError(f"--steps: {err}") from None
+    return record
+
+
+def _open_student(model: Path, record):
+    """The student in `model`, sampled by `record` (`_student_record`)."""
+    from tdm.backbones import load_backbone
+    from tdm.student import Student, StudentRecord, load_student
 
     if StudentRecord.find(model) is not None:
         student = load_student(model)
-        if total_steps is not None:
-            student.record = student.record.replace(total_steps=total_steps)
-    elif total_steps is None:
-        raise ValueError(f"--student: {model} has no {RECORD_FILE}; give --total-steps (the distillation's "
-                         "trajectory length, e.g. 900)")
-    else:
-        backbone = load_backbone(model)
-        student = Student(backbone, backbone.net, StudentRecord(family=family_of(model), k=steps,
-                                                                total_steps=total_steps))
-    student.record.check_k(steps)
-    return student
+        student.record = record
+        return student
+    backbone = load_backbone(model)
+    return Student(backbone, backbone.net, record)
+
+
+def _check_out(out: Path, flag: str = "--out", folder: bool = False) -> None:
+    global _writing
+    from tdm.outputs import check_writable
+
+    check_writable(folders=[out]) if folder else check_writable(files=[out])
+    _writing = out
 
 
 def cmd_sample(args) -> dict:
-    from tdm.artifacts import save_samples
+    from tdm.backbones import train_timesteps
     from tdm.data import prompt_set
 
     model = Path(args.model)
@@ -129,21 +327,39 @@ def cmd_sample(args) -> dict:
         raise ValueError("--guidance applies to the teacher; the student has CFG baked in (leave it at 1)")
     if args.steps < 1 or args.guidance < 1:
         raise ValueError("--steps must be >= 1 and --guidance >= 1")
+    if args.total_steps is not None and args.total_steps < 2:
+        raise ValueError(f"--total-steps must be >= 2, got {args.total_steps}")
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out}")
+    _check_model(model, "--model")
+    schedule_len = train_timesteps(model)
+    record = _student_record(model, args.steps, args.total_steps) if args.student else None
+    if record is not None and record.total_steps > schedule_len:
+        raise ValueError(f"--total-steps: {record.total_steps} exceeds the model's {schedule_len} training timesteps")
+    if record is None and args.steps > schedule_len:
+        raise ValueError(f"--steps: {args.steps} exceeds the model's {schedule_len} training timesteps")
     if args.prompt is not None:
         prompts = [args.prompt] * (args.n or 1)
     else:
         prompts = prompt_set(args.prompts or "digits", args.n, seed=args.seed)
+    if args.score:
+        from tdm import config
+
+        weights_dir = config.load(args.params).eval.weights_dir
+    _check_out(out)
+    _check_out(out.with_suffix(".png"))
+    if args.quiet:
+        _quiet_libraries()
     import torch
 
+    from tdm.artifacts import save_samples
     from tdm.sampler import sample_student, sample_teacher
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = {"seed": args.seed, "batch_size": args.batch_size, "progress": not args.quiet}
     if args.student:
-        student = _open_student(model, args.steps, args.total_steps).to(device)
+        student = _open_student(model, record).to(device)
         images = sample_student(student, prompts, k=args.steps, **common)
     else:
         from tdm.backbones import load_backbone
@@ -153,10 +369,9 @@ def cmd_sample(args) -> dict:
     npz, png = save_samples(out, images, prompts, steps=args.steps, guidance=args.guidance)
     result = {"samples": str(npz), "grid": str(png), "n": len(prompts)}
     if args.score:
-        from tdm import config
         from tdm.evaluation.digits import evaluate_samples
 
-        result.update(evaluate_samples(images.numpy(), prompts, config.load(args.params).eval.weights_dir))
+        result.update(evaluate_samples(images.numpy(), prompts, weights_dir))
     return result
 
 
@@ -164,16 +379,23 @@ def cmd_lora_transfer(args) -> dict:
     from tdm import lora_transfer
 
     cfg = _load_config(args)
-    lora_transfer.check_inputs(cfg)
-    return _tracked("lora_transfer", cfg, lambda: lora_transfer.run(cfg, progress=not args.quiet))
+    return _run_stage("lora_transfer", args, cfg, lambda: lora_transfer.run(cfg, progress=not args.quiet),
+                      lora_transfer.check_inputs, cfg.eval.weights_dir)
 
 
 def cmd_export(args) -> dict:
     """`tdm export`: the student as stock diffusers pipeline folders, one per K (tdm/export.py)."""
     from tdm.export import export_student
+    from tdm.student import StudentRecord
 
     if not (Path(args.student) / "model_index.json").is_file():
         raise FileNotFoundError(f"--student: not a model folder (no model_index.json): {args.student}")
+    _check_model(args.student, "--student")
+    try:
+        StudentRecord.load(args.student)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"--student: {err}") from None
+    _check_out(Path(args.out), folder=True)
     folders = export_student(args.student, args.out, args.steps)
     return {"out": [str(f) for f in folders],
             "load": "DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=K, guidance_scale=1.0)"}
@@ -196,6 +418,14 @@ def cmd_lora(args) -> dict:
     from tdm import lora as L
     from tdm.backbones import load_backbone
 
+    for flag in ("base", "student", "model"):
+        if getattr(args, flag, None) is not None:
+            _check_model(getattr(args, flag), f"--{flag}")
+    if getattr(args, "lora", None) is not None and not Path(args.lora).exists():
+        raise FileNotFoundError(f"LoRA not found: {args.lora}")
+    if getattr(args, "out", None) is not None:
+        out = Path(args.out)
+        _check_out(out, folder=not (args.lora_command != "fuse" and getattr(args, "format", None) == "kohya"))
     if args.lora_command == "extract":
         base, student = load_backbone(args.base), load_backbone(args.student)
         lora, report = L.extract(base.net, student.net, args.rank, targets=base.lora_target_modules)
@@ -226,10 +456,10 @@ def cmd_lora(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tdm", description=__doc__)
-    parser.add_argument("--threads", type=int, default=None,
+    parser = _Parser(prog="tdm", description=__doc__)
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads (default: $TDM_NUM_THREADS, else 1 on CPU-only machines)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def stage(name: str, func, help: str):
         p = sub.add_parser(name, help=help)
@@ -256,17 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample a model to an npz (+ PNG grid)")
     p.add_argument("--model", required=True, help="a saved model folder (e.g. outputs/teacher_ft/model)")
-    p.add_argument("--steps", type=int, default=50, help="teacher DDIM steps, or K with --student")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (teacher only)")
+    p.add_argument("--steps", type=_positive_int, default=50, help="teacher DDIM steps, or K with --student")
+    p.add_argument("--guidance", type=_finite, default=1.0, help="classifier-free guidance scale (teacher only)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one prompt, repeated --n times")
     src.add_argument("--prompts", help="a .txt/.jsonl/.csv prompt file (cycled to --n)")
-    p.add_argument("--n", type=int, default=None, help="number of samples (default: 100, or one per listed prompt)")
+    p.add_argument("--n", type=_positive_int, default=None, help="number of samples (default: 100, or one per listed prompt)")
     p.add_argument("--student", action="store_true", help="run the deterministic K-step student trajectory")
     p.add_argument("--total-steps", type=int, default=None,
                    help="student trajectory length (default: from the student's tdm_student.json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=250)
     p.add_argument("--out", required=True, help="output .npz (a .png grid is written beside it)")
     p.add_argument("--score", action="store_true", help="also score with the digits toy metrics")
     p.add_argument("--params", default="params.yaml", help="params file (for eval.weights_dir)")
@@ -277,14 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "folded in, the TDM scheduler of its grid)")
     p.add_argument("--student", required=True, help="a distilled student folder (outputs/distill/student)")
     p.add_argument("--out", required=True, help="output folder: one pipeline folder k<K>/ per K")
-    p.add_argument("--steps", type=int, nargs="+", default=None,
+    p.add_argument("--steps", type=_positive_int, nargs="+", default=None,
                    help="the Ks to export (default: the Ks the student was trained for)")
     p.set_defaults(func=cmd_export)
 
     stage("lora-transfer", cmd_lora_transfer,
           "the TDM LoRA on custom models: many-step custom vs custom + LoRA at K steps -> outputs/lora_transfer")
     p = sub.add_parser("lora", help="export / inspect / fuse / extract the student's LoRA (docs/lora.md)")
-    lsub = p.add_subparsers(dest="lora_command", required=True)
+    lsub = p.add_subparsers(dest="lora_command", required=True, parser_class=_Parser)
     for name, help in (("export", "write a LoRA as diffusers (pipe.load_lora_weights), kohya (webui) or peft"),
                        ("info", "which modules a LoRA touches, its ranks and size"),
                        ("fuse", "a merged checkpoint: a model folder with the LoRA fused in")):
@@ -295,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("-v", "--verbose", action="store_true", help="list every module")
         else:
             q.add_argument("--out", required=True, help="output folder (kohya: a .safetensors file)")
-            q.add_argument("--scale", type=float, default=1.0, help="LoRA strength baked into the output")
+            q.add_argument("--scale", type=_finite, default=1.0, help="LoRA strength baked into the output")
             q.add_argument("--model", required=name == "fuse", help="model folder or hub id (fuse: the base; "
                            "export: resolves kohya module names)")
         if name == "export":
@@ -303,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = lsub.add_parser("extract", help="a full-mode student as a LoRA: truncated SVD of its weight delta")
     q.add_argument("--base", required=True, help="the teacher model folder the student was distilled from")
     q.add_argument("--student", required=True, help="the full-mode student model folder")
-    q.add_argument("--rank", type=int, default=16)
+    q.add_argument("--rank", type=_positive_int, default=16)
     q.add_argument("--format", default="peft", choices=("diffusers", "kohya", "peft"))
     q.add_argument("--component", default="unet")
     q.add_argument("--out", required=True, help="output folder (kohya: a .safetensors file)")
@@ -311,24 +541,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: object) -> None:
+    """One `tdm: error:` line (later lines of a multi-key message follow it), secrets redacted."""
+    from tdm.tracking import redact
+
+    print(f"tdm: error: {redact(str(message))}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (0 done, 2 bad input or an output that cannot be written or is
+    held by another run, 3 diverged). Every failure a user can cause or fix is one `tdm: error:` line."""
+    global _writing
     for var, value in (("HF_HUB_OFFLINE", "1"), ("DO_NOT_TRACK", "true"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
                        ("DVC_NO_ANALYTICS", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
         os.environ.setdefault(var, value)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error, already printed in one line (2)
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     from tdm.config import ConfigError
+    from tdm.outputs import OutputError, OutputLocked, write_error
     from tdm.tracking import TrackingUnavailable
     from tdm.training import TrainingDiverged
 
+    _writing = None
     try:
         _set_threads(args.threads)
         result = args.func(args)
+    except (OutputError, OutputLocked) as err:
+        _error(err)
+        return 2
     except (ConfigError, FileNotFoundError, ValueError, TrackingUnavailable) as err:
-        print(f"tdm: error: {err}", file=sys.stderr)
+        _error(err)
         return 2  # bad input: the Prefect flow does not retry it
     except TrainingDiverged as err:  # the last good checkpoint is kept; an exact resume would diverge again
-        print(f"tdm: error: {err}", file=sys.stderr)
+        _error(err)
         return 3
+    except Exception as err:  # a full disk, a read-only folder, a file in the way: one line
+        failed = write_error(err, _writing)
+        if failed is None and isinstance(err, OSError):
+            _error(f"{err.filename or _writing or 'tdm'}: {err.strerror or err}")
+            return 2
+        if failed is None:
+            raise
+        _error(failed)
+        return 2
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -22,9 +22,18 @@ class ConfigError(ValueError):
 
 
 def _prompt_source(v: str) -> str:
-    """A prompts setting: "digits" or an existing prompt file."""
-    if v != "digits" and not Path(v).expanduser().is_file():
+    """A prompts setting: "digits" or a prompt file that reads (`tdm.data.read_prompts`: a .txt/.jsonl/.csv
+    with at least one prompt, UTF-8 text), so an empty, binary or malformed file fails before any model loads."""
+    if v == "digits":
+        return v
+    if not Path(v).expanduser().is_file():
         raise ValueError(f"must be 'digits' or a prompt file; not found: {v}")
+    from tdm.data import read_prompts
+
+    try:
+        read_prompts(Path(v).expanduser())
+    except OSError as err:
+        raise ValueError(f"{v}: cannot read ({err.strerror or err})") from None
     return v
 
 
@@ -37,6 +46,10 @@ def _step_counts(v: tuple[int, ...]) -> tuple[int, ...]:
 
 PromptSource = Annotated[str, AfterValidator(_prompt_source)]
 StepCounts = Annotated[tuple[int, ...], AfterValidator(_step_counts)]
+# Every seed: a non-negative 63-bit integer (what torch.Generator.manual_seed and numpy's default_rng both take;
+# -1 or 2**70 would otherwise fail only after the models are loaded).
+SEED_MAX = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class _Section(BaseModel):
@@ -97,7 +110,7 @@ class TeacherFTConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)  # losses are moved to the host (and NaN-checked) every log_every steps
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int = 0
+    seed: Seed = 0
     # Teacher quality check after training (digits): samples with the `sample` settings, scored by the toy metrics.
     eval_samples: int = Field(1000, ge=0)
     # Keys that do not change the trained weights: a checkpoint made with other values still resumes.
@@ -109,8 +122,15 @@ class TeacherFTConfig(_Section):
         meta = Path(v).expanduser() / "metadata.jsonl"
         if v != "digits" and not meta.is_file():
             raise ValueError(f"must be 'digits' or a folder with metadata.jsonl; not found: {meta}")
-        if v != "digits" and not meta.read_text().strip():
-            raise ValueError(f"{meta} has no rows")
+        if v != "digits":
+            from tdm.data import read_text
+
+            try:
+                text = read_text(meta)
+            except OSError as err:
+                raise ValueError(f"{meta}: cannot read ({err.strerror or err})") from None
+            if not text.strip():
+                raise ValueError(f"{meta} has no rows")
         return v
 
 
@@ -156,7 +176,7 @@ class DistillConfig(_Section):
     channels_last: bool = False  # NHWC weights for UNet families (digits, sd15, sdxl; checked at stage start)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)  # losses are moved to the host (and NaN-checked) every log_every steps
-    seed: int = 0
+    seed: Seed = 0
     eval_samples: int = Field(1000, ge=0)  # student samples scored after training (digits)
     # Keys that do not change the trained weights (speed switches agree within float tolerance).
     BOOKKEEPING: ClassVar[tuple[str, ...]] = ("eval_samples", "checkpoint_every", "log_every", "compile",
@@ -197,7 +217,7 @@ class LoraTransferConfig(_Section):
     n: int = Field(1000, ge=2)  # samples per row
     prompts: PromptSource = "digits"  # "digits" or a .txt/.jsonl/.csv prompt file (cycled to n)
     batch_size: int = Field(250, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     finetune_steps: int = Field(300, ge=1)  # digits styles: fine-tune length from the base (cached per style)
     finetune_lr: float = Field(1e-3, gt=0)
     finetune_batch_size: int = Field(128, ge=1)
@@ -222,7 +242,7 @@ class SampleConfig(_Section):
     steps: int = Field(50, ge=1)  # teacher DDIM steps
     guidance: float = Field(1.5, ge=1)  # classifier-free guidance scale (1 = off)
     batch_size: int = Field(250, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EvalConfig(_Section):
@@ -324,17 +344,26 @@ def yaml_load(text: str):
 def _duplicate_key(node, prefix: str = "") -> str | None:
     """The dotted path of the first key repeated within one mapping (DVC's loader refuses such a file; PyYAML
     would silently keep the last value), with its line; None when there is none."""
-    if isinstance(node, yaml.MappingNode):
+    visited: set[int] = set()  # aliases share nodes: each is walked once (no exponential "billion laughs")
+
+    def walk(node, prefix: str) -> str | None:
+        if not isinstance(node, yaml.MappingNode) or id(node) in visited:
+            return None
+        visited.add(id(node))
         seen = set()
         for key_node, value_node in node.value:
-            name = f"{prefix}{key_node.value}"
-            if key_node.value in seen:
+            # A scalar key by its text; a list or mapping used as a key (refused later) by its tag and position.
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else f"<{key_node.tag}>"
+            name = f"{prefix}{key}"
+            if isinstance(key_node, yaml.ScalarNode) and key in seen:
                 return f"{name} (line {key_node.start_mark.line + 1})"
-            seen.add(key_node.value)
-            found = _duplicate_key(value_node, name + ".")
+            seen.add(key)
+            found = walk(value_node, name + ".")
             if found:
                 return found
-    return None
+        return None
+
+    return walk(node, prefix)
 
 
 def parse_override(item: str) -> tuple[str, str, object]:
@@ -347,11 +376,17 @@ def parse_override(item: str) -> tuple[str, str, object]:
     section, name = parts
     if section not in Config.model_fields:
         raise ConfigError(f"override {item!r}: unknown section {section!r} (known: {', '.join(Config.model_fields)})")
-    return section, name, yaml_load(value)
+    try:
+        return section, name, yaml_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: {key.strip()}: value is not valid YAML: {_yaml_problem(err)}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` overrides to a raw params dict, copy-on-write."""
+    """Apply `section.key=value` overrides to a raw params dict, copy-on-write; ConfigError naming the override
+    when it is malformed or its section is not a mapping."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         section, name, value = parse_override(item)
@@ -383,9 +418,21 @@ def parse(raw: dict | None, source: str = "params") -> Config:
         raise ConfigError("\n".join(lines)) from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{' '.join(str(problem).split())}{where}"
+
+
 def load(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:
-    """Read params.yaml (a missing file means all defaults only when no path was asked for), apply overrides."""
+    """Read params.yaml (a missing file means all defaults only when no path was asked for), apply overrides.
+    Raises ConfigError naming the file (unreadable, not UTF-8, not YAML, duplicate key, not a mapping of
+    sections) or the dotted key (unknown, wrong type, out of range)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path}: not a params file (a {'folder' if path.is_dir() else 'special file'})")
     if path.is_file():
         try:
             text = path.read_text(encoding="utf-8-sig")  # a BOM (editors on Windows) is not a key
@@ -394,9 +441,16 @@ def load(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) 
                 raise ConfigError(f"{path}: duplicate key {duplicate}: refused, as DVC refuses it")
             raw = yaml_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a params file") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, distill:, ...), got a YAML "
+                              f"{type(raw).__name__}")
     elif path == DEFAULT_PARAMS:
         raw = {}
     else:

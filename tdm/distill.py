@@ -232,22 +232,25 @@ class TDMTrainer:
 
 # -- the stage ------------------------------------------------------------------------------------------------
 def check_inputs(cfg: Config) -> None:
-    """Everything the stage reads, checked before any model is built; errors name the key."""
-    from tdm.backbones import resolve_model_path
+    """Everything the stage reads, checked before any model is built; errors name the key. Raises
+    FileNotFoundError (the teacher folder or a part of it is missing) or ValueError (a teacher that does not
+    parse or no adapter runs, a grid longer than its schedule, K > total_steps, an indivisible batch)."""
+    from tdm.backbones import check_model, train_timesteps
 
     d = cfg.distill
     try:
-        folder = resolve_model_path(d.teacher)
+        folder, family = check_model(d.teacher)
+        schedule_len = train_timesteps(folder)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"distill.teacher: {err} (run `tdm teacher-ft` first?)") from None
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"distill.teacher: not a model folder (no model_index.json): {folder}")
-    if d.channels_last:
-        from tdm.backbones import family_of
-
-        if family_of(folder) not in ("digits", "sd15", "sdxl"):
-            raise ValueError(f"distill.channels_last: only for UNet families (digits, sd15, sdxl); the teacher is a "
-                             f"{family_of(folder)} model (got true)")
+    except ValueError as err:
+        raise ValueError(f"distill.teacher: {err}") from None
+    if d.channels_last and family not in ("digits", "sd15", "sdxl"):
+        raise ValueError(f"distill.channels_last: only for UNet families (digits, sd15, sdxl); the teacher is a "
+                         f"{family} model (got true)")
+    if d.total_steps > schedule_len:
+        raise ValueError(f"distill.total_steps: {d.total_steps} exceeds the teacher's {schedule_len} training "
+                         f"timesteps ({folder / 'scheduler' / 'scheduler_config.json'})")
     if d.k > d.total_steps or max(d.k_choices) > d.total_steps:
         raise ValueError(f"distill.k: must be <= distill.total_steps ({d.total_steps})")
     if d.batch_size % int(os.environ.get("WORLD_SIZE", "1")):

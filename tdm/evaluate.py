@@ -105,6 +105,27 @@ def plan(cfg: Config) -> list[dict]:
     return rows
 
 
+def check_inputs(cfg: Config) -> list[dict]:
+    """Everything the stage reads, checked before any model is built; errors name the key: the rows to sample
+    (`plan`: model folders, the student's record and its K), each model's weights, the LoRA-transfer manifest
+    and the prompts. Returns the plan. Raises FileNotFoundError or ValueError."""
+    from tdm.backbones import check_model
+
+    rows = plan(cfg)
+    for key, folder in (("teacher", cfg.evaluate.teacher), ("student", cfg.evaluate.student)):
+        if folder is not None:
+            try:
+                check_model(folder)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"evaluate.{key}: {err}") from None
+            except ValueError as err:
+                raise ValueError(f"evaluate.{key}: {err}") from None
+    read_manifest(cfg.evaluate.lora_manifest)
+    if rows:
+        prompt_list(cfg)
+    return rows
+
+
 def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> dict:
     """The stage: returns (and writes to metrics/evaluate.json) {"rows": [...], "metrics_skipped": {...}}."""
     import torch

@@ -64,26 +64,47 @@ def transfer_base(cfg: Config, record: StudentRecord) -> str:
     return cfg.lora_transfer.base or record.teacher or cfg.distill.teacher
 
 
-def check_inputs(cfg: Config) -> dict:
-    """Everything the stage reads, checked before any model is built; errors name the key."""
-    from tdm.backbones import resolve_model_path
+def check_inputs(cfg: Config) -> StudentRecord:
+    """Everything the stage reads, checked before any model is built; errors name the key. Returns the
+    student's record. Raises FileNotFoundError (LoRA, base, custom model or K embedding missing) or ValueError
+    (a model folder that does not parse or no adapter runs, a trajectory longer than the base's schedule)."""
+    from tdm.backbones import check_model, train_timesteps
 
     lt = cfg.lora_transfer
     if not Path(lt.lora).exists():
         raise FileNotFoundError(f"params.yaml: lora_transfer.lora: not found: {lt.lora} (run `tdm distill` in LoRA "
                                 f"mode, or `tdm lora extract` for a full-mode student)")
-    record = student_record(cfg)
-    if any(m.startswith("digits:") for m in lt.custom_models):
+    if Path(lt.lora).is_file() and Path(lt.lora).suffix == ".safetensors":
+        from tdm.backbones import check_safetensors
+
         try:
-            resolve_model_path(transfer_base(cfg, record))
+            check_safetensors(Path(lt.lora))
+        except ValueError as err:
+            raise ValueError(f"params.yaml: lora_transfer.lora: {err}") from None
+    record = student_record(cfg)
+
+    def checked(name: str, key: str) -> Path:
+        try:
+            folder, _ = check_model(name)
+            return folder
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"params.yaml: lora_transfer.base: {err}") from None
-    for name in lt.custom_models:
-        if not name.startswith("digits:"):
-            try:
-                resolve_model_path(name)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"params.yaml: lora_transfer.custom_models: {err}") from None
+            raise FileNotFoundError(f"params.yaml: {key}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"params.yaml: {key}: {err}") from None
+
+    models = [(m, "lora_transfer.custom_models") for m in lt.custom_models if not m.startswith("digits:")]
+    if any(m.startswith("digits:") for m in lt.custom_models):
+        models.insert(0, (transfer_base(cfg, record), "lora_transfer.base"))
+    for name, key in models:
+        folder = checked(name, key)
+        try:
+            schedule_len = train_timesteps(folder)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"params.yaml: {key}: {err}") from None
+        if record.total_steps > schedule_len:
+            where = "lora_transfer.total_steps" if lt.total_steps is not None else f"the student's total_steps"
+            raise ValueError(f"params.yaml: {key}: {name} has {schedule_len} training timesteps, fewer than "
+                             f"{where} ({record.total_steps})")
     if record.unify and load_k_embedding(student_folder(cfg)) is None:
         raise FileNotFoundError(f"a TDM-unify LoRA needs its student's K embedding: no {K_EMBEDDING_FILE} in "
                                 f"{student_folder(cfg)}")

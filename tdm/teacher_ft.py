@@ -11,6 +11,7 @@ exactly what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,25 @@ def open_training_set(cfg: Config):
             raise ValueError(f"teacher_ft.data: 'digits' needs model.family digits, got {cfg.model.family!r}")
         return DigitsTrainSet()
     return FolderTrainSet(ft.data, ft.resolution, 1 if cfg.model.family == "digits" else 3)
+
+
+def check_inputs(cfg: Config) -> None:
+    """Everything the stage reads, checked before any model is built; errors name the key: the training set
+    (`open_training_set`: every metadata.jsonl row and image file), and model.pretrained (weights present).
+    Raises FileNotFoundError or ValueError."""
+    open_training_set(cfg)
+    if cfg.model.pretrained is not None:
+        from tdm.backbones import check_model
+
+        try:
+            check_model(cfg.model.pretrained)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"model.pretrained: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"model.pretrained: {err}") from None
+    if cfg.teacher_ft.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
+        raise ValueError(f"teacher_ft.batch_size {cfg.teacher_ft.batch_size} is not divisible by the number of "
+                         f"processes")
 
 
 def _check_resolution(cfg: Config, backbone: Backbone, data) -> None:

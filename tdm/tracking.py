@@ -78,22 +78,77 @@ def tracking_uri(root: str | Path = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+# Environment variables whose values are credentials (MLflow's own names): never printed.
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+              "DATABRICKS_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:[a-z0-9_.-]*(?:token|password|passwd|pwd|secret|key|auth|signature|"
+                           r"credential|sig)[a-z0-9_.-]*)=)[^&#;\s'\")]*")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s'\"]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with every credential tdm could print removed: the userinfo of any URL (`http://user:token@host`
+    -> `http://***@host`), secret-looking query values (`?token=...`, `&password=...`) and the literal values
+    of SECRET_ENV variables. Everything tdm prints or logs about a tracking store passes through it."""
+    text = _USERINFO.sub(r"\1***@", str(text))
+    text = _SECRET_QUERY.sub(r"\1***", text)
+    for var in SECRET_ENV:
+        value = os.environ.get(var, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _auth_request(uri: str):
+    """An HTTP request for `uri` with its credentials as MLflow sends them: the URL's userinfo or
+    MLFLOW_TRACKING_USERNAME / PASSWORD as HTTP Basic, else MLFLOW_TRACKING_TOKEN as a Bearer token (urllib
+    would otherwise take `user:token@host` for a host and port)."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    user, password = parts.username, parts.password
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+    user = urllib.parse.unquote(user) if user else os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = urllib.parse.unquote(password) if password else os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user or password:
+        basic = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    return request
+
+
 def check_server(uri: str, timeout: float = 3.0) -> None:
-    """Fail in one clear line when an http(s) tracking server does not answer (sqlite/file stores need none)."""
+    """Fail in one clear line (TrackingUnavailable, credentials redacted) when an http(s) tracking server does not
+    answer its health check, authenticated as MLflow would be (sqlite/file stores need none)."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+        base = uri.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+        with urllib.request.urlopen(_auth_request(base + "/health"), timeout=timeout) as response:
             if response.status == 200:
                 return
             reason = f"HTTP {response.status}"
-    except (urllib.error.URLError, OSError) as err:
+    except urllib.error.HTTPError as err:
+        reason = f"HTTP {err.code} {err.reason}" + (
+            "; check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+            if err.code in (401, 403) else "")
+    except (urllib.error.URLError, OSError, ValueError) as err:
         reason = str(getattr(err, "reason", err))
-    raise TrackingUnavailable(f"MLflow server {uri} is unreachable ({reason}); start it (bash scripts/servers.sh "
-                              f"start), point MLFLOW_TRACKING_URI elsewhere, or set TDM_MLFLOW=0 to run untracked")
+    raise TrackingUnavailable(redact(f"MLflow server {uri} is unreachable ({reason}); start it (bash "
+                                     f"scripts/servers.sh start), point MLFLOW_TRACKING_URI elsewhere, or set "
+                                     f"TDM_MLFLOW=0 to run untracked"))
 
 
 def metric_key(*parts: object) -> str:
@@ -236,19 +291,30 @@ def stage_run(stage: str, params: dict, root: str | Path = ".", extra_tags: dict
     uri = tracking_uri(root)
     check_server(uri)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp = experiment_id(client, root)
-    parent = os.environ.get(PARENT_ENV) or _dvc_repro_parent(client, exp, root)
-    tags = {"stage": stage, **run_tags(root), **(extra_tags or {}),
-            **({} if parent else {"standalone": "true"})}
-    if os.environ.get("PREFECT__FLOW_RUN_ID"):
-        tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
-    run = mlflow.start_run(experiment_id=exp, run_name=stage, tags=tags, log_system_metrics=True,
-                           parent_run_id=parent)
+    try:  # a store that refuses us fails here, before compute, in one line and without its credentials
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        exp = experiment_id(client, root)
+        parent = os.environ.get(PARENT_ENV) or _dvc_repro_parent(client, exp, root)
+        tags = {"stage": stage, **run_tags(root), **(extra_tags or {}),
+                **({} if parent else {"standalone": "true"})}
+        if os.environ.get("PREFECT__FLOW_RUN_ID"):
+            tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+        run = mlflow.start_run(experiment_id=exp, run_name=stage, tags=tags, log_system_metrics=True,
+                               parent_run_id=parent)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise TrackingUnavailable(redact(f"MLflow store {uri} refused the stage run ({type(err).__name__}: "
+                                         f"{first}); fix it or set TDM_MLFLOW=0 to run untracked")) from None
     stage_run_ = StageRun(client, run.info.run_id)
     params_flat = flat_params(params)
-    mlflow.log_params(params_flat)
+    try:
+        mlflow.log_params(params_flat)
+    except Exception as err:
+        mlflow.end_run("FAILED")
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise TrackingUnavailable(redact(f"MLflow store {uri} refused the stage's params ({type(err).__name__}: "
+                                         f"{first}); fix it or set TDM_MLFLOW=0 to run untracked")) from None
     _active = stage_run_
     status = "FAILED"
     try:
@@ -323,4 +389,4 @@ def run_url(run_id: str, root: str | Path = ".") -> str | None:
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(uri).get_run(run_id)
-    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return redact(f"{uri.split('?', 1)[0].rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}")

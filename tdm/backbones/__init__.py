@@ -41,13 +41,33 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     raise FileNotFoundError(f"model folder not found: {name}")
 
 
+def read_json_file(path: str | Path, what: str = "a JSON object") -> dict:
+    """A model folder's JSON config file as a dict; ValueError naming the file when it is not UTF-8 JSON text
+    or not an object, FileNotFoundError when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected {what}, got a JSON {type(data).__name__}")
+    return data
+
+
 def family_of(folder: str | Path) -> str:
     """The family a model folder belongs to: `tdm_family` in its model_index.json (folders we wrote), else
-    the family that reads its pipeline class (hub checkpoints)."""
+    the family that reads its pipeline class (hub checkpoints). FileNotFoundError without model_index.json,
+    ValueError naming the file when it is not a JSON object, UnsupportedModel for a family no adapter runs."""
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"not a model folder (no model_index.json): {folder}")
-    meta = json.loads(index.read_text())
+    meta = read_json_file(index)
     family = meta.get("tdm_family") or PIPELINE_FAMILIES.get(meta.get("_class_name"))
     if family not in FAMILIES:
         raise UnsupportedModel(f"{index}: unsupported model ({meta.get('_class_name')!r}, family {family!r}); "
@@ -56,14 +76,87 @@ def family_of(folder: str | Path) -> str:
     return family
 
 
+# Files a diffusers / transformers component folder keeps its weights in (single files or sharded indexes).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+
+
+def check_safetensors(path: Path) -> None:
+    """A .safetensors file whose header parses and whose size covers every tensor (a truncated copy fails here,
+    naming the file, instead of deep inside a loader)."""
+    import struct
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file (truncated or corrupt header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated ({size} bytes, its header needs {8 + n + end})")
+
+
+def check_weights(folder: Path) -> None:
+    """Every model component model_index.json lists (a subfolder with a config.json) has its weights: a weight
+    file, or a shard index whose shards are all there; .safetensors headers are checked too. No tensor is read.
+    Raises FileNotFoundError / ValueError naming the component folder or file."""
+    meta = read_json_file(folder / "model_index.json")
+    for name, spec in meta.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise FileNotFoundError(f"{folder}: component {name!r} is listed in model_index.json but {sub} is missing")
+        if not (sub / "config.json").is_file():  # a scheduler, tokenizer or feature extractor: no weights
+            continue
+        read_json_file(sub / "config.json")
+        files = [f for f in sub.iterdir() if f.is_file()]
+        indexes = [f for f in files if f.name.endswith(".index.json")]
+        for index in indexes:
+            shards = set(read_json_file(index).get("weight_map", {}).values())
+            missing = sorted(s for s in shards if not (sub / str(s)).is_file())
+            if missing:
+                raise FileNotFoundError(f"{index}: shard(s) missing: {', '.join(missing[:3])}")
+        weights = [f for f in files if f.name.endswith(WEIGHT_SUFFIXES)]
+        if not weights and not indexes:
+            raise FileNotFoundError(f"{sub}: no weights (none of {', '.join('*' + s for s in WEIGHT_SUFFIXES)}); "
+                                    f"an incomplete copy or download?")
+        for f in weights:
+            if f.suffix == ".safetensors":
+                check_safetensors(f)
+
+
 def check_model(name_or_path: str | Path) -> tuple[Path, str]:
-    """(folder, family) of a model, with everything checkable from its config files checked (no weights read)."""
+    """(folder, family) of a model, with everything checkable without loading it checked: model_index.json and
+    each component's config parse (errors name the file), the family is one an adapter runs, every model
+    component has its weights (`check_weights`). Raises FileNotFoundError, ValueError or UnsupportedModel."""
     folder = resolve_model_path(name_or_path)
     family = family_of(folder)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.exists():
+        read_json_file(sched)
     adapter = FAMILIES[family]
     if issubclass(adapter, PipelineBackbone):
         adapter.check_folder(folder)
+    check_weights(folder)
     return folder, family
+
+
+def train_timesteps(folder: str | Path) -> int:
+    """The length of a model's training schedule (its scheduler's num_train_timesteps; diffusers' default
+    1000 when the config leaves it out), read from scheduler/scheduler_config.json without loading anything."""
+    sched = Path(folder) / "scheduler" / "scheduler_config.json"
+    value = read_json_file(sched).get("num_train_timesteps", 1000)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ValueError(f"{sched}: num_train_timesteps must be an integer >= 2, got {value!r}")
+    return value
 
 
 def load_backbone(name_or_path: str | Path, dtype=None) -> Backbone:
@@ -91,5 +184,5 @@ def build_backbone(model_cfg, seed: int = 0) -> Backbone:
 
 __all__ = ["Backbone", "Cond", "cat_cond", "DigitsArch", "DigitsBackbone", "SD15Backbone",
            "SDXLBackbone", "PixArtAlphaBackbone", "SD3Backbone", "CogVideoXBackbone", "PipelineBackbone",
-           "UnsupportedModel", "FAMILIES", "PIPELINE_FAMILIES", "family_of", "check_model", "load_backbone",
-           "build_backbone"]
+           "UnsupportedModel", "FAMILIES", "PIPELINE_FAMILIES", "family_of", "check_model", "check_weights",
+           "train_timesteps", "read_json_file", "check_safetensors", "load_backbone", "build_backbone"]
