@@ -99,7 +99,7 @@ def _atomic_write(path: Path, write) -> Path:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         write(tmp)
-        fault_point("atomic_write")
+        fault_point("atomic_write", path.name)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -127,14 +127,14 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     held = [_hold(tmp)]
     try:
         yield tmp
-        fault_point("atomic_folder")
+        fault_point("atomic_folder", folder.name)
         os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             held.append(_hold(old))
             os.rename(folder, old / folder.name)
-            fault_point("atomic_swap")
+            fault_point("atomic_swap", folder.name)
         os.rename(tmp, folder)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -149,19 +149,21 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
 _faults: dict[str, int] = {}
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, target: str = "") -> None:
     """Fault-injection hook for tests/integration/test_fault_injection.py, inert unless TDM_FAULT_AT is set:
-    `TDM_FAULT_AT=<name>:<n>` SIGKILLs this process the n-th time it reaches the point `name` (atomic_write:
-    a file's temp written, not yet renamed; atomic_folder: a folder's temp written; atomic_swap: the old folder
-    moved aside, the new one not yet in place; iteration, log_flush: tdm.training.run_loop)."""
+    `TDM_FAULT_AT=<name>[@<target>][:<n>]` SIGKILLs this process the n-th time (default 1st) it reaches point
+    `name` (for that target file or folder name). Points: atomic_write (a file's temp written, not renamed yet),
+    atomic_folder (a folder's temp written), atomic_swap (the old folder moved aside, the new one not in place
+    yet), iteration and log_flush (tdm.training.run_loop)."""
     spec = os.environ.get("TDM_FAULT_AT")
     if not spec:
         return
-    point, _, n = spec.partition(":")
-    if point != name:
+    where, _, n = spec.partition(":")
+    point, _, want = where.partition("@")
+    if point != name or (want and want != target):
         return
-    _faults[name] = _faults.get(name, 0) + 1
-    if _faults[name] == int(n or 1):
+    _faults[where] = _faults.get(where, 0) + 1
+    if _faults[where] == int(n or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
