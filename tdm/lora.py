@@ -426,7 +426,7 @@ def save_lora(lora: LoRA, out: str | Path, fmt: str, component: str | None = "un
     component = component or inferred or "unet"
     if component not in ("unet", "transformer"):
         raise ValueError(f"component must be 'unet' or 'transformer' (the denoiser's pipeline name), got {component!r}")
-    if inferred is not None and component != inferred:
+    if fmt != "peft" and inferred is not None and component != inferred:  # peft keys carry no component
         example = next(n for n in sorted(lora.modules) if n.startswith(UNET_ROOTS + TRANSFORMER_ROOTS))
         raise ValueError(f"component {component!r} does not fit this LoRA: its modules (e.g. {example!r}) are a "
                          f"{inferred}'s, and a pipeline would find no keys for its {inferred} (pass component="
@@ -446,6 +446,7 @@ def save_lora(lora: LoRA, out: str | Path, fmt: str, component: str | None = "un
         clash = next((v for v in table.values() if len(v) > 1), None)
         if clash:
             raise ValueError(f"modules {clash} have the same kohya name; kohya's flattened names cannot tell them apart")
+        lora = _common_alpha(lora)
         state = {}
         for name, m in lora.modules.items():
             key = "lora_unet_" + name.replace(".", "_")
@@ -474,6 +475,19 @@ def save_lora(lora: LoRA, out: str | Path, fmt: str, component: str | None = "un
         for f in tmp.iterdir():  # safetensors writes 0600: give exports the usual permissions
             os.chmod(f, 0o666 & ~mask)
     return out
+
+
+def _common_alpha(lora: LoRA) -> LoRA:
+    """The same updates with one alpha for every module (the most common one; each other module's up multiplied
+    by its alpha / the common one). diffusers' kohya conversion does not map per-module alphas of attention layers
+    onto them (they fall back to the most common alpha), so a kohya file with mixed alphas would load at the wrong
+    strength there."""
+    alphas = [m.alpha for m in lora.modules.values() if m.alpha != 0] or [0.0]
+    common = max(set(alphas), key=alphas.count)
+    if common == 0:
+        return lora
+    return replace(lora, modules={n: m if m.alpha == common else LoRAModule(
+        m.down, (m.up.float() * (m.alpha / common)).to(m.up.dtype), common) for n, m in lora.modules.items()})
 
 
 def _fold_alpha(m: LoRAModule) -> LoRAModule:
