@@ -126,6 +126,10 @@ def _sgm_to_diffusers(modules: dict[str, LoRAModule], net: nn.Module) -> dict[st
     sgm = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_2")
     if not any(n.startswith(sgm) for n in modules):
         return modules
+    diffusers_style = ("down_blocks_", "mid_block_", "up_blocks_")
+    if any(n.startswith(diffusers_style) for n in modules):  # diffusers would drop the sgm ones silently
+        raise ValueError(f"LoRA mixes original (sgm) module names ({next(n for n in modules if n.startswith(sgm))!r}) "
+                         f"and diffusers ones ({next(n for n in modules if n.startswith(diffusers_style))!r})")
     config = getattr(net, "config", None)
     if config is None or "layers_per_block" not in config:
         raise ValueError(f"LoRA modules named as an original SD/SDXL checkpoint (e.g. "

@@ -426,3 +426,53 @@ def test_written_keys_follow_comfyui_conventions_at_full_strength(built, tmp_pat
     assert deltas.keys() == lora.modules.keys()
     for name, m in lora.modules.items():
         torch.testing.assert_close(deltas[name], m.delta(), atol=1e-6, rtol=1e-5)
+
+
+def _sgm_name(name: str, layers_per_block: int = 1) -> str:
+    """The original (sgm) UNet's name of a diffusers UNet path, as kohya's SDXL files spell modules (tiny SDXL:
+    two down blocks, the second with attention; the up blocks mirrored)."""
+    n = layers_per_block + 1
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", name)
+    if m:
+        kind, b, inner, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        block = f"input_blocks.{1 + b * n + j}" if kind == "down_blocks" else f"output_blocks.{b * n + j}"
+        return f"{block}.{0 if inner == 'resnets' else 1}.{resnet.get(rest, rest)}"
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv$", name)
+    if m:
+        return f"input_blocks.{1 + int(m[1]) * n + layers_per_block}.0.op"
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv$", name)
+    if m:
+        return f"output_blocks.{int(m[1]) * n + layers_per_block}.2.conv"
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", name)
+    if m:
+        index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(m[1], m[2])]
+        return f"middle_block.{index}.{resnet.get(m[3], m[3])}"
+    raise AssertionError(name)
+
+
+def test_kohya_sdxl_file_with_original_names_loads_as_the_stock_sdxl_loader_reads_it(built, tmp_path):
+    """Kohya's SDXL LoRAs name modules as the sgm checkpoint does (`lora_unet_input_blocks_4_1_...`): tdm maps them
+    with diffusers' own SDXL conversion; tdm's fuse, the stock StableDiffusionXLPipeline and the reference agree."""
+    folder, fresh, lora = built("sdxl")
+    lora = replace_alpha(lora, lambda m: 2.0)
+    state = {}
+    for name, m in lora.modules.items():
+        key = "lora_unet_" + _flat(_sgm_name(name))
+        state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = m.down, m.up
+        state[f"{key}.alpha"] = torch.tensor(m.alpha)
+    assert any("input_blocks" in k for k in state) and any("skip_connection" in k for k in state)
+    save_file(state, tmp_path / "sdxl_kohya.safetensors")
+    ours = L.load_lora(tmp_path / "sdxl_kohya.safetensors")
+    pipe = fresh()
+    assert ours.resolved(pipe.unet).modules.keys() == lora.modules.keys()
+    want = _tdm_fused(fresh, "sdxl", lora, 1.0)
+    assert _max_diff(_tdm_fused(fresh, "sdxl", ours, 1.0), want) < 1e-6
+    pipe.load_lora_weights(str(tmp_path / "sdxl_kohya.safetensors"))
+    assert _max_diff(_run("sdxl", pipe), want) < 1e-5
+    mixed = {**state, "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32),
+             "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2)}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    with pytest.raises(ValueError, match="mixes original"):
+        L.load_lora(tmp_path / "mixed.safetensors").resolved(pipe.unet)
