@@ -11,6 +11,11 @@ progress bar, the cadence of logging and checkpointing, and one divergence polic
   - before every checkpoint the metrics are flushed (so checked), the trainable weights must be finite and
     identical on every process; only then is the checkpoint written, so the last one on disk is always good.
 
+Progress on a console without bars (`-q`, as dvc.yaml runs the stages, and under the Prefect flow, which sets
+it): with TDM_PROGRESS_EVERY=<seconds> set, the loop also writes a plain line to stderr at most that often
+(at log flushes, and always at the last step): `distill: 120/400 it (30%) loss_fake=0.51 loss_gen=0.21 |
+1 min 02 s elapsed, ETA 2 min 25 s`.
+
 A stage hands it a `TrainingState` (what to checkpoint and check) and a step function `step(i) -> {name:
 0-d tensor}`. Every random draw of step i comes from `step_generator(seed, i, process)`: a resumed run draws
 exactly what the uninterrupted run would have drawn.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -91,6 +97,41 @@ def fingerprint(cfg, *sections: str, upstream: dict[str, str] | None = None) -> 
         bookkeeping = getattr(getattr(cfg, name), "BOOKKEEPING", ())
         relevant[name] = {k: v for k, v in params[name].items() if k not in bookkeeping}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PROGRESS_ENV = "TDM_PROGRESS_EVERY"
+
+
+def progress_every() -> float | None:
+    """Seconds between plain progress lines (TDM_PROGRESS_EVERY), None when unset: no lines."""
+    text = os.environ.get(PROGRESS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{PROGRESS_ENV}: expected seconds >= 0, got {text!r}")
+    return value
+
+
+def duration(seconds: float) -> str:
+    """12 s, 3 min 05 s, 1 h 02 min."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress_line(stage: str, unit: str, n: int, total: int, metrics: dict, elapsed: float, done: int,
+                  end: int) -> str:
+    """`stage: n/total unit (p%) loss...=v | elapsed, ETA` (`done` steps of this session took `elapsed`)."""
+    losses = "".join(f" {k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("loss"))
+    eta = duration(elapsed / done * (end - n)) if done else "unknown"
+    return f"{stage}: {n}/{total} {unit} ({100 * n / max(1, total):.0f}%){losses} | {duration(elapsed)} elapsed, ETA {eta}"
 
 
 def _status(accelerator, line: str) -> None:
@@ -165,6 +206,7 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
     from tdm.tracking import MetricsLog
 
     s = settings
+    every, last_line = progress_every(), None
     root = s.out_dir / "checkpoints"
     if accelerator.is_main_process:  # temps a killed write left (a model save, a checkpoint, a log rewrite)
         remove_stale_temps(s.out_dir)
@@ -232,6 +274,11 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
             bar.update(1)
         if (i + 1) % s.checkpoint_every == 0 or i + 1 == end:
             save(i + 1)
+        if every is not None and last and ((i + 1) % s.log_every == 0 or i + 1 == end):
+            now = time.perf_counter()
+            if last_line is None or now - last_line >= every or i + 1 == end:
+                last_line = now
+                _status(accelerator, progress_line(s.stage, s.unit, i + 1, s.total, last, now - t0, i + 1 - start, end))
     if bar is not None:
         bar.close()
     train_time = past_time + (time.perf_counter() - t0 if end > start else 0.0)

@@ -128,3 +128,42 @@ def test_a_torn_log_line_does_not_block_the_resume(tmp_path, capsys):
     assert (tmp_path / "a/metrics.jsonl").read_text() == (tmp_path / "b/metrics.jsonl").read_text()
     out, err = capsys.readouterr()
     assert "line 6 is not a log row" in err and "resuming from" in err and out == ""  # status lines: stderr
+
+
+# -- progress lines without bars (issue 18 case 8) ------------------------------------------------------------------
+def test_progress_lines_name_step_total_losses_and_eta(tmp_path, capfd, monkeypatch):
+    import re
+
+    monkeypatch.setenv("TDM_PROGRESS_EVERY", "0")  # a line at every log flush
+    _run(tmp_path / "a", total=7, log_every=2)  # flushes at 2, 4, 6 and the last step, 7
+    out, err = capfd.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.startswith("toy: ")]
+    assert out == ""  # stdout carries the stage's JSON result only
+    assert [ln.split()[1] for ln in lines] == ["2/7", "4/7", "6/7", "7/7"]
+    for line in lines:
+        assert re.fullmatch(r"toy: \d/7 step \(\d+%\) loss=\S+ \| \d+ s elapsed, ETA \d+ s", line), line
+    assert lines[-1].endswith("ETA 0 s") and "(100%)" in lines[-1]
+    rows = [json.loads(r) for r in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    assert lines[0].split()[4] == f"loss={rows[1]['loss']:.4g}"  # the losses of the flush just made
+    # A resumed run counts from where it resumed; the default (unset) prints no line; bad values fail naming it.
+    _run(tmp_path / "b", total=8, log_every=2, stop_after=4)
+    _run(tmp_path / "b", total=8, log_every=2)
+    assert [ln.split()[1] for ln in capfd.readouterr().err.splitlines() if ln.startswith("toy: ")][-2:] == \
+        ["6/8", "8/8"]
+    monkeypatch.setenv("TDM_PROGRESS_EVERY", "3600")  # at most one an hour: the first and the last
+    _run(tmp_path / "c", total=8, log_every=2)
+    assert [ln.split()[1] for ln in capfd.readouterr().err.splitlines() if ln.startswith("toy: ")] == ["2/8", "8/8"]
+    monkeypatch.delenv("TDM_PROGRESS_EVERY")
+    _run(tmp_path / "d", total=4, log_every=2)
+    assert "toy: " not in capfd.readouterr().err
+    for bad in ("-1", "soon", "nan"):
+        monkeypatch.setenv("TDM_PROGRESS_EVERY", bad)
+        with pytest.raises(ValueError, match="TDM_PROGRESS_EVERY"):
+            _run(tmp_path / "e", total=2)
+
+
+def test_durations_read_as_a_person_would():
+    from tdm.training import duration
+
+    assert [duration(s) for s in (0.4, 12, 65, 3599, 3725)] == ["0 s", "12 s", "1 min 05 s", "59 min 59 s",
+                                                                  "1 h 02 min"]
