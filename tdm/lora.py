@@ -345,10 +345,10 @@ def _exact(name: str) -> str:
 def load_lora(path: str | Path, component: str | None = None) -> LoRA:
     """Read a LoRA in any layout tdm knows (`from_state_dict`): a peft folder (adapter_config.json +
     adapter_model.safetensors, with or without the `base_model.model.` prefix), a diffusers folder or file
-    (`unet.` / `transformer.` keys, the peft config in the header), a kohya / webui / LyCORIS-LoCon file. The
-    denoiser's keys are read whatever their prefix (`component` is accepted for compatibility and, when given,
-    must agree with the file's prefix for dotted diffusers keys); text-encoder keys and non-LoRA adapters are
-    refused by name."""
+    (`unet.` / `transformer.` / bare keys, the peft config in the header), a kohya / webui / LyCORIS-LoCon file.
+    The denoiser's keys are read whatever their prefix (`component` is kept for compatibility and not needed: a
+    file holds one denoiser's keys, and applying the LoRA checks its module paths against the model);
+    text-encoder keys and non-LoRA adapters are refused by name."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -377,9 +377,6 @@ def load_lora(path: str | Path, component: str | None = None) -> LoRA:
         header = f.metadata() or {}
     prefixes = {_split_prefix(k)[0] for k in state if not k.startswith(TEXT_ENCODER_PREFIXES)}
     dotted = sorted(p for p in prefixes if p in ("unet.", "transformer."))
-    if component is not None and dotted and dotted != [f"{component}."]:
-        raise ValueError(f"{path}: no {component!r} LoRA weights: its denoiser keys start with {dotted[0]!r} "
-                         f"(pass component={dotted[0][:-1]!r})")
     config = {}
     if DIFFUSERS_METADATA_KEY in header:  # diffusers keeps the peft config as {"<component>.<field>": value}
         meta = json.loads(header[DIFFUSERS_METADATA_KEY])

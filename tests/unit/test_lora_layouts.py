@@ -476,3 +476,44 @@ def test_kohya_sdxl_file_with_original_names_loads_as_the_stock_sdxl_loader_read
     save_file(mixed, tmp_path / "mixed.safetensors")
     with pytest.raises(ValueError, match="mixes original"):
         L.load_lora(tmp_path / "mixed.safetensors").resolved(pipe.unet)
+
+
+def test_diffusers_model_and_pipeline_savers_load_exactly(tiny_digits, built, tmp_path):
+    """What diffusers itself writes: a model's `save_lora_adapter` (bare keys, the config unprefixed in the header)
+    and a DiT pipeline's `save_lora_weights` (`transformer.` keys): read at the adapter's own alpha."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    net = copy.deepcopy(tiny_digits.net)
+    torch.manual_seed(0)
+    net.add_adapter(LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "conv1"], init_lora_weights=False))
+    net.save_lora_adapter(tmp_path / "model_level")
+    assert not any(k.startswith("unet.") for k in load_file(tmp_path / "model_level" / L.DIFFUSERS_WEIGHTS))
+    lora = L.load_lora(tmp_path / "model_level")
+    assert {m.alpha for m in lora.modules.values()} == {6.0}
+    torch.testing.assert_close(_out(L.fuse(copy.deepcopy(tiny_digits.net), lora)), _out(net), atol=1e-5, rtol=1e-4)
+
+    folder, fresh, _ = built("sd3")
+    pipe = fresh()
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=["to_q", "add_k_proj"],
+                                            init_lora_weights=False))
+    config = pipe.transformer.peft_config["default"].to_dict()
+    StableDiffusion3Pipeline.save_lora_weights(tmp_path / "pipeline_level",
+                                               transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                               transformer_lora_adapter_metadata=config)
+    lora = L.load_lora(tmp_path / "pipeline_level", component="unet")  # the CLI's default component: still read
+    assert {m.alpha for m in lora.modules.values()} == {1.0} and lora.ranks == {2}
+    assert _max_diff(_tdm_fused(fresh, "sd3", lora, 1.0), _run("sd3", pipe)) < 1e-5
+
+
+def test_cli_refuses_a_transformer_kohya_export_and_writes_its_diffusers_one(built, tmp_path, capsys):
+    _, _, lora = built("sd3")
+    src = L.save_lora(lora, tmp_path / "src", "peft")
+    out = tmp_path / "k.safetensors"
+    assert main(["lora", "export", str(src), "--format", "kohya", "--component", "transformer", "--out", str(out)]) == 2
+    assert "UNet denoisers only" in capsys.readouterr().err and not out.exists()
+    assert main(["lora", "export", str(src), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 2
+    assert "pass component='transformer'" in capsys.readouterr().err  # the default component would be a no-op
+    assert main(["lora", "export", str(src), "--format", "diffusers", "--component", "transformer",
+                 "--out", str(tmp_path / "d")]) == 0
+    assert all(k.startswith("transformer.") for k in load_file(tmp_path / "d" / L.DIFFUSERS_WEIGHTS))
