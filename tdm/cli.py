@@ -105,6 +105,11 @@ def _check_model(path: str | Path, flag: str) -> Path:
         raise ValueError(f"{flag}: {err}") from None
 
 
+# The folders a stage makes inside its output folder (a file in the way of one fails before any model loads).
+STAGE_FOLDERS = {"teacher_ft": ("checkpoints", "model"), "distill": ("checkpoints", "student", "student_lora"),
+                 "lora_transfer": ("custom", "samples", "references")}
+
+
 def _stage_outputs(stage: str, weights_dir: str | None) -> tuple[list[Path], list[Path]]:
     """(files, folders) a stage writes: its metrics file and lock, its output folder, and the metric-weights
     cache when it does not exist yet (an existing one may be a read-only shared cache holding every weight)."""
@@ -113,7 +118,7 @@ def _stage_outputs(stage: str, weights_dir: str | None) -> tuple[list[Path], lis
 
     paths = StagePaths.of(stage)
     files = [paths.metrics, lock_path(paths.out_dir)]
-    folders = [paths.out_dir]
+    folders = [paths.out_dir, *(paths.out_dir / sub for sub in STAGE_FOLDERS.get(stage, ()))]
     if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
         folders.append(Path(weights_dir).expanduser())
     return files, folders
@@ -342,7 +347,10 @@ def cmd_sample(args) -> dict:
     if args.prompt is not None:
         prompts = [args.prompt] * (args.n or 1)
     else:
-        prompts = prompt_set(args.prompts or "digits", args.n, seed=args.seed)
+        try:
+            prompts = prompt_set(args.prompts or "digits", args.n, seed=args.seed)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"--prompts: {err}") from None
     if args.score:
         from tdm import config
 
@@ -580,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a full disk, a read-only folder, a file in the way: one line
         failed = write_error(err, _writing)
         if failed is None and isinstance(err, OSError):
-            _error(f"{err.filename or _writing or 'tdm'}: {err.strerror or err}")
+            unreadable = err.filename and os.path.exists(err.filename) and not os.access(err.filename, os.R_OK)
+            _error(f"{'cannot read ' if unreadable else ''}{err.filename or _writing or 'tdm'}: {err.strerror or err}")
             return 2
         if failed is None:
             raise

@@ -80,7 +80,7 @@ def check_writable(files: Iterable[str | Path] = (), folders: Iterable[str | Pat
     """Check, without creating or changing anything, that every `files` path (a file the stage writes, replaced
     atomically) and every `folders` path (a folder the stage fills, with every folder already under it) can be
     written. Raises OutputError naming the first path that cannot, and why."""
-    for target, is_dir in [*((Path(f), False) for f in files), *((Path(d), True) for d in folders)]:
+    for target, is_dir in [*((Path(d), True) for d in folders), *((Path(f), False) for f in files)]:
         existing, missing = _nearest_existing(target)
         if missing:  # created: the nearest existing ancestor must be a folder we may write
             if not existing.is_dir():
@@ -112,6 +112,7 @@ _WRITE_TEXTS = {"No space left on device": "No space left on device", "StorageFu
                 "File too large": "File too large", "FileTooLarge": "File too large",
                 "os error 27": "File too large", "Read-only file system": "Read-only file system",
                 "ReadOnlyFilesystem": "Read-only file system", "file write failed": "the write failed",
+                "PytorchStreamWriter": "the write failed", "inline_container.cc": "the write failed",
                 "Permission denied": "Permission denied", "PermissionDenied": "Permission denied"}
 
 
@@ -122,6 +123,9 @@ def write_error(err: BaseException, fallback: str | Path | None = None) -> Outpu
     if isinstance(err, OutputError):
         return err
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        if err.errno in (errno.EACCES, errno.EPERM) and err.filename and os.path.exists(err.filename) \
+                and not os.access(err.filename, os.R_OK):
+            return None  # a file we may not read: an input, not an output
         if err.errno in WRITE_ERRNOS:
             path = err.filename or fallback or "output"
             return OutputError(path, err.strerror or str(err))
@@ -202,7 +206,7 @@ def stage_lock(out_dir: str | Path, stage: str | None = None) -> Iterator[Path]:
             print(f"tdm: note: {out_dir}: taking over the lock of a run that ended without releasing it "
                   f"({_describe(stale)}{'' if alive else ', no longer running'})", file=sys.stderr)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                  "command": " ".join(["tdm", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("tdm")
+                  "command": " ".join(["tdm", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(("tdm", "cli.py"))
                   else " ".join(sys.argv)}
         tmp = holder_file.with_name(f".{holder_file.name}.{os.getpid()}")
         try:

@@ -106,7 +106,12 @@ def check_inputs(cfg: Config) -> None:
     """Everything the stage reads, checked before any model is built; errors name the key: the training set
     (`open_training_set`: every metadata.jsonl row and image file), and model.pretrained (weights present).
     Raises FileNotFoundError or ValueError."""
-    open_training_set(cfg)
+    try:
+        open_training_set(cfg)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"teacher_ft.data: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"teacher_ft.data: {err}") from None
     if cfg.model.pretrained is not None:
         from tdm.backbones import check_model
 

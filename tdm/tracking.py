@@ -311,7 +311,8 @@ def stage_run(stage: str, params: dict, root: str | Path = ".", extra_tags: dict
     try:
         mlflow.log_params(params_flat)
     except Exception as err:
-        mlflow.end_run("FAILED")
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
         first = str(err).splitlines()[0] if str(err) else ""
         raise TrackingUnavailable(redact(f"MLflow store {uri} refused the stage's params ({type(err).__name__}: "
                                          f"{first}); fix it or set TDM_MLFLOW=0 to run untracked")) from None

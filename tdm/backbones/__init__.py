@@ -54,7 +54,7 @@ def read_json_file(path: str | Path, what: str = "a JSON object") -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
     except OSError as err:
-        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected {what}, got a JSON {type(data).__name__}")
     return data
@@ -85,16 +85,19 @@ def check_safetensors(path: Path) -> None:
     naming the file, instead of deep inside a loader)."""
     import struct
 
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file (truncated or corrupt header)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: not a safetensors file (header is not JSON)") from None
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError(f"{path}: not a safetensors file (truncated or corrupt header)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ValueError(f"{path}: not a safetensors file (header is not JSON)") from None
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
     end = max((int(v["data_offsets"][1]) for k, v in header.items()

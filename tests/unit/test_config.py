@@ -110,3 +110,58 @@ def test_params_with_a_byte_order_mark_or_not_text(tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(ConfigError, match="not UTF-8"):
         config.load(path)
+
+
+# -- issue 18 case 14: malformed params fail in one line naming the file or the key, before any model loads ---------
+@pytest.mark.parametrize("text, named", [
+    ("- model\n- distill\n", "expected a mapping of sections"),  # a YAML list (was a traceback)
+    ("42\n", "expected a mapping of sections"),
+    ("just a string\n", "expected a mapping of sections"),
+    ("distill:\n  ? [1, 2]\n  : 3\n", "not valid YAML: found unhashable key (line 2"),  # was a TypeError
+    ("distill: [1, 2\n", "not valid YAML: expected ',' or ']'"),
+])
+def test_params_that_are_not_a_mapping_of_sections_name_the_file(tmp_path, text, named):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"{path}: ") and named in str(err.value)
+    assert "\n" not in str(err.value)  # one line, not PyYAML's multi-line report
+
+
+def test_params_with_many_aliases_load_in_linear_time(tmp_path):
+    """A billion-laughs file: the duplicate-key walk visits each shared node once."""
+    lines = ["a0: &a0 [x]"] + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 30)]
+    (tmp_path / "p.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="a0: unknown key"):
+        config.load(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("key", ["teacher_ft.seed", "distill.seed", "lora_transfer.seed", "sample.seed"])
+@pytest.mark.parametrize("value", ["-1", str(2**70), "1.5", "abc"])
+def test_every_seed_is_a_non_negative_63_bit_integer(key, value):
+    with pytest.raises(ConfigError) as err:
+        config.load(PARAMS, [f"{key}={value}"])
+    assert str(err.value).startswith(f"{PARAMS}: {key}: ")
+    assert config.load(PARAMS, [f"{key}={2**63 - 1}"])  # the largest torch and numpy both take
+
+
+@pytest.mark.parametrize("section", ["distill", "lora_transfer", "evaluate"])
+@pytest.mark.parametrize("name, data, why", [
+    ("empty.txt", b"", "no prompts"),
+    ("blank.txt", b"\n  \n", "no prompts"),
+    ("bin.txt", b"\x00\xff\xfe\x80", "not UTF-8 text"),
+    ("torn.jsonl", b'{"prompt": "a"}\n{"prompt"\n', "not valid JSON"),
+    ("nofield.csv", b"title\nx\n", "needs a 'prompt'"),
+])
+def test_prompt_files_are_read_when_params_are_validated(tmp_path, section, name, data, why):
+    """An empty, binary or malformed prompt file fails with the params, not after the teacher has loaded."""
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        config.load(PARAMS, [f"{section}.prompts={tmp_path / name}"])
+    assert str(err.value).startswith(f"{PARAMS}: {section}.prompts: {tmp_path / name}") and why in str(err.value)
+
+
+def test_override_values_that_are_not_yaml_name_the_override():
+    with pytest.raises(ConfigError, match=r"override 'distill.k=\[1': distill.k: value is not valid YAML"):
+        config.load(PARAMS, ["distill.k=[1"])

@@ -124,3 +124,84 @@ def test_metric_keys_are_always_mlflow_legal(model):
     _validate_metric_name(key)  # raises MlflowException when MLflow would reject it
     assert "//" not in key and ".." not in key and len(key) <= 250
     assert key == metric_key("fid_digits", model, "nfe4")  # stable
+
+
+# -- credentials (issue 18 case 18): never printed, and the health check authenticates as MLflow does ----------------
+SECRET = "s3cr3t-T0KEN-42"
+
+
+@pytest.mark.parametrize("uri", [
+    f"http://alice:{SECRET}@127.0.0.1:9",          # user and token: the reported input
+    f"http://:{SECRET}@127.0.0.1:9",               # password only
+    f"http://{SECRET}@127.0.0.1:9",                # a token as the user name
+    f"https://alice:{SECRET}@127.0.0.1:9/mlflow",  # https, a path
+    f"http://127.0.0.1:9/?token={SECRET}",         # a token in the query string
+    f"http://127.0.0.1:9/?user=alice&access_token={SECRET}",
+])
+def test_credentials_in_the_tracking_uri_are_never_printed(uri, tmp_path, monkeypatch, capsys):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TDM_MLFLOW", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["report"]) == 2
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("tdm: error:")]
+    assert "127.0.0.1:9" in line and "is unreachable" in line and "***" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_secret_environment_values_are_never_printed(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-" + SECRET)
+    text = tracking.redact(f"auth failed for {SECRET} (token tok-{SECRET}); http://u:{SECRET}@h/x?sig={SECRET}")
+    assert SECRET not in text and "http://***@h/x?sig=***" in text
+    assert tracking.redact("http://127.0.0.1:5000/#/experiments/1") == "http://127.0.0.1:5000/#/experiments/1"
+    assert tracking.redact("sqlite:////tmp/a@b/mlflow.db") == "sqlite:////tmp/a@b/mlflow.db"  # no userinfo there
+
+
+@pytest.fixture
+def auth_server():
+    """A local HTTP server whose /health answers 200 only to alice's Basic credentials or her Bearer token."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    good = {"Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode(), f"Bearer {SECRET}"}
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/health" and self.headers.get("Authorization") in good
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"unauthorized")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_health_check_authenticates_like_mlflow(auth_server, monkeypatch):
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    port = auth_server
+    tracking.check_server(f"http://alice:{SECRET}@127.0.0.1:{port}")  # userinfo as HTTP Basic
+    with pytest.raises(tracking.TrackingUnavailable) as refused:
+        tracking.check_server(f"http://alice:wrong-{SECRET}@127.0.0.1:{port}")
+    assert "HTTP 401" in str(refused.value) and SECRET not in str(refused.value)
+    assert "MLFLOW_TRACKING_USERNAME" in str(refused.value)
+    with pytest.raises(tracking.TrackingUnavailable):
+        tracking.check_server(f"http://127.0.0.1:{port}")  # no credentials at all
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    tracking.check_server(f"http://127.0.0.1:{port}")  # MLflow's own variables, as Basic
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRET)
+    tracking.check_server(f"http://127.0.0.1:{port}/")  # a token, as Bearer
