@@ -70,3 +70,36 @@ def test_divergence_is_one_error_line_and_exit_code_3(tmp_path, capsys, monkeypa
     assert code == 3 and out == ""
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[-1].startswith("tdm: error: teacher_ft: non-finite") and "Traceback" not in err
+
+
+def test_quiet_silences_the_libraries_loading_bars(project, capsys, tiny_digits, tmp_path, monkeypatch):
+    """`-q` also turns off transformers', diffusers' and huggingface_hub's own progress bars (issue 18 case 17)."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    transformers_logging.enable_progress_bar()
+    diffusers_logging.enable_progress_bar()
+    try:
+        tiny_digits.save(tmp_path / "control")  # the bar a model save draws when nobody silences it
+        assert "Writing model shards" in capsys.readouterr().err
+        assert main(["teacher-ft", "-q", *TINY, "-S", "teacher_ft.eval_samples=0"]) == 0
+        err = capsys.readouterr().err
+        assert "Writing model shards" not in err and "it/s]" not in err
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert not diffusers_logging.is_progress_bar_enabled()
+        assert hub_utils.are_progress_bars_disabled()
+    finally:
+        transformers_logging.enable_progress_bar()
+        diffusers_logging.enable_progress_bar()
+        hub_utils.enable_progress_bars()
+
+
+def test_usage_errors_are_one_error_line_and_exit_code_2(capsys):
+    assert main(["--threads", "0", "report"]) == 2
+    assert main(["sample", "--model", "m", "--out", "o.npz", "--batch-size", "-3"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == ["tdm: error: argument --threads: must be >= 1, got 0 (see `tdm --help`)",
+                     "tdm: error: sample: argument --batch-size: must be >= 1, got -3 (see `tdm sample --help`)"]
+    assert main(["--help"]) == 0
