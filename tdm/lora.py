@@ -1,17 +1,24 @@
 """The TDM student's LoRA outside the training loop: load, export, scale, fuse, attach, inspect, extract.
 
-One in-memory form (`LoRA`: per module a down / up pair and its alpha) and three file formats:
+One in-memory form (`LoRA`: per module a down / up pair and its alpha). Reading (`load_lora`, `from_state_dict`)
+takes every layout users bring: peft folders (with or without `PeftModel`'s `base_model.model.` prefix),
+diffusers files (`unet.` / `transformer.` / bare paths, old `lora.down` and attention-processor naming),
+kohya / webui / OneTrainer / LyCORIS-LoCon files (`lora_unet_`, `lora_transformer_`, `lycoris_`, SDXL's original
+block names), per-module alpha or none; anything else (DoRA, LoHa, LoKr, text-encoder weights, ...) is refused by
+name. Writing (`save_lora`) gives the layout each format's loaders read:
 
-- peft        a folder with `adapter_model.safetensors` + `adapter_config.json` (what `tdm distill` writes);
-- diffusers   a folder with `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora_A/B.weight`, and the
-              peft config in the safetensors header (`lora_adapter_metadata`), so `pipe.load_lora_weights(folder)`
-              restores rank and alpha (without it a LoRA with alpha != r reloads at the wrong scale);
-- kohya       one `.safetensors` file in the kohya / A1111 webui layout: `lora_unet_<module_with_underscores>`
-              `.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+- peft        a folder as `PeftModel.save_pretrained` writes it (`base_model.model.<module>.lora_A.weight` +
+              adapter_config.json), for `PeftModel.from_pretrained(denoiser, folder)`;
+- diffusers   a folder with `pytorch_lora_weights.safetensors`, keys `<component>.<module>.lora_A/B.weight`, the
+              peft config in the header (`lora_adapter_metadata`), alpha / r folded into the up weights (so
+              readers that ignore the header, ComfyUI among them, load it at the same strength);
+- kohya       one `.safetensors` file in the kohya / A1111 webui layout, `lora_unet_<module_with_underscores>`
+              `.lora_down.weight` / `.lora_up.weight` / `.alpha` with one alpha: UNet denoisers only (diffusers'
+              transformer loaders ignore kohya keys; such a file would load as a no-op, so it is refused).
 
 A module's update is W += scale * (alpha / r) * up @ down (convolutions: down is an r x in x kh x kw conv, up a
 1x1 conv, the product reshaped to the kernel). Full-mode students become a LoRA by `extract`: a truncated SVD of
-each weight delta, with the approximation error reported.
+each weight delta, with the approximation error reported. docs/lora.md has the tables per family.
 """
 from __future__ import annotations
 
@@ -149,6 +156,9 @@ def _sgm_to_diffusers(modules: dict[str, LoRAModule], net: nn.Module) -> dict[st
             diffusers_key = _convert_unet_lora_key(key)  # <path>.lora.down.weight or <proc>.to_q_lora.down.weight
             name = re.sub(r"(_lora|\.lora)\.down\.weight$", "", diffusers_key)
             out[_module_name(name, "_lora.down" in diffusers_key).replace(".", "_")] = by_tensor[id(value)]
+    if len(out) != len(modules):
+        raise ValueError(f"LoRA modules with original (sgm) names: {len(modules)} modules map onto {len(out)} diffusers "
+                         f"paths of {type(net).__name__} (a block layout diffusers' SDXL conversion does not fit)")
     return out
 
 
@@ -274,6 +284,10 @@ def from_state_dict(state: dict[str, torch.Tensor], config: dict | None = None, 
         raise ValueError(f"{where}: LoRA has unpaired down/up weights, e.g. module {odd[0]!r}")
     if not alphas.keys() <= downs.keys():
         raise ValueError(f"{where}: alpha without LoRA weights, e.g. module {sorted(alphas.keys() - downs.keys())[0]!r}")
+    if alphas and alphas.keys() != downs.keys():  # loaders disagree: kohya / ComfyUI read rank, diffusers the common alpha
+        raise ValueError(f"{where}: per-module alphas for some modules only (none for e.g. "
+                         f"{sorted(downs.keys() - alphas.keys())[0]!r}): loaders read the missing ones differently "
+                         f"(kohya and ComfyUI as alpha = rank, diffusers as the most common alpha)")
     from peft.utils.other import get_pattern_key
 
     (prefix,) = layouts

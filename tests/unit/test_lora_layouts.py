@@ -214,6 +214,9 @@ REFUSED_STATES = {
     "rank_mismatch": ({"unet.a.lora_A.weight": torch.zeros(2, 4), "unet.a.lora_B.weight": torch.zeros(4, 3)},
                       "rank mismatch"),
     "orphan_alpha": ({**_one_pair(), "unet.b.alpha": torch.tensor(1.0)}, "alpha without LoRA weights"),
+    "partial_alphas": ({"lora_unet_a.lora_down.weight": torch.zeros(2, 4), "lora_unet_a.lora_up.weight": torch.zeros(4, 2),
+                        "lora_unet_a.alpha": torch.tensor(1.0), "lora_unet_b.lora_down.weight": torch.zeros(2, 4),
+                        "lora_unet_b.lora_up.weight": torch.zeros(4, 2)}, "per-module alphas for some modules only"),
 }
 
 
@@ -472,7 +475,8 @@ def test_kohya_sdxl_file_with_original_names_loads_as_the_stock_sdxl_loader_read
     pipe.load_lora_weights(str(tmp_path / "sdxl_kohya.safetensors"))
     assert _max_diff(_run("sdxl", pipe), want) < 1e-5
     mixed = {**state, "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32),
-             "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2)}
+             "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2),
+             "lora_unet_down_blocks_1_attentions_0_proj_in.alpha": torch.tensor(2.0)}
     save_file(mixed, tmp_path / "mixed.safetensors")
     with pytest.raises(ValueError, match="mixes original"):
         L.load_lora(tmp_path / "mixed.safetensors").resolved(pipe.unet)
