@@ -5,6 +5,10 @@ already up to date and a Prefect run leaves `dvc repro` a no-op. No ML code live
 
 - `full-pipeline`: optional `section.key=value` overrides are validated, then written into params.yaml (as
   `dvc exp run -S` does), then teacher_ft -> distill -> lora_transfer -> evaluate -> report run in order.
+- Console: every line a stage prints is logged (the training stages print `distill: 120/400 it (30%) losses |
+  elapsed, ETA` every TDM_PROGRESS_EVERY seconds, 10 by default, which the flow sets); `python flows/pipeline.py
+  --deployment tdm/full-pipeline` (what scripts/pipeline.sh runs) starts a deployment run and prints its log
+  lines as they arrive, so the console shows each stage's progress, not only the run's state.
 - `ablation`: each variant (a list of overrides) runs as a named DVC experiment in a temporary copy
   (`dvc exp run --temp`, the workspace stays as it is) under its own MLflow pipeline run; a comparison table
   of the variants' evaluation rows is published as an artifact.
@@ -31,6 +35,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 STAGES = ["teacher_ft", "distill", "lora_transfer", "evaluate", "report"]
 DEFAULT_VARIANTS = {"k1": ["distill.k=1"], "k2": ["distill.k=2"], "k4": ["distill.k=4"]}
 _TQDM = re.compile(r"(\d+)/(\d+) \[")
+_PROGRESS = re.compile(r"^\w+: (\d+)/(\d+) \S+ \(\d+%\)")  # tdm.training.progress_line
+PROGRESS_EVERY = "10"  # seconds between a stage's progress lines (TDM_PROGRESS_EVERY, unless set)
 
 
 class StageFailed(RuntimeError):
@@ -61,14 +67,35 @@ def _tool(name: str) -> str:
 def _env(parent_run_id: str | None) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TDM_PROGRESS_EVERY", PROGRESS_EVERY)  # -q stages print plain progress lines
     if parent_run_id:
         env["TDM_MLFLOW_PARENT_RUN_ID"] = parent_run_id
     return env
 
 
-def _run_streaming(cmd: list[str], cwd: Path, env: dict, on_progress=None) -> tuple[int, str]:
-    """Run `cmd`, log its output line by line, report tqdm progress (done/total) to `on_progress`."""
-    logger = get_run_logger()
+def _logger():
+    """The Prefect run logger (to the API and this process's console), or a plain one outside a run."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        logger = logging.getLogger("tdm.flow")
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+        return logger
+
+
+def _run_streaming(cmd: list[str], cwd: Path, env: dict, on_progress=None, log=None) -> tuple[int, str]:
+    """Run `cmd`; log each line of its output as it arrives (the stage's progress lines among them, so they
+    reach the console), report progress (done/total, from progress lines and tqdm bars) to `on_progress`.
+    Bars are not logged (they redraw many times a second)."""
+    log = log or _logger().info
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail: list[str] = []
     buffer = b""
@@ -84,14 +111,19 @@ def _run_streaming(cmd: list[str], cwd: Path, env: dict, on_progress=None) -> tu
             line = raw.decode(errors="replace").rstrip()
             if not line:
                 continue
-            match = _TQDM.search(line)
-            if match:  # progress bars update the artifact (at most every 2 s), not the log
-                if on_progress and time.monotonic() - last_report > 2:
-                    on_progress(int(match.group(1)) / max(1, int(match.group(2))))
-                    last_report = time.monotonic()
+            bar, match = _TQDM.search(line), _PROGRESS.match(line)
+            if (bar or match) and on_progress and (match or time.monotonic() - last_report > 2):
+                found = match or bar
+                on_progress(int(found.group(1)) / max(1, int(found.group(2))))
+                last_report = time.monotonic()
+            if bar and not match:  # progress bars update the artifact (at most every 2 s), not the log
                 continue
-            logger.info(line)
+            log(line)
             tail = (tail + [line])[-40:]
+    if buffer.strip():
+        line = buffer.decode(errors="replace").rstrip()
+        log(line)
+        tail = (tail + [line])[-40:]
     return proc.wait(), "\n".join(tail)
 
 
@@ -113,23 +145,63 @@ def run_stage(stage: str, project: str, parent_run_id: str | None, progress_id=N
 
 
 def _prepare(project: Path, overrides: list[str]) -> dict:
-    """Validate params.yaml + overrides before anything runs, write the overrides in, return the params."""
+    """Validate params.yaml + overrides before anything runs, write the overrides in, return the params.
+    A section (or the whole file) the params file lacks is created, as the validation read it: defaults."""
     params = project / "params.yaml"
     _validate(project, overrides)  # raises ConfigError naming the key
     if overrides:
         from ruamel.yaml import YAML
+        from ruamel.yaml.comments import CommentedMap
+
+        from tdm.artifacts import atomic_write_file
 
         yaml = YAML()
         yaml.preserve_quotes = True  # `"no"` must stay a string for YAML 1.1 readers
         tree = yaml.load(params)
+        if tree is None:  # an empty file (or comments only): every section at its defaults
+            tree = CommentedMap()
         for item in overrides:
             section, name, value = config.parse_override(item)
-            tree.setdefault(section, {})[name] = value
-        tmp = params.with_suffix(".yaml.tmp")
-        with tmp.open("w") as f:
-            yaml.dump(tree, f)
-        tmp.replace(params)
+            if not isinstance(tree.get(section), dict):  # absent (the validation refuses a non-mapping one)
+                tree[section] = CommentedMap()
+            tree[section][name] = value
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                yaml.dump(tree, f)
+
+        atomic_write_file(params, write)
     return config.dump(config.load(params))
+
+
+def dvc_set_params(overrides: list[str]) -> list[str]:
+    """`section.key=value` overrides (YAML values, as tdm reads them) as `dvc exp run -S` arguments that write
+    the same values: `++` (set, adding the key or its section if the params file lacks it: DVC's plain
+    `section.key=` refuses a key the file lacks) and the value as a Hydra literal of the parsed value."""
+    out = []
+    for item in overrides:
+        section, name, value = config.parse_override(item)
+        out += ["-S", f"++{section}.{name}={_hydra_literal(value)}"]
+    return out
+
+
+def _hydra_literal(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        # Hydra's quoted strings: a backslash escapes only a quote (or a backslash before one), others stay.
+        quoted = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
+        quoted = quoted.replace("${", "\\${")  # OmegaConf would interpolate it
+        return f"'{quoted}'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_literal(v)}" for k, v in value.items()) + "}"
+    raise config.ConfigError(f"override value {value!r}: cannot be passed to dvc exp run -S")
 
 
 def check_prefect_server(timeout: float = 3.0) -> None:
@@ -243,7 +315,7 @@ def _ablation(root: Path, variants: dict[str, list[str]], common: list[str]) -> 
                                {"trigger": "prefect-ablation", "variant": name})
         if run_id:
             env["TDM_MLFLOW_PARENT_RUN_ID"] = run_id
-        cmd = [_tool("dvc"), "exp", "run", "--temp", "-f", "-n", name] + [a for s in sets for a in ("-S", s)]
+        cmd = [_tool("dvc"), "exp", "run", "--temp", "-f", "-n", name] + dvc_set_params(sets)
         logger.info("variant %s: %s", name, " ".join(cmd[1:]))
         code, tail = _run_streaming(cmd, root, env)
         _end_run(root, run_id, code == 0)
@@ -292,6 +364,84 @@ def _comparison_markdown(results: dict) -> str:
     return (markdown_table(rows, lead=lead) if rows else "") + notes
 
 
-if __name__ == "__main__":  # run once: python flows/pipeline.py [section.key=value ...]
+def follow(flow_run_id, out=None, poll: float = 1.0) -> object:
+    """Print a flow run's log lines (the stages' output and progress among them) to `out` as they arrive, and
+    its state changes, until the run ends; returns its final state. What `--deployment` shows on the console."""
+    import asyncio
+
+    return asyncio.run(_follow(flow_run_id, out or sys.stdout, poll))
+
+
+async def _follow(flow_run_id, out, poll: float):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
+    from prefect.client.schemas.sorting import LogSort
+
+    seen: set = set()
+    after, shown_state, drain = None, None, 0
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    async with get_client() as client:
+        while True:
+            run = await client.read_flow_run(flow_run_id)
+            state = run.state
+            while True:  # every log line since the last poll, oldest first
+                window = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+                                   timestamp=LogFilterTimestamp(after_=after) if after else None)
+                logs = await client.read_logs(log_filter=window, limit=200, sort=LogSort.TIMESTAMP_ASC)
+                fresh = [log for log in logs if log.id not in seen]
+                for log in fresh:
+                    seen.add(log.id)
+                    say(f"{log.timestamp.astimezone():%H:%M:%S} {log.message}")
+                if logs:
+                    after = logs[-1].timestamp  # inclusive: lines seen already are skipped by id
+                if len(fresh) < 200:
+                    break
+            if state is not None and state.name != shown_state:
+                shown_state = state.name
+                say(f"{time.strftime('%H:%M:%S')} flow run {run.name}: {state.name}")
+            if state is not None and state.is_final():
+                drain += 1  # the run's last lines reach the API in the next batch (every ~2 s)
+                if drain > 3:
+                    return state
+            await asyncio.sleep(poll)
+
+
+def run_deployment_and_follow(name: str, parameters: dict, out=None) -> int:
+    """Start a run of deployment `name` with `parameters`, print where to watch it and its log lines as they
+    come, return 0 when it completed, 1 otherwise. Ctrl-C stops following; the run goes on."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_UI_URL
+
+    out = out or sys.stdout
+    run = run_deployment(name, parameters=parameters, timeout=0, as_subflow=False)
+    ui = PREFECT_UI_URL.value()
+    print(f"flow run {run.name} of {name}" + (f": {ui.rstrip('/')}/runs/flow-run/{run.id}" if ui else ""),
+          file=out, flush=True)
+    try:
+        state = follow(run.id, out)
+    except KeyboardInterrupt:
+        print(f"stopped following; the run goes on (prefect flow-run cancel {run.id} stops it)", file=out)
+        return 130
+    return 0 if state.is_completed() else 1
+
+
+def main(argv: list[str]) -> int:
+    """python flows/pipeline.py [section.key=value ...]              run the flow here, once
+    python flows/pipeline.py --deployment NAME [--params JSON]     run a served deployment, follow its logs"""
     check_prefect_server()
-    tdm(overrides=sys.argv[1:])
+    if argv[:1] == ["--deployment"]:
+        if len(argv) not in (2, 4) or (len(argv) == 4 and argv[2] != "--params"):
+            print("usage: python flows/pipeline.py --deployment NAME [--params JSON]", file=sys.stderr)
+            return 2
+        return run_deployment_and_follow(argv[1], json.loads(argv[3]) if len(argv) == 4 else {})
+    tdm(overrides=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -63,3 +63,67 @@ def test_unreachable_prefect_server_is_one_line_before_anything_runs(project):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0
     assert "Prefect server http://127.0.0.1:9/api is unreachable" in run.stderr
+
+
+_CONSOLE = r"""
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import pipeline
+from prefect.client.orchestration import get_client
+
+def follow():  # what `python flows/pipeline.py --deployment ...` does once the run exists
+    with get_client(sync_client=True) as client:
+        while not (runs := client.read_flow_runs()):
+            time.sleep(0.5)
+    pipeline.follow(runs[0].id, sys.stdout, poll=0.5)
+
+threading.Thread(target=follow, daemon=True).start()
+pipeline.tdm(stages=["distill"], project=sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_stage_progress_reaches_the_followed_console_as_it_goes(tmp_path, teacher_dir):
+    """distill run by the flow's stage runner (`dvc repro`, in a Prefect flow run against a local API) with far
+    too many iterations to finish: the follower prints its `distill: n/total` lines while it runs. A console
+    that got the stage's output only when it ends would show none (and the test would time out)."""
+    import re
+    import signal
+    import threading
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    pipeline._prepare(project, ["model.channels=[32, 32]", f"distill.teacher={teacher_dir}",
+                                "distill.batch_size=8", "distill.iterations=100000", "distill.log_every=1",
+                                "distill.checkpoint_every=100000", "distill.eval_samples=0"])
+    (project / "dvc.yaml").write_text("stages:\n  distill:\n    cmd: tdm distill -q\n    params: [distill]\n"
+                                      "    outs:\n      - outputs/distill:\n          persist: true\n")
+    env = {**os.environ, "TDM_MLFLOW": "0", "TDM_PROGRESS_EVERY": "0", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PREFECT_API_URL", None)  # a temporary local API (Prefect's ephemeral mode), not the project's server
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, env=env, check=True, timeout=120)
+    proc = subprocess.Popen([sys.executable, "-c", _CONSOLE, str(REPO / "flows"), str(project)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    seen, console = [], []
+    guard = threading.Timer(600, os.killpg, (proc.pid, signal.SIGKILL))  # no line ever: fail, do not hang
+    guard.start()
+    try:
+        for line in proc.stdout:  # the follower's console, line by line as it is printed
+            console.append(line.rstrip())
+            match = re.search(r"\d\d:\d\d:\d\d distill: (\d+)/100000 it \(0%\) loss_fake=\S+ loss_gen=\S+ \| "
+                              r".* elapsed, ETA ", line)
+            if match:
+                seen.append(int(match.group(1)))
+            if len(seen) >= 2:
+                break
+    finally:
+        guard.cancel()
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow, dvc, the stage and the temporary API server
+        proc.wait()
+        (tmp_path / "console.txt").write_text("\n".join(console))
+    assert len(seen) >= 2, "\n".join(console[-40:])
+    assert seen == sorted(seen) and seen[0] < seen[1] < 100000  # lines of a stage still running, in order
+    assert any("Running" in ln for ln in console) and not (project / "outputs/distill/student").exists()
