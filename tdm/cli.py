@@ -1,11 +1,19 @@
 """`tdm <stage> ...`: the command line. Each stage command validates params.yaml (+ `-S section.key=value`
 overrides, DVC's syntax) before any compute, then calls the stage's `run`.
 
-Exit codes: 0 done (the result as JSON on stdout; status lines go to stderr), 2 bad input (one `tdm: error:`
-line naming the key or path), 3 training diverged (one line; the last good checkpoint is kept)."""
+Before any model loads, a stage command also checks every model folder it reads (configs parse, weights
+present), every prompt / sample file, and that every path it writes can be written (tdm/outputs.py); then it
+takes its output folder's one-writer lock (a second run on the same folder fails at once, naming the first).
+
+Exit codes: 0 done (the result as JSON on stdout; status lines go to stderr), 2 bad input, an output that cannot
+be written (`cannot write <path>: <reason>`: read-only, full disk, a file in the way) or a folder another run
+holds (one `tdm: error:` line naming the key, flag or path; credentials redacted), 3 training diverged (one
+line; the last good checkpoint is kept). `-q` silences tdm's and the libraries' (transformers, diffusers,
+huggingface_hub) progress bars."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -142,7 +150,9 @@ def _run_stage(stage: str, args, cfg, run_fn, check=None, weights_dir: str | Non
     if getattr(args, "quiet", False):
         _quiet_libraries()
     out_dir = StagePaths.of(stage).out_dir
-    with stage_lock(out_dir, stage.replace("_", "-")):
+    # One writer per folder; under `accelerate launch` / torchrun the main process holds it for all ranks.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with stage_lock(out_dir, stage.replace("_", "-")) if main_process else contextlib.nullcontext():
         _writing = out_dir
         return _tracked(stage, cfg, run_fn)
 
@@ -194,51 +204,6 @@ def cmd_evaluate(args) -> dict:
     return result
 
 
-def check_sample_set(path: str | Path) -> None:
-    """A `tdm score` input, checked before any metric model loads: an npz with arrays `images` (uint8) and
-    `prompts` and nothing pickled (tdm never unpickles), or an image folder whose metadata.jsonl (if any)
-    parses. Raises FileNotFoundError or ValueError naming the path. Reads array headers only."""
-    import zipfile
-
-    import numpy as np
-
-    path = Path(path)
-    if path.is_dir():
-        from tdm.evaluation.fid import list_images
-
-        list_images(path, what="sample folder")
-        if (path / "metadata.jsonl").is_file():
-            from tdm.data import _jsonl_rows
-
-            _jsonl_rows(path / "metadata.jsonl")
-        return
-    if not path.is_file():
-        raise FileNotFoundError(f"samples not found (an npz from `tdm sample` or an image folder): {path}")
-    what = "not an npz from `tdm sample` (arrays images, prompts)"
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = {n.removesuffix(".npy"): n for n in z.namelist()}
-            if "images" not in names or "prompts" not in names:
-                raise ValueError(f"{path}: {what}; it holds {sorted(names)}")
-            for key in ("images", "prompts"):
-                with z.open(names[key]) as f:
-                    version = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
-                    _, _, dtype = read(f)
-                if dtype.hasobject:
-                    raise ValueError(f"{path}: {key} holds pickled Python objects; refused (tdm never unpickles: "
-                                     f"write plain arrays, e.g. `tdm sample`)")
-                if key == "images" and dtype != np.uint8:
-                    raise ValueError(f"{path}: images must be uint8, got {dtype}")
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
-        raise ValueError(f"{path}: {what} ({err})") from None
-    except ValueError as err:
-        if str(err).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}: {what} ({err})") from None
-
-
 def cmd_score(args) -> dict:
     from tdm import config
     from tdm.evaluation import METRICS, is_metric
@@ -249,6 +214,8 @@ def cmd_score(args) -> dict:
     if unknown or not metrics:
         raise ValueError(f"--metrics: unknown metric(s) {unknown} (known: {', '.join(METRICS)}, vbench_<dimension>)"
                          if unknown else "--metrics: need at least one metric")
+    from tdm.data import check_sample_set
+
     for path in args.samples:
         check_sample_set(path)
     if args.reference and not Path(args.reference).exists():

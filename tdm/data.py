@@ -139,6 +139,52 @@ def _prompt_field(row: dict, path: Path) -> str:
     raise ValueError(f"{path}: each row needs a 'prompt', 'text' or 'caption' field, got {sorted(row)}")
 
 
+# The image files a sample or reference folder may hold (tdm.evaluation.fid reads the same).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def check_sample_set(path: str | Path) -> None:
+    """A `tdm score` input, checked before any metric model loads: an npz with arrays `images` (uint8) and
+    `prompts` and nothing pickled (tdm never unpickles), or an image folder whose metadata.jsonl (if any)
+    parses. Raises FileNotFoundError or ValueError naming the path. Reads array headers only."""
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        images = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        if len(images) < 2:
+            raise ValueError(f"sample folder needs at least 2 images ({', '.join(IMAGE_SUFFIXES)}), found "
+                             f"{len(images)}: {path}")
+        if (path / "metadata.jsonl").is_file():
+            _jsonl_rows(path / "metadata.jsonl")
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"samples not found (an npz from `tdm sample` or an image folder): {path}")
+    what = "not an npz from `tdm sample` (arrays images, prompts)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy"): n for n in z.namelist()}
+            if "images" not in names or "prompts" not in names:
+                raise ValueError(f"{path}: {what}; it holds {sorted(names)}")
+            for key in ("images", "prompts"):
+                with z.open(names[key]) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    _, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise ValueError(f"{path}: {key} holds pickled Python objects; refused (tdm never unpickles: "
+                                     f"write plain arrays, e.g. `tdm sample`)")
+                if key == "images" and dtype != np.uint8:
+                    raise ValueError(f"{path}: images must be uint8, got {dtype}")
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
+        raise ValueError(f"{path}: {what} ({err})") from None
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {what} ({err})") from None
+
+
 @dataclass
 class ImageCaptionFolder:
     """An image-caption folder in the diffusers convention: images + `metadata.jsonl`

@@ -120,7 +120,19 @@ def check_inputs(cfg: Config) -> list[dict]:
                 raise FileNotFoundError(f"evaluate.{key}: {err}") from None
             except ValueError as err:
                 raise ValueError(f"evaluate.{key}: {err}") from None
-    read_manifest(cfg.evaluate.lora_manifest)
+    from tdm.data import check_sample_set, read_text
+
+    manifest = cfg.evaluate.lora_manifest
+    if manifest is not None and Path(manifest).is_file():
+        read_text(Path(manifest))  # a binary manifest names its file
+    for row in read_manifest(manifest):
+        check_sample_set(row["samples"])
+    reference = cfg.evaluate.fid_reference
+    if reference is not None and Path(reference).expanduser().is_file():
+        try:
+            check_sample_set(Path(reference).expanduser())
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"evaluate.fid_reference: {err}") from None
     if rows:
         prompt_list(cfg)
     return rows

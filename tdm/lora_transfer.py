@@ -74,13 +74,19 @@ def check_inputs(cfg: Config) -> StudentRecord:
     if not Path(lt.lora).exists():
         raise FileNotFoundError(f"params.yaml: lora_transfer.lora: not found: {lt.lora} (run `tdm distill` in LoRA "
                                 f"mode, or `tdm lora extract` for a full-mode student)")
-    if Path(lt.lora).is_file() and Path(lt.lora).suffix == ".safetensors":
-        from tdm.backbones import check_safetensors
+    from tdm.backbones import check_safetensors, read_json_file
 
-        try:
-            check_safetensors(Path(lt.lora))
-        except ValueError as err:
-            raise ValueError(f"params.yaml: lora_transfer.lora: {err}") from None
+    lora_path = Path(lt.lora)
+    try:  # a truncated or foreign file fails naming it, before any model loads
+        if lora_path.is_dir():
+            for f in sorted(lora_path.glob("*.safetensors")):
+                check_safetensors(f)
+            if (lora_path / "adapter_config.json").is_file():
+                read_json_file(lora_path / "adapter_config.json")
+        elif lora_path.suffix == ".safetensors":
+            check_safetensors(lora_path)
+    except ValueError as err:
+        raise ValueError(f"params.yaml: lora_transfer.lora: {err}") from None
     record = student_record(cfg)
 
     def checked(name: str, key: str) -> Path:

@@ -54,15 +54,29 @@ class MetricsLog:
                 if step <= resume_from_step:
                     kept.append(line)
         text = "".join(ln + "\n" for ln in kept)
-        atomic_write_file(self.path, lambda tmp: Path(tmp).write_text(text))
+        try:
+            atomic_write_file(self.path, lambda tmp: Path(tmp).write_text(text))
+        except OSError as err:
+            raise _cannot_write(self.path, err) from None
 
     def write(self, rows: list[dict]) -> None:
-        with self.path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                                    for k, v in row.items()}) + "\n")
+        """Append `rows`; OutputError (`cannot write <file>: <reason>`) when the disk refuses (full, read-only)."""
+        try:
+            with self.path.open("a") as f:
+                for row in rows:
+                    f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                                        for k, v in row.items()}) + "\n")
+        except OSError as err:
+            raise _cannot_write(self.path, err) from None
         if _active is not None and rows:
             _active.log_steps(rows)
+
+
+def _cannot_write(path: Path, err: OSError) -> OSError:
+    """`cannot write <the log>: <reason>` (tdm.outputs.OutputError) for a write the OS refused."""
+    from tdm.outputs import OutputError
+
+    return OutputError(path, err.strerror or str(err))
 
 
 class TrackingUnavailable(RuntimeError):

@@ -106,13 +106,15 @@ def check_safetensors(path: Path) -> None:
         raise ValueError(f"{path}: truncated ({size} bytes, its header needs {8 + n + end})")
 
 
-def check_weights(folder: Path) -> None:
+def check_weights(folder: Path, skipped: tuple[str, ...] = ()) -> None:
     """Every model component model_index.json lists (a subfolder with a config.json) has its weights: a weight
     file, or a shard index whose shards are all there; .safetensors headers are checked too. No tensor is read.
-    Raises FileNotFoundError / ValueError naming the component folder or file."""
+    `skipped`: components the adapter never loads (sd15's safety checker). Raises FileNotFoundError / ValueError
+    naming the component folder or file."""
     meta = read_json_file(folder / "model_index.json")
     for name, spec in meta.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+        if name.startswith("_") or name in skipped or not isinstance(spec, list) or len(spec) != 2 \
+                or spec[1] is None:
             continue
         sub = folder / name
         if not sub.is_dir():
@@ -148,7 +150,8 @@ def check_model(name_or_path: str | Path) -> tuple[Path, str]:
     adapter = FAMILIES[family]
     if issubclass(adapter, PipelineBackbone):
         adapter.check_folder(folder)
-    check_weights(folder)
+    load_kwargs = getattr(adapter, "load_kwargs", {}) or {}
+    check_weights(folder, skipped=tuple(k for k, v in load_kwargs.items() if v is None))
     return folder, family
 
 

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -80,3 +81,27 @@ def test_prompt_files_and_captions_with_a_byte_order_mark(tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "a.png")
     (folder / "metadata.jsonl").write_text(bom + '{"file_name": "a.png", "text": "a cat"}\n', encoding="utf-8")
     assert ImageCaptionFolder.open(folder).captions == ["a cat"]
+
+
+def test_check_sample_set_passes_what_tdm_sample_writes_and_names_what_it_refuses(tmp_path):
+    """`tdm score` inputs checked from array headers before any metric loads (issue 18 case 14)."""
+    import numpy as np
+
+    from tdm.artifacts import save_samples
+    from tdm.data import check_sample_set
+
+    npz, png = save_samples(tmp_path / "s.npz", np.zeros((3, 8, 8, 1), np.uint8), ["a", "b", "c"])
+    check_sample_set(npz)  # the format tdm writes
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        shutil.copy(png, folder / f"{i}.png")
+    check_sample_set(folder)
+    np.savez(tmp_path / "obj.npz", images=np.zeros((1, 8, 8, 1), np.uint8), prompts=np.array([None], dtype=object))
+    (tmp_path / "text.npz").write_text("not a zip")
+    for bad, why in [("obj.npz", "pickled"), ("text.npz", "not an npz"), ("s.png", "not an npz")]:
+        with pytest.raises(ValueError, match=why) as err:
+            check_sample_set(png if bad == "s.png" else tmp_path / bad)
+        assert str(tmp_path) in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        check_sample_set(tmp_path / "missing.npz")

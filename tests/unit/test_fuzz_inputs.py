@@ -86,6 +86,9 @@ def _inputs(base: Path) -> dict[str, Path]:
         "utf16.yaml": "distill:\n  k: 4\n".encode("utf-16"),
         "not_npz.npz": b"this is not a zip archive\n",
         "plain.npy": b"",
+        "bad.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
+        "manifest_missing.json": json.dumps({"rows": [{"model": "x", "steps": 1, "nfe": 1, "guidance": 1.0,
+                                                        "samples": "nowhere/s.npz"}]}).encode(),
     }
     out = {}
     for name, data in files.items():
@@ -97,6 +100,8 @@ def _inputs(base: Path) -> dict[str, Path]:
     out["pickled.npz"] = base / "pickled.npz"
     np.savez(base / "float_images.npz", images=np.zeros((2, 8, 8, 1), np.float32), prompts=np.array(["a", "b"]))
     out["float_images.npz"] = base / "float_images.npz"
+    np.savez(base / "good.npz", images=np.zeros((2, 8, 8, 1), np.uint8), prompts=np.array(["a", "b"]))
+    out["good.npz"] = base / "good.npz"
     np.savez(base / "no_prompts.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
     out["no_prompts.npz"] = base / "no_prompts.npz"
     data = base / "data_binary"
@@ -107,6 +112,14 @@ def _inputs(base: Path) -> dict[str, Path]:
     data.mkdir(exist_ok=True)
     (data / "metadata.jsonl").write_text('{"file_name": "nope.png", "text": "a digit one"}\n')
     out["data_missing_image"] = data
+    folder = base / "torn_meta_images"
+    folder.mkdir(exist_ok=True)
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n{"file_name": \n')
+    out["torn_meta_images"] = folder
     (base / "a_file").write_text("x")
     out["a_file"] = base / "a_file"
     return out
@@ -191,6 +204,15 @@ CASES = [
     ("evaluate-student-not-student", ["evaluate", "-S", "evaluate.teacher=null", "-S", "evaluate.student={teacher}"],
      "evaluate.student", None),
     ("lt-lora-missing", ["lora-transfer", "-S", "lora_transfer.lora=no/such/lora"], "lora_transfer.lora", None),
+    ("lt-lora-corrupt-safetensors", ["lora-transfer", "-S", "lora_transfer.lora={bad.safetensors}"],
+     "lora_transfer.lora", None),
+    ("evaluate-reference-pickled", ["evaluate", "-S", "evaluate.teacher=null", "-S", "evaluate.student=null", "-S",
+                                    "evaluate.fid_reference={pickled.npz}"], "evaluate.fid_reference", None),
+    ("evaluate-manifest-binary", ["evaluate", "-S", "evaluate.teacher=null", "-S", "evaluate.student=null", "-S",
+                                  "evaluate.lora_manifest={binary.txt}"], "{binary.txt}", None),
+    ("evaluate-manifest-samples-missing", ["evaluate", "-S", "evaluate.teacher=null", "-S", "evaluate.student=null",
+                                           "-S", "evaluate.lora_manifest={manifest_missing.json}"],
+     "nowhere/s.npz", None),
     ("teacher-data-binary-meta", ["teacher-ft", "-S", "teacher_ft.data={data_binary}"], "{data_binary}", None),
     ("teacher-data-missing-image", ["teacher-ft", "-S", "teacher_ft.data={data_missing_image}", "-S",
                                     "teacher_ft.resolution=8"], "teacher_ft.data", None),
@@ -230,6 +252,9 @@ CASES = [
     ("score-no-prompts", ["score", "{no_prompts.npz}"], "{no_prompts.npz}", None),
     ("score-missing", ["score", "missing.npz"], "missing.npz", None),
     ("score-empty-folder", ["score", "{empty_dir}"], "{empty_dir}", None),
+    ("score-folder-torn-metadata", ["score", "{torn_meta_images}"], "{torn_meta_images}/metadata.jsonl", None),
+    ("score-reference-pickled", ["score", "--metrics", "fid", "--reference", "{pickled.npz}", "{good.npz}"],
+     "{pickled.npz}", None),
     ("score-unknown-metric", ["score", "--metrics", "nope", "{pickled.npz}"], "--metrics", None),
     ("export-no-weights", ["export", "--student", "{no_weights}", "--out", "exp"], "--student", None),
     ("export-not-a-student", ["export", "--student", "{teacher}", "--out", "exp"], "--student", None),

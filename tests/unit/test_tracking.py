@@ -205,3 +205,15 @@ def test_the_health_check_authenticates_like_mlflow(auth_server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRET)
     tracking.check_server(f"http://127.0.0.1:{port}/")  # a token, as Bearer
+
+
+def test_a_full_disk_under_the_step_log_is_one_named_line(tmp_path):
+    """metrics.jsonl on a full disk (the kernel's /dev/full: every write ENOSPC): `cannot write <log>: ...`."""
+    from tdm.outputs import OutputError
+
+    log = tracking.MetricsLog(tmp_path / "metrics.jsonl")
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OutputError) as err:
+        log.write([{"step": 1, "loss": 0.5}])
+    assert str(err.value) == f"cannot write {tmp_path / 'metrics.jsonl'}: No space left on device"
