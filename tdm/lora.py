@@ -502,14 +502,22 @@ def _common_alpha(lora: LoRA) -> LoRA:
     if common == 0:
         return lora
     return replace(lora, modules={n: m if m.alpha == common else LoRAModule(
-        m.down, (m.up.float() * (m.alpha / common)).to(m.up.dtype), common) for n, m in lora.modules.items()})
+        m.down, _times(m.up, m.alpha / common), common) for n, m in lora.modules.items()})
 
 
 def _fold_alpha(m: LoRAModule) -> LoRAModule:
-    """The same update with alpha = r: up multiplied by alpha / r (in float32, stored in the up's dtype)."""
+    """The same update with alpha = r: up multiplied by alpha / r."""
     if m.alpha == m.rank:
         return m
-    return LoRAModule(m.down, (m.up.float() * (m.alpha / m.rank)).to(m.up.dtype), float(m.rank))
+    return LoRAModule(m.down, _times(m.up, m.alpha / m.rank), float(m.rank))
+
+
+def _times(up: torch.Tensor, factor: float) -> torch.Tensor:
+    """`up * factor` in float32; kept in the up's dtype when that is exact (a power of two, or float32 / 64),
+    else float32 (a half-precision up times 0.75 would round)."""
+    product = up.float() * factor
+    exact = up.dtype in (torch.float32, torch.float64) or (factor != 0 and math.frexp(abs(factor))[0] == 0.5)
+    return product.to(up.dtype) if exact or factor == 0 else product
 
 
 # -- applying ------------------------------------------------------------------------------------------------------

@@ -521,3 +521,17 @@ def test_cli_refuses_a_transformer_kohya_export_and_writes_its_diffusers_one(bui
     assert main(["lora", "export", str(src), "--format", "diffusers", "--component", "transformer",
                  "--out", str(tmp_path / "d")]) == 0
     assert all(k.startswith("transformer.") for k in load_file(tmp_path / "d" / L.DIFFUSERS_WEIGHTS))
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_folding_alpha_into_half_precision_weights_stays_exact(tiny_digits, tmp_path, fmt):
+    """A bf16 LoRA whose alpha / r (or alpha ratio) is no power of two: the folded up weights are kept in float32,
+    so the reloaded update equals the original one (a bf16 up times 0.75 would round by up to 2**-8)."""
+    lora = _reference_lora(tiny_digits.net)
+    lora = L.LoRA({n: L.LoRAModule(m.down.bfloat16(), m.up.bfloat16(), m.alpha) for n, m in lora.modules.items()})
+    path = L.save_lora(lora, tmp_path / ("k.safetensors" if fmt == "kohya" else "d"), fmt)
+    back = L.load_lora(path).resolved(tiny_digits.net)
+    for name, m in lora.modules.items():
+        torch.testing.assert_close(back.modules[name].delta(), m.delta(), atol=1e-7, rtol=1e-6)
+    assert any(m.up.dtype == torch.float32 for m in back.modules.values())
+    assert all(m.down.dtype == torch.bfloat16 for m in back.modules.values())
