@@ -35,11 +35,19 @@ def _umask() -> int:
 _TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:tmp|old)-[a-z0-9_]{8}(?:\.[^.]*)?$")
 
 
+def _lock(fd: int) -> None:
+    """An exclusive flock on `fd`; none where the file system has no flock (then `in_use` is always True)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+
+
 def _hold(path: str | Path) -> int:
     """Open `path` (a file or a folder) and take an exclusive lock on it; close the fd to release it."""
     fd = os.open(path, os.O_RDONLY)
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    _lock(fd)
     return fd
 
 
@@ -70,22 +78,26 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_stale_temps(folder: str | Path, name: str | None = None) -> list[Path]:
-    """Remove the temps in `folder` (those of output `name` only, if given) that a killed write left: no live
-    writer holds them. Each with a one-line note on stderr. Also the unmarked temps of output `name` that
-    earlier versions left (`.<name>.<8 random chars>`, `.<name>.old.<8>`)."""
+def remove_stale_temps(folder: str | Path, name: str | None = None, recursive: bool = False) -> list[Path]:
+    """Remove the temps in `folder` (those of output `name` only, if given; in every subfolder too with
+    `recursive`) that a killed write left: no live writer holds them. Each with a one-line note on stderr. Also
+    the unmarked temps of output `name` that earlier versions left (`.<name>.<8 random chars>`, `.<name>.old.<8>`)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     legacy = re.compile(rf"^\.{re.escape(name)}\.(?:old\.)?[a-z0-9_]{{8}}(?:{re.escape(Path(name).suffix)})?$") \
         if name else None
-    removed = []
+    removed, subfolders = [], []
     for p in sorted(folder.iterdir()):
         m = _TEMP.match(p.name)
         ours = (m is not None and (name is None or m["name"] == name)) or (legacy is not None and legacy.match(p.name))
         if ours and not in_use(p):
             _remove(p)
             removed.append(p)
+        elif recursive and m is None and p.is_dir() and not p.is_symlink():
+            subfolders.append(p)
+    for sub in subfolders:
+        removed += remove_stale_temps(sub, name, recursive=True)
     return removed
 
 
@@ -96,8 +108,7 @@ def _atomic_write(path: Path, write) -> Path:
     remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd)
         write(tmp)
         fault_point("atomic_write", path.name)
         os.chmod(tmp, 0o666 & ~_umask())

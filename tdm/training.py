@@ -209,7 +209,7 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
     every, last_line = progress_every(), None
     root = s.out_dir / "checkpoints"
     if accelerator.is_main_process:  # temps a killed write left (a model save, a checkpoint, a log rewrite)
-        remove_stale_temps(s.out_dir)
+        remove_stale_temps(s.out_dir, recursive=True)
         ckpt.remove_stale_temps(root)
     start, resumed_from, past_time, last = 0, None, 0.0, {}
     found = resumable_checkpoint(accelerator, root, s.fingerprint, s.stage)

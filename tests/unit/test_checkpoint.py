@@ -148,13 +148,14 @@ def test_stage_start_sweep_removes_every_stale_temp_but_not_a_live_one(tmp_path,
     _killed_write(out, "model", "atomic_folder:1")
     _killed_write(out, "json", "atomic_write:1")
     _killed_write(out, "checkpoint", "atomic_folder:1")
+    _killed_write(out / "samples", "json", "atomic_write:1")  # in a subfolder: the recursive sweep finds it
     (out / "checkpoints" / ".step-0000008.abcd1234").mkdir()  # an unmarked temp of an earlier version
     (out / ".student.k2x_9abc").mkdir()  # earlier versions' unmarked temp of a model folder
     (out / ".notes.txt").write_text("not ours")  # a hidden file tdm did not write stays
     with artifacts.atomic_folder(out / "live") as live:  # a write in progress (this process holds it)
         remove_stale = subprocess.run(  # another process sweeps meanwhile
             [sys.executable, "-c", "import sys; from tdm import artifacts, checkpoint as c; "
-             "artifacts.remove_stale_temps(sys.argv[1]); c.remove_stale_temps(sys.argv[1] + '/checkpoints'); "
+             "artifacts.remove_stale_temps(sys.argv[1], recursive=True); c.remove_stale_temps(sys.argv[1] + '/checkpoints'); "
              "artifacts.remove_stale_temps(sys.argv[1], 'student')", str(out)],
             capture_output=True, text=True, timeout=120)
         assert remove_stale.returncode == 0, remove_stale.stderr
@@ -162,7 +163,13 @@ def test_stage_start_sweep_removes_every_stale_temp_but_not_a_live_one(tmp_path,
         (live / "w").write_text("x")
     assert (out / "live" / "w").read_text() == "x"
     assert _hidden(out) == [".notes.txt"]
-    assert remove_stale.stderr.count("left by an interrupted write") == 5
+    assert remove_stale.stderr.count("left by an interrupted write") == 6
+
+
+def test_without_recursive_a_subfolder_is_left_alone(tmp_path):
+    _killed_write(tmp_path / "sub", "json", "atomic_write:1")
+    assert artifacts.remove_stale_temps(tmp_path) == []
+    assert len(artifacts.remove_stale_temps(tmp_path, recursive=True)) == 1 and _hidden(tmp_path) == []
 
 
 def test_prune_keeps_a_checkpoint_being_written(tmp_path):
