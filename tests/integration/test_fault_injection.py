@@ -27,7 +27,8 @@ import json, os, signal, sys, time
 import tdm.cli, tdm.distill, tdm.teacher_ft, tdm.tracking, tdm.checkpoint  # imported once; forks share them
 import accelerate, safetensors.torch  # noqa: F401
 t0 = time.monotonic()
-for job in json.loads(sys.argv[1]):
+
+def run(job):
     t = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -55,18 +56,43 @@ for job in json.loads(sys.argv[1]):
     if job.get("torn_tail"):  # what a kill (or a full disk) in the middle of a log flush leaves
         with open(os.path.join(job["cwd"], job["torn_tail"]), "a") as f:
             f.write('{"step": 99, "loss_fa')
-    print(json.dumps({"code": code, "s": round(time.monotonic() - t, 1), "at": round(t - t0, 1)}), flush=True)
+    return {"code": code, "s": round(time.monotonic() - t, 1), "at": round(t - t0, 1)}
+
+chains = json.loads(sys.argv[1])
+runners = []
+for c, chain in enumerate(chains):  # the lanes run side by side, each one's runs in order
+    pid = os.fork()
+    if pid == 0:
+        for i, job in enumerate(chain):
+            print(json.dumps({"chain": c, "job": i, **run(job)}), flush=True)
+        os._exit(0)
+    runners.append(pid)
+sys.exit(max(os.waitpid(pid, 0)[1] for pid in runners) and 1)
 """
 
 
-def _run_jobs(jobs: list[dict], timeout: int) -> list[int]:
+def _run_lanes(lanes: list[list[list[dict]]], timeout: int) -> list[list[list[int]]]:
+    """Run the lanes side by side (two: the test machines have two cores); in each, its chains of jobs one after
+    the other, each chain's jobs in order. Returns each job's exit code (-9: SIGKILLed), lane by lane."""
     env = {**os.environ, "TDM_NUM_THREADS": "1", "TDM_MLFLOW": "0"}
     env.pop("TDM_FAULT_AT", None)
-    run = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(jobs)], env=env, capture_output=True,
+    flat = [[job for chain in lane for job in chain] for lane in lanes]
+    run = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(flat)], env=env, capture_output=True,
                          text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
-    print(run.stdout)
-    return [json.loads(line)["code"] for line in run.stdout.splitlines()]
+    print(run.stdout)  # per run: exit code, seconds, start (shown when the test fails)
+    codes = [[None] * len(jobs) for jobs in flat]
+    for line in run.stdout.splitlines():
+        row = json.loads(line)
+        codes[row["chain"]][row["job"]] = row["code"]
+    out = []
+    for lane, lane_codes in zip(lanes, codes):
+        at, split = 0, []
+        for chain in lane:
+            split.append(lane_codes[at:at + len(chain)])
+            at += len(chain)
+        out.append(split)
+    return out
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -170,19 +196,19 @@ def test_stages_killed_at_random_moments_resume_bitwise_identical(teacher_dir, t
         ("atomic_swap@model", "the model save (old model moved aside)"),
         (None, "nothing: the run completes"),
     ]
-    jobs = [{"cwd": str(tmp_path / "clean"), "argv": distill, "log": str(tmp_path / "clean.log")},
-            {"cwd": str(tmp_path / "clean_ft"), "argv": teacher, "log": str(tmp_path / "clean_ft.log")}]
-    jobs += _chain(distill_plan, tmp_path / "faulted", distill, str(tmp_path / "distill"), rng,
-                   "outputs/distill/metrics.jsonl")
-    jobs += _chain(teacher_plan, tmp_path / "faulted_ft", teacher, str(tmp_path / "teacher"), rng,
-                   "outputs/teacher_ft/metrics.jsonl")
-    codes = _run_jobs(jobs, timeout=600)
-    assert codes[:2] == [0, 0], (tmp_path / "clean.log").read_text()[-3000:] + (tmp_path / "clean_ft.log").read_text()[-3000:]
-    n = len(distill_plan)
-    _check_chain(distill_plan, codes[2:2 + n], [Path(j["log"]).read_text() for j in jobs[2:2 + n]], torn_at=4)
-    _check_chain(teacher_plan, codes[2 + n:], [Path(j["log"]).read_text() for j in jobs[2 + n:]], torn_at=2)
-    for clean, faulted in (("clean", "faulted"), ("clean_ft", "faulted_ft")):
-        assert _hidden(tmp_path / faulted) == []
+    distill_jobs = _chain(distill_plan, tmp_path / "faulted", distill, str(tmp_path / "distill"), rng,
+                          "outputs/distill/metrics.jsonl")
+    teacher_jobs = _chain(teacher_plan, tmp_path / "faulted_ft", teacher, str(tmp_path / "teacher"), rng,
+                          "outputs/teacher_ft/metrics.jsonl")
+    clean_job = {"cwd": str(tmp_path / "clean"), "argv": distill, "log": str(tmp_path / "clean.log")}
+    clean_ft_job = {"cwd": str(tmp_path / "clean_ft"), "argv": teacher, "log": str(tmp_path / "clean_ft.log")}
+    (clean, faulted_ft), (clean_ft, faulted) = _run_lanes([[[clean_job], teacher_jobs],
+                                                           [[clean_ft_job], distill_jobs]], timeout=600)
+    assert clean == [0], (tmp_path / "clean.log").read_text()[-3000:]
+    assert clean_ft == [0], (tmp_path / "clean_ft.log").read_text()[-3000:]
+    _check_chain(distill_plan, faulted, [Path(j["log"]).read_text() for j in distill_jobs], torn_at=4)
+    _check_chain(teacher_plan, faulted_ft, [Path(j["log"]).read_text() for j in teacher_jobs], torn_at=2)
+    assert _hidden(tmp_path / "faulted") == [] and _hidden(tmp_path / "faulted_ft") == []
     state_only = _assert_same_outputs(tmp_path / "clean", tmp_path / "faulted")
     state_only += _assert_same_outputs(tmp_path / "clean_ft", tmp_path / "faulted_ft")
     if state_only:
