@@ -84,6 +84,9 @@ def _inputs(base: Path) -> dict[str, Path]:
         "section_scalar.yaml": b"distill: 5\n",
         "unknown_section.yaml": b"distil:\n  k: 4\n",
         "utf16.yaml": "distill:\n  k: 4\n".encode("utf-16"),
+        "deep.yaml": b"distill: " + b"[" * 20000 + b"]" * 20000 + b"\n",
+        "aliases.yaml": b"a0: &a0 [x]\n" + b"".join(f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}]\n".encode()
+                                                    for i in range(1, 40)),
         "not_npz.npz": b"this is not a zip archive\n",
         "plain.npy": b"",
         "bad.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
@@ -147,6 +150,8 @@ CASES = [
     ("params-unhashable-key", ["distill", "--params", "{unhashable.yaml}"], "{unhashable.yaml}", None),
     ("params-section-scalar", ["distill", "--params", "{section_scalar.yaml}"], "distill", None),
     ("params-unknown-section", ["report", "--params", "{unknown_section.yaml}"], "distil", None),
+    ("params-deep-nesting", ["distill", "--params", "{deep.yaml}"], "{deep.yaml}", None),
+    ("params-billion-laughs", ["distill", "--params", "{aliases.yaml}"], "a0", None),
     ("params-folder", ["distill", "--params", "{empty_dir}"], "{empty_dir}", None),
     ("params-missing", ["evaluate", "--params", "nope.yaml"], "nope.yaml", None),
     # overrides: values
