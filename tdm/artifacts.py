@@ -135,12 +135,11 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder.parent, folder.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    held = [_hold(tmp)]
+    held, old = [_hold(tmp)], None
     try:
         yield tmp
         fault_point("atomic_folder", folder.name)
         os.chmod(tmp, 0o777 & ~_umask())
-        old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             held.append(_hold(old))
@@ -150,6 +149,10 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and (old / folder.name).exists() and not folder.exists():
+            os.rename(old / folder.name, folder)  # an error mid-swap: the old folder goes back
+        if old is not None and not (old / folder.name).exists():
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

@@ -179,3 +179,21 @@ def test_prune_keeps_a_checkpoint_being_written(tmp_path):
         assert tmp.is_dir()
         (tmp / "state.json").write_text("{}")
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-0000004"]
+
+
+def test_an_error_mid_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):  # the second rename (new folder into place) fails, as on a full or read-only disk
+        if Path(src).name.startswith(".model.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="No space"):
+        with artifacts.atomic_folder(tmp_path / "model") as tmp:
+            (tmp / "w").write_text("new")
+    assert (tmp_path / "model" / "w").read_text() == "old"
+    assert not [p for p in tmp_path.iterdir() if p.name != "model"]  # the empty aside folder is gone too
