@@ -21,6 +21,14 @@ TEXT_LEN = 16  # tokenizer max length of the tiny models (CLIP and T5)
 CLIP_DIM = 32
 T5_DIM = 64  # >= the two CLIP widths together (SD3 pads CLIP features to the T5 width)
 FAMILIES = ("sd15", "sdxl", "pixart_alpha", "sd3", "cogvideox")
+# The families of the new-families issue (#14), built by the same `build`; kept apart from FAMILIES so the tests
+# parametrised over FAMILIES are unchanged. "sd35" is a `sd3`-family model (SD3.5 layout), "flux_schnell" a
+# `flux`-family model without the guidance embedding.
+NEW_FAMILIES = ("sd35", "pixart_sigma", "wan", "flux", "flux_schnell")
+# The native shape the new video / FLUX tiny models declare (`tdm_backbone.json`; the real checkpoints use the
+# pipelines' defaults): Wan 5 frames of 16x16 pixels -> 2 latent frames of 4x4; FLUX 16x16 -> 8x8 latents.
+TINY_SHAPES = {"wan": {"height": 16, "width": 16, "num_frames": 5}, "flux": {"height": 16, "width": 16},
+               "flux_schnell": {"height": 16, "width": 16}}
 
 _CORPUS = ["a photo of a cat", "a painting of a dog on the beach", "an astronaut riding a horse",
            "a red car in the rain", "a bowl of fruit on a wooden table", "a small house under the stars",
@@ -100,7 +108,9 @@ def _sd_scheduler():
 def build(family: str, seed: int = 0):
     """A tiny random pipeline of `family` (weights fixed by `seed`)."""
     torch.manual_seed(seed)
-    return {"sd15": _sd15, "sdxl": _sdxl, "pixart_alpha": _pixart, "sd3": _sd3, "cogvideox": _cogvideox}[family]()
+    return {"sd15": _sd15, "sdxl": _sdxl, "pixart_alpha": _pixart, "sd3": _sd3, "cogvideox": _cogvideox,
+            "sd35": _sd35, "pixart_sigma": _pixart_sigma, "wan": _wan, "flux": lambda: _flux(guidance_embeds=True),
+            "flux_schnell": lambda: _flux(guidance_embeds=False)}[family]()
 
 
 def _sd15():
@@ -178,9 +188,108 @@ def _cogvideox():
                              scheduler=scheduler)
 
 
+def _sd35():
+    """SD3.5 Medium's layout (MMDiT-X): SD3's pipeline and encoders, a transformer with dual attention in its first
+    layer(s) (`dual_attention_layers`, Medium: 0-12 of 24) and RMS QK-norm (`qk_norm="rms_norm"`, Medium and
+    Large). Same flow scheduler (shift 3.0) as the hub configs."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    pipe = _sd3()
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    config.update(dual_attention_layers=(0,), qk_norm="rms_norm")
+    transformer = SD3Transformer2DModel(**config)
+    return StableDiffusion3Pipeline(**{**pipe.components, "transformer": transformer})
+
+
+def _pixart_sigma():
+    """PixArt-Sigma: the PixArt transformer without micro-conditions (the Sigma checkpoints have
+    use_additional_conditions false; its pipeline never passes them), T5 (300 tokens on the real model; TEXT_LEN
+    here), the SDXL VAE's scaling factor 0.13025, DPM-Solver on the linear VP schedule (epsilon, learned sigma)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    tok = t5_tokenizer()
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=3, in_channels=4, out_channels=8,
+        cross_attention_dim=24, caption_channels=T5_DIM, patch_size=2, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False)
+    return PixArtSigmaPipeline(tokenizer=tok, text_encoder=t5_encoder(tok), vae=vae(scaling_factor=0.13025),
+                               transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", prediction_type="epsilon"))
+
+
+def wan_scheduler(flow_shift: float = 3.0):
+    """Wan2.1's hub scheduler (Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json): UniPC in its
+    flow mode (use_flow_sigmas, prediction_type flow_prediction, flow_shift 3.0 at 480p; 5.0 for 720p)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+                                   num_train_timesteps=1000, solver_order=2, solver_type="bh2", predict_x0=True,
+                                   lower_order_final=True, final_sigmas_type="zero", timestep_spacing="linspace")
+
+
+def _wan():
+    """Wan2.1 T2V: WanTransformer3DModel (patch (1, 2, 2), RoPE, RMS QK-norm across heads, cross-attention on UMT5),
+    UMT5 encoder, AutoencoderKLWan (latents (B, C, F, H, W), per-channel latents_mean / latents_std), UniPC flow.
+    The VAE here: 2x spatial, 4x temporal (5 frames -> 2 latent frames), z_dim 4."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = t5_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=T5_DIM, d_kv=16, d_ff=2 * T5_DIM,
+                                          num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                          decoder_start_token_id=0))
+    video_vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                                 temperal_downsample=[True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                 latents_std=[1.5, 0.8, 2.0, 1.2], scale_factor_temporal=4, scale_factor_spatial=4)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=4, out_channels=4, text_dim=T5_DIM, freq_dim=16, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    return WanPipeline(tokenizer=tok, text_encoder=encoder, vae=video_vae, transformer=transformer,
+                       scheduler=wan_scheduler())
+
+
+def flux_scheduler():
+    """FLUX.1's hub scheduler (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json): flow Euler with
+    resolution-dependent shift (use_dynamic_shifting, mu from the image sequence length)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def _flux(guidance_embeds: bool):
+    """FLUX.1-dev (guidance_embeds=True) / FLUX.1-schnell (False): FluxTransformer2DModel on packed 2x2 latents
+    (in_channels = 4 x latent channels), RoPE over (text, row, column) ids (axes_dims_rope sums to the head dim),
+    CLIP pooled (`pooled_projections`) + T5 (`encoder_hidden_states`), a VAE with FLUX's scaling / shift factors
+    (0.3611, 0.1159) and no quant convs, the dynamic-shift flow scheduler."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tok, tok2 = clip_tokenizer(), t5_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_DIM,
+                                         pooled_projection_dim=CLIP_DIM, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(2, 2, 4))
+    return FluxPipeline(scheduler=flux_scheduler(),
+                        vae=vae(latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                                use_post_quant_conv=False),
+                        text_encoder=CLIPTextModel(clip_text_config(tok, hidden_act="quick_gelu")), tokenizer=tok,
+                        text_encoder_2=t5_encoder(tok2), tokenizer_2=tok2, transformer=transformer)
+
+
 def save_pipeline(pipe, folder: str | Path) -> Path:
+    """`save_pretrained`; the new video / FLUX tiny models also write the small native shape they are run at
+    (`tdm_backbone.json`, read by tdm's wan / flux adapters instead of the pipelines' 480x832x81 / 1024 px)."""
+    import json
+
     folder = Path(folder)
     pipe.save_pretrained(folder)
+    name = type(pipe).__name__
+    shape = {"WanPipeline": TINY_SHAPES["wan"], "FluxPipeline": TINY_SHAPES["flux"]}.get(name)
+    if shape is not None:
+        (folder / "tdm_backbone.json").write_text(json.dumps(shape))
     return folder
 
 

@@ -8,15 +8,20 @@ from pathlib import Path
 from tdm.backbones.base import Backbone, Cond, cat_cond
 from tdm.backbones.cogvideox import CogVideoXBackbone
 from tdm.backbones.digits import DigitsArch, DigitsBackbone
+from tdm.backbones.flux import FluxBackbone
 from tdm.backbones.pipeline import PipelineBackbone, UnsupportedModel
 from tdm.backbones.pixart import PixArtAlphaBackbone
+from tdm.backbones.pixart_sigma import PixArtSigmaBackbone
 from tdm.backbones.sd3 import SD3Backbone
 from tdm.backbones.sd15 import SD15Backbone
 from tdm.backbones.sdxl import SDXLBackbone
+from tdm.backbones.wan import WanBackbone
 
 FAMILIES: dict[str, type[Backbone]] = {
     "digits": DigitsBackbone, "sd15": SD15Backbone, "sdxl": SDXLBackbone, "pixart_alpha": PixArtAlphaBackbone,
     "sd3": SD3Backbone, "cogvideox": CogVideoXBackbone,
+    # The new-families issue (#14): SD3.5 Medium / Large load as "sd3" (same pipeline, adapter unchanged).
+    "pixart_sigma": PixArtSigmaBackbone, "wan": WanBackbone, "flux": FluxBackbone,
 }
 # A hub checkpoint's model_index.json names its pipeline class, not our family.
 PIPELINE_FAMILIES: dict[str, str] = {cls: name for name, adapter in FAMILIES.items()

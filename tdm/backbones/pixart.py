@@ -21,10 +21,11 @@ class PixArtAlphaBackbone(PipelineBackbone):
     net_name = "transformer"
     net_classes = ("PixArtTransformer2DModel",)
     prediction_types = ("epsilon",)
+    max_tokens = MAX_SEQUENCE_LENGTH  # the pipeline's T5 length (PixArt-Sigma: 300)
 
     @property
     def max_sequence_length(self) -> int:
-        return min(MAX_SEQUENCE_LENGTH, self.pipe.tokenizer.model_max_length)
+        return min(self.max_tokens, self.pipe.tokenizer.model_max_length)
 
     def _encode(self, prompts: list[str]) -> Cond:
         embeds, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=self.device,
