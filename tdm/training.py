@@ -14,7 +14,7 @@ progress bar, the cadence of logging and checkpointing, and one divergence polic
 Progress on a console without bars (`-q`, as dvc.yaml runs the stages, and under the Prefect flow, which sets
 it): with TDM_PROGRESS_EVERY=<seconds> set, the loop also writes a plain line to stderr at most that often
 (at log flushes, and always at the last step): `distill: 120/400 it (30%) loss_fake=0.51 loss_gen=0.21 |
-1 min 02 s elapsed, ETA 2 min 25 s`.
+1 min 02 s elapsed, ETA 2 min 25 s` (`ProgressLines`, for any loop without a bar).
 
 A stage hands it a `TrainingState` (what to checkpoint and check) and a step function `step(i) -> {name:
 0-d tensor}`. Every random draw of step i comes from `step_generator(seed, i, process)`: a resumed run draws
@@ -134,6 +134,29 @@ def progress_line(stage: str, unit: str, n: int, total: int, metrics: dict, elap
     return f"{stage}: {n}/{total} {unit} ({100 * n / max(1, total):.0f}%){losses} | {duration(elapsed)} elapsed, ETA {eta}"
 
 
+class ProgressLines:
+    """Plain progress lines for a loop without a bar: `update(n)` writes `progress_line` to stderr at most every
+    TDM_PROGRESS_EVERY seconds (and always at `end`); inert when it is unset. `start`: where a resumed loop
+    began (the ETA counts this session's pace)."""
+
+    def __init__(self, stage: str, unit: str, total: int, start: int = 0, end: int | None = None,
+                 main_process: bool = True):
+        self.every = progress_every() if main_process else None
+        self.stage, self.unit, self.total, self.start = stage, unit, total, start
+        self.end = total if end is None else end
+        self.t0, self.last = time.perf_counter(), None
+
+    def update(self, n: int, metrics: dict | None = None) -> None:
+        if self.every is None:
+            return
+        now = time.perf_counter()
+        if self.last is not None and now - self.last < self.every and n < self.end:
+            return
+        self.last = now
+        print(progress_line(self.stage, self.unit, n, self.total, metrics or {}, now - self.t0, n - self.start,
+                            self.end), file=sys.stderr, flush=True)
+
+
 def _status(accelerator, line: str) -> None:
     """A status line for the console: stderr (stdout carries the stage's JSON result), main process only."""
     if accelerator.is_main_process:
@@ -206,7 +229,7 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
     from tdm.tracking import MetricsLog
 
     s = settings
-    every, last_line = progress_every(), None
+    progress_every()  # a bad TDM_PROGRESS_EVERY fails before any step
     root = s.out_dir / "checkpoints"
     if accelerator.is_main_process:  # temps a killed write left (a model save, a checkpoint, a log rewrite)
         remove_stale_temps(s.out_dir, recursive=True)
@@ -258,6 +281,7 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
         accelerator.wait_for_everyone()
 
     end = s.total if stop_after is None else min(s.total, stop_after)
+    lines = ProgressLines(s.stage, s.unit, s.total, start, end, accelerator.is_main_process)
     bar = None
     if progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
@@ -274,11 +298,8 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
             bar.update(1)
         if (i + 1) % s.checkpoint_every == 0 or i + 1 == end:
             save(i + 1)
-        if every is not None and last and ((i + 1) % s.log_every == 0 or i + 1 == end):
-            now = time.perf_counter()
-            if last_line is None or now - last_line >= every or i + 1 == end:
-                last_line = now
-                _status(accelerator, progress_line(s.stage, s.unit, i + 1, s.total, last, now - t0, i + 1 - start, end))
+        if last and ((i + 1) % s.log_every == 0 or i + 1 == end):  # losses just flushed
+            lines.update(i + 1, last)
     if bar is not None:
         bar.close()
     train_time = past_time + (time.perf_counter() - t0 if end > start else 0.0)

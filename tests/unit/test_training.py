@@ -167,3 +167,19 @@ def test_durations_read_as_a_person_would():
 
     assert [duration(s) for s in (0.4, 12, 65, 3599, 3725)] == ["0 s", "12 s", "1 min 05 s", "59 min 59 s",
                                                                   "1 h 02 min"]
+
+
+def test_progress_lines_serve_any_loop_without_a_bar(capfd, monkeypatch):
+    from tdm.training import ProgressLines
+
+    monkeypatch.setenv("TDM_PROGRESS_EVERY", "0")
+    lines = ProgressLines("sample", "batch", total=4)
+    for n in range(1, 5):
+        lines.update(n)
+    err = capfd.readouterr().err.splitlines()
+    assert [ln.split(" | ")[0] for ln in err] == ["sample: 1/4 batch (25%)", "sample: 2/4 batch (50%)",
+                                                  "sample: 3/4 batch (75%)", "sample: 4/4 batch (100%)"]
+    monkeypatch.setenv("TDM_PROGRESS_EVERY", "3600")
+    lines = ProgressLines("sample", "batch", total=4, main_process=False)  # other processes stay quiet
+    lines.update(4)
+    assert capfd.readouterr().err == ""
