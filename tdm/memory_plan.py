@@ -241,10 +241,11 @@ def build_component(entry: dict) -> nn.Module:
     """One component on the meta device from its config (diffusers `from_config`, transformers config class)."""
     import diffusers
     import transformers
-    from accelerate import init_empty_weights
 
     cfg = {k: v for k, v in entry["config"].items() if not k.startswith("_")}
-    with init_empty_weights(include_buffers=False), _quiet():
+    # torch.device("meta"), not accelerate's init_empty_weights: under the latter transformers 5 loses weight
+    # tying (T5's encoder.embed_tokens would become its own copy of `shared`).
+    with torch.device("meta"), _quiet():
         if entry["library"] == "diffusers":
             return getattr(diffusers, entry["class"]).from_config(cfg)
         cfg.pop("architectures", None)
@@ -553,12 +554,13 @@ def measure_activations(backbone, roles, parts: dict[str, nn.Module], family: st
     param_keys = {p.untyped_storage()._cdata for m in modules for p in m.parameters()}
     meter = _SavedTensors(param_keys)
     dt = compute_dtype or torch.float32
-    x = torch.empty((batch, *sample_shape(family, parts)), device="meta", dtype=torch.float32)
-    t = torch.zeros((batch,), device="meta", dtype=torch.int64)
+    dev = next(net.parameters()).device  # meta for a plan; a real device in the tests that check the meter
+    x = torch.empty((batch, *sample_shape(family, parts)), device=dev, dtype=torch.float32)
+    t = torch.zeros((batch,), device=dev, dtype=torch.int64)
     limits = getattr(backbone, "_tokenizer_max_length", None) or _tokenizer_limits(backbone)
-    cond = {k: torch.empty(s, device="meta", dtype=d)
+    cond = {k: torch.zeros(s, device=dev, dtype=d)
             for k, (s, d) in cond_shapes(family, parts, batch, dt, limits).items()}
-    k = torch.zeros((batch,), device="meta", dtype=torch.int64) if unify else None
+    k = torch.zeros((batch,), device=dev, dtype=torch.int64) if unify else None
     embedding = roles.k_embeddings["student"] if unify else None
     had = getattr(net, "is_gradient_checkpointing", False)
     checkpointing = _set_checkpointing(net, meter.checkpoint)

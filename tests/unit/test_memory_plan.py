@@ -34,7 +34,6 @@ def fresh_accelerate_state():
 
 # -- real architectures ---------------------------------------------------------------------------------------
 T5_XXL_ENCODER = 4_762_310_656  # published (google/t5-v1_1-xxl encoder, embeddings tied)
-T5_VOCAB_X_DIM = 32128 * 4096
 PUBLISHED = {  # parameter counts of the published checkpoints (model cards / safetensors headers)
     "sd15.json": {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
     "sdxl_base_1.0.json": {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
@@ -56,9 +55,10 @@ def test_recorded_architectures_have_the_published_parameter_counts(name):
         assert counts[part] == n, (part, counts[part])
     for part, entry in spec["components"].items():
         if entry["class"] == "T5EncoderModel":
-            # The published config says tie_word_embeddings: false; transformers 5 then keeps encoder.embed_tokens
-            # as its own copy of `shared` (v4 tied them): what tdm instantiates here is 131.6M larger than 4.762B.
-            assert counts[part] == T5_XXL_ENCODER + T5_VOCAB_X_DIM
+            # encoder.embed_tokens is `shared` (tied even with the published tie_word_embeddings: false, which is
+            # about the LM head); built under accelerate's init_empty_weights, transformers 5 would untie it
+            # (+ 32128 x 4096), which is why tdm.memory_plan builds under torch.device("meta").
+            assert counts[part] == T5_XXL_ENCODER
     assert all(p.is_meta for p in mp.build_component(spec["components"]["vae"]).parameters())
 
 
@@ -70,7 +70,7 @@ def test_every_profile_teacher_is_recorded():
 
 
 # -- plan == real instantiation on the tiny models --------------------------------------------------------------
-def _tiny_cfg(tmp_path, family: str, mode: str):
+def _tiny_cfg(tmp_path, family: str, mode: str, *extra: str):
     """The family's profile (params.yaml for digits) pointed at a saved tiny model of the family."""
     folder = tmp_path / "model"
     if family == "digits":
@@ -82,7 +82,7 @@ def _tiny_cfg(tmp_path, family: str, mode: str):
         tiny_models.save_pipeline(tiny_models.build(family), folder)
         source = ROOT / "profiles" / f"{family}.yaml"
     overrides = [f"model.pretrained={folder}", f"distill.teacher={folder}", f"distill.prompts={PROMPTS}",
-                 "distill.lora_rank=4", "distill.batch_size=2", f"distill.mode={mode}"]
+                 "distill.lora_rank=4", "distill.batch_size=2", f"distill.mode={mode}", *extra]
     return config.load(source, overrides), folder
 
 
@@ -150,12 +150,13 @@ def test_plan_bytes_equal_a_real_instantiation(family, mode, tmp_path):
 # -- activations ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["sd15", "pixart_alpha", "cogvideox"])
 def test_activation_meter_counts_the_same_on_meta_as_on_real_tensors(family, tmp_path):
-    """The meta build's saved-tensor bytes equal those of the real tiny model on CPU (same meter, fp32), so the
+    """The meta build's saved-tensor bytes equal those of the real tiny model on CPU (same meter, float32: in
+    bf16, CPU's layer norm keeps its statistics in bf16 where CUDA and the meta kernels keep float32), so the
     meta device changes nothing about the shapes and storages autograd keeps."""
     from tdm.backbones import load_backbone
     from tdm.roles import Roles
 
-    cfg, folder = _tiny_cfg(tmp_path, family, "lora")
+    cfg, folder = _tiny_cfg(tmp_path, family, "lora", 'distill.mixed_precision="no"')
     b = mp._build(cfg, mp.architecture_spec(cfg), "lora")
     meta = mp.measure_activations(b["backbone"], b["roles"], b["parts"], family, 2, None, cfg.distill.unify)
 
@@ -164,7 +165,7 @@ def test_activation_meter_counts_the_same_on_meta_as_on_real_tensors(family, tmp
     parts = {"net": real.net, **{k: v for k, v in real.modules().items() if k != "net"}}
     cpu = mp.measure_activations(real, roles, parts, family, 2, None, cfg.distill.unify)
     assert meta["saved"] == cpu["saved"] > 0
-    assert meta["saved_checkpointed"] == cpu["saved_checkpointed"] < cpu["saved"]
+    assert meta["saved_checkpointed"] == cpu["saved_checkpointed"] > 0  # (one-layer tiny models: not smaller)
     assert meta["attention_calls"] == cpu["attention_calls"] > 0
 
 
