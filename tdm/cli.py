@@ -297,6 +297,8 @@ def cmd_sample(args) -> dict:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.student and args.guidance != 1.0:
         raise ValueError("--guidance applies to the teacher; the student has CFG baked in (leave it at 1)")
+    if args.solver_order is not None and not args.student:
+        raise ValueError("--solver-order applies to --student (the teacher samples with DDIM over --steps)")
     if args.steps < 1 or args.guidance < 1:
         raise ValueError("--steps must be >= 1 and --guidance >= 1")
     if args.total_steps is not None and args.total_steps < 2:
@@ -335,7 +337,7 @@ def cmd_sample(args) -> dict:
     common = {"seed": args.seed, "batch_size": args.batch_size, "progress": not args.quiet}
     if args.student:
         student = _open_student(model, record).to(device)
-        images = sample_student(student, prompts, k=args.steps, **common)
+        images = sample_student(student, prompts, k=args.steps, solver_order=args.solver_order, **common)
     else:
         from tdm.backbones import load_backbone
 
@@ -371,7 +373,7 @@ def cmd_export(args) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise type(err)(f"--student: {err}") from None
     _check_out(Path(args.out), folder=True)
-    folders = export_student(args.student, args.out, args.steps)
+    folders = export_student(args.student, args.out, args.steps, solver_order=args.solver_order)
     return {"out": [str(f) for f in folders],
             "load": "DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=K, guidance_scale=1.0)"}
 
@@ -470,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", action="store_true", help="run the deterministic K-step student trajectory")
     p.add_argument("--total-steps", type=int, default=None,
                    help="student trajectory length (default: from the student's tdm_student.json)")
+    p.add_argument("--solver-order", type=int, choices=(1, 2), default=None,
+                   help="student: 1 DDIM between grid points (the trajectory it was trained on), 2 DPM-Solver++(2M) "
+                        "over the same grid (default: the student's record, 1 unless exported with 2)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=250)
     p.add_argument("--out", required=True, help="output .npz (a .png grid is written beside it)")
@@ -484,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: one pipeline folder k<K>/ per K")
     p.add_argument("--steps", type=_positive_int, nargs="+", default=None,
                    help="the Ks to export (default: the Ks the student was trained for)")
+    p.add_argument("--solver-order", type=int, choices=(1, 2), default=None,
+                   help="how the exported scheduler (and record) step the grid: 1 DDIM, 2 DPM-Solver++(2M) "
+                        "(default: the student's record; benchmarks/results/student_multistep.md)")
     p.set_defaults(func=cmd_export)
 
     stage("lora-transfer", cmd_lora_transfer,
@@ -495,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("fuse", "a merged checkpoint: a model folder with the LoRA fused in")):
         q = lsub.add_parser(name, help=help)
         q.add_argument("lora", help="a LoRA: peft/diffusers folder or .safetensors file")
-        q.add_argument("--component", default="unet", help="the denoiser's key prefix in diffusers files")
+        q.add_argument("--component", default=None, choices=("unet", "transformer"),
+                       help="the denoiser's key prefix in diffusers files (default: from the LoRA's module paths)")
         if name == "info":
             q.add_argument("-v", "--verbose", action="store_true", help="list every module")
         else:
@@ -510,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--student", required=True, help="the full-mode student model folder")
     q.add_argument("--rank", type=_positive_int, default=16)
     q.add_argument("--format", default="peft", choices=("diffusers", "kohya", "peft"))
-    q.add_argument("--component", default="unet")
+    q.add_argument("--component", default=None, choices=("unet", "transformer"),
+                   help="the denoiser's key prefix in diffusers files (default: from the module paths)")
     q.add_argument("--out", required=True, help="output folder (kohya: a .safetensors file)")
     p.set_defaults(func=cmd_lora)
     return parser

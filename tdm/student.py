@@ -132,7 +132,9 @@ class StudentRecord:
         if not path.is_file():
             raise FileNotFoundError(f"not a distilled student (no {RECORD_FILE}): {folder}")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(raw, dict):

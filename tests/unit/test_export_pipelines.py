@@ -82,3 +82,29 @@ def test_export_refuses_what_it_cannot_honour_and_the_unify_lora_route(tmp_path,
     (tmp_path / "student_lora").mkdir()
     code = main(["lora", "export", str(tmp_path / "student_lora"), "--format", "diffusers", "--out", str(tmp_path / "x")])
     assert code == 2 and "cannot carry its K embedding" in capsys.readouterr().err
+
+
+def test_solver_order_through_the_cli(tiny_digits, tmp_path, capsys):
+    """`tdm export --solver-order 2` writes it into the exported record and scheduler, so `tdm sample --student` on
+    the export samples DPM-Solver++(2M) by default, exactly as `--solver-order 2` on the original student; the
+    teacher refuses the flag."""
+    import numpy as np
+
+    folder = tmp_path / "student"
+    tiny_digits.save(folder, extra_files=StudentRecord(family="digits", k=4, total_steps=900).files())
+    assert main(["export", "--student", str(folder), "--out", str(tmp_path / "exported"), "--solver-order", "2"]) == 0
+    exported = tmp_path / "exported" / "k4"
+    assert StudentRecord.load(exported).solver_order == 2
+    common = ["--steps", "4", "--n", "3", "-q", "--student"]
+    runs = {"export": ["--model", str(exported)], "order2": ["--model", str(folder), "--solver-order", "2"],
+            "order1": ["--model", str(folder)]}
+    images = {}
+    for name, args in runs.items():
+        assert main(["sample", *args, *common, "--out", str(tmp_path / f"{name}.npz")]) == 0
+        images[name] = np.load(tmp_path / f"{name}.npz")["images"]
+    assert np.array_equal(images["export"], images["order2"])
+    assert not np.array_equal(images["order1"], images["order2"])
+    capsys.readouterr()
+    assert main(["sample", "--model", str(folder), "--solver-order", "2", "--n", "1",
+                 "--out", str(tmp_path / "t.npz")]) == 2
+    assert "--solver-order applies to --student" in capsys.readouterr().err

@@ -60,6 +60,15 @@ def test_bad_records_fail_naming_the_key(tiny_digits, tmp_path, content, match):
         StudentRecord.load(folder)
 
 
+def test_binary_or_bom_records(tiny_digits, tmp_path):
+    record = StudentRecord(family="digits", k=4, total_steps=900)
+    tiny_digits.save(tmp_path / "bom", extra_files={RECORD_FILE: "\ufeff" + record.to_json()})
+    assert StudentRecord.load(tmp_path / "bom") == record  # what spreadsheet-era editors write
+    tiny_digits.save(tmp_path / "bin", extra_files={RECORD_FILE: b"\xff\xfe\x00binary"})
+    with pytest.raises(ValueError, match=r"bin/tdm_student.json: not UTF-8 text"):
+        StudentRecord.load(tmp_path / "bin")
+
+
 def test_missing_record_or_embedding_fails_before_loading_weights(tiny_digits, tmp_path):
     with pytest.raises(FileNotFoundError, match=RECORD_FILE):
         StudentRecord.load(tmp_path)
