@@ -74,6 +74,7 @@ def test_a_damaged_newest_checkpoint_falls_back_quietly_on_stdout(tmp_path, caps
 
 
 # -- temps a killed write leaves (issue 18 case 16) ---------------------------------------------------------------
+import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -81,74 +82,93 @@ from pathlib import Path  # noqa: E402
 
 from tdm import artifacts  # noqa: E402
 
-_KILLED_WRITE = """
-import sys, torch
+_KILLED_WRITES = """
+import json, os, sys, torch
 from pathlib import Path
 from tdm import artifacts, checkpoint as ckpt
-out, what = Path(sys.argv[1]), sys.argv[2]
-if what == "checkpoint":
-    ckpt.save_state(ckpt.step_dir(out / "checkpoints", 4), {"w": torch.ones(3)})
-elif what == "model":
-    with artifacts.atomic_folder(out / "model") as tmp:
-        (tmp / "model.safetensors").write_bytes(b"new weights")
-elif what == "json":
-    artifacts.write_json(out / "metrics.json", {"a": 1})
-elif what == "samples":
-    artifacts.save_samples(out / "samples.npz", torch.zeros(2, 4, 4, 1, dtype=torch.uint8).numpy(), ["a", "b"])
+
+def write(out, what):
+    if what == "checkpoint":
+        ckpt.save_state(ckpt.step_dir(out / "checkpoints", 4), {"w": torch.ones(3)})
+    elif what == "model":
+        with artifacts.atomic_folder(out / "model") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"new weights")
+    elif what == "json":
+        artifacts.write_json(out / "metrics.json", {"a": 1})
+    elif what == "samples":
+        artifacts.save_samples(out / "samples.npz", torch.zeros(2, 4, 4, 1, dtype=torch.uint8).numpy(), ["a", "b"])
+
+for out, what, point in json.loads(sys.argv[1]):  # each write in a fork that SIGKILLs itself at `point`
+    pid = os.fork()
+    if pid == 0:
+        os.environ["TDM_FAULT_AT"] = point
+        write(Path(out), what)
+        os._exit(0)
+    print(os.waitpid(pid, 0)[1] & 0x7F, flush=True)  # the signal that ended it
 """
 
-
-def _killed_write(out: Path, what: str, point: str) -> subprocess.CompletedProcess:
-    """Run one write in a subprocess that SIGKILLs itself at the named point (tdm.artifacts.fault_point)."""
-    env = {**os.environ, "TDM_FAULT_AT": point}
-    run = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(out), what], env=env, capture_output=True,
-                         timeout=120)
-    assert run.returncode == -9, run.stderr.decode()[-2000:]
-    return run
-
-
-def _hidden(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob(".*"))
-
-
-@pytest.mark.parametrize("what, point, final", [
+_CASES = [  # what is written, where it is killed, what the next write leaves
     ("model", "atomic_folder:1", "model"),  # temp folder written, not yet renamed
     ("model", "atomic_swap:1", "model"),  # old folder moved aside, new one not in place
     ("checkpoint", "atomic_folder:1", "checkpoints/step-0000004"),
     ("json", "atomic_write:1", "metrics.json"),
     ("samples", "atomic_write:1", "samples.npz"),  # the npz (its PNG is the second write)
     ("samples", "atomic_write:2", "samples.png"),
-])
-def test_a_killed_write_leaves_a_temp_that_the_next_write_removes(tmp_path, capfd, what, point, final):
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "model.safetensors").write_bytes(b"old weights")
-    _killed_write(tmp_path, what, point)
-    left = _hidden(tmp_path)
+]
+_SWEEP = [("", "model", "atomic_folder:1"), ("", "json", "atomic_write:1"), ("", "checkpoint", "atomic_folder:1"),
+          ("samples", "json", "atomic_write:1")]  # in a subfolder: the recursive sweep finds it
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Folders holding what killed writes left: case i of _CASES in case{i}/ (beside an existing model folder),
+    the _SWEEP writes in distill/, one in sub/sub/. One process (importing tdm once) forks every write."""
+    root = tmp_path_factory.mktemp("killed")
+    jobs = []
+    for i, (what, point, _) in enumerate(_CASES):
+        (root / f"case{i}" / "model").mkdir(parents=True)
+        (root / f"case{i}" / "model" / "model.safetensors").write_bytes(b"old weights")
+        jobs.append((str(root / f"case{i}"), what, point))
+    jobs += [(str(root / "distill" / sub), what, point) for sub, what, point in _SWEEP]
+    jobs.append((str(root / "sub" / "sub"), "json", "atomic_write:1"))
+    env = {k: v for k, v in os.environ.items() if k != "TDM_FAULT_AT"}
+    run = subprocess.run([sys.executable, "-c", _KILLED_WRITES, json.dumps(jobs)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["9"] * len(jobs), run.stdout  # every write was SIGKILLed at its point
+    return root
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*"))
+
+
+@pytest.mark.parametrize("case", range(len(_CASES)), ids=[f"{w}-{p}" for w, p, _ in _CASES])
+def test_a_killed_write_leaves_a_temp_that_the_next_write_removes(killed, capfd, case):
+    what, point, final = _CASES[case]
+    folder = killed / f"case{case}"
+    left = _hidden(folder)
     assert left, "the kill left no temp: the fault point was not reached"
     if what == "model" and point.startswith("atomic_swap"):
-        assert not (tmp_path / "model").exists()  # the old one aside, the new one in its temp: both complete
+        assert not (folder / "model").exists()  # the old one aside, the new one in its temp: both complete
     # The next write of that output (here in this process, as a rerun of the stage would) removes the temps.
     if what == "checkpoint":
-        ckpt.save_state(ckpt.step_dir(tmp_path / "checkpoints", 4), {"w": torch.ones(3)})
+        ckpt.save_state(ckpt.step_dir(folder / "checkpoints", 4), {"w": torch.ones(3)})
     elif what == "model":
-        with artifacts.atomic_folder(tmp_path / "model") as tmp:
+        with artifacts.atomic_folder(folder / "model") as tmp:
             (tmp / "model.safetensors").write_bytes(b"new weights")
     elif what == "json":
-        artifacts.write_json(tmp_path / "metrics.json", {"a": 1})
+        artifacts.write_json(folder / "metrics.json", {"a": 1})
     else:
-        artifacts.save_samples(tmp_path / "samples.npz", torch.zeros(2, 4, 4, 1, dtype=torch.uint8).numpy(), ["a", "b"])
-    assert _hidden(tmp_path) == []
-    assert (tmp_path / final).exists()
+        artifacts.save_samples(folder / "samples.npz", torch.zeros(2, 4, 4, 1, dtype=torch.uint8).numpy(), ["a", "b"])
+    assert _hidden(folder) == []
+    assert (folder / final).exists()
     err = capfd.readouterr().err
     assert err.count("left by an interrupted write") == len(left) and left[0] in err
 
 
-def test_stage_start_sweep_removes_every_stale_temp_but_not_a_live_one(tmp_path, capfd):
-    out = tmp_path / "distill"
-    _killed_write(out, "model", "atomic_folder:1")
-    _killed_write(out, "json", "atomic_write:1")
-    _killed_write(out, "checkpoint", "atomic_folder:1")
-    _killed_write(out / "samples", "json", "atomic_write:1")  # in a subfolder: the recursive sweep finds it
+def test_stage_start_sweep_removes_every_stale_temp_but_not_a_live_one(killed):
+    out = killed / "distill"
     (out / "checkpoints" / ".step-0000008.abcd1234").mkdir()  # an unmarked temp of an earlier version
     (out / ".student.k2x_9abc").mkdir()  # earlier versions' unmarked temp of a model folder
     (out / ".notes.txt").write_text("not ours")  # a hidden file tdm did not write stays
@@ -166,10 +186,9 @@ def test_stage_start_sweep_removes_every_stale_temp_but_not_a_live_one(tmp_path,
     assert remove_stale.stderr.count("left by an interrupted write") == 6
 
 
-def test_without_recursive_a_subfolder_is_left_alone(tmp_path):
-    _killed_write(tmp_path / "sub", "json", "atomic_write:1")
-    assert artifacts.remove_stale_temps(tmp_path) == []
-    assert len(artifacts.remove_stale_temps(tmp_path, recursive=True)) == 1 and _hidden(tmp_path) == []
+def test_without_recursive_a_subfolder_is_left_alone(killed):
+    assert artifacts.remove_stale_temps(killed / "sub") == []
+    assert len(artifacts.remove_stale_temps(killed / "sub", recursive=True)) == 1 and _hidden(killed / "sub") == []
 
 
 def test_prune_keeps_a_checkpoint_being_written(tmp_path):
