@@ -38,8 +38,9 @@ and fake; the EMA of the student) and counts, per process:
 
 Real architectures without the hub: `tdm/arch/*.json` records the public component configs (config.json values)
 of the checkpoints the profiles name; a teacher that is a local folder (or cached hub id) is read from its own
-config files instead. Bytes are bytes (GiB = 2**30 in the table). Families: digits, sd15, sdxl, pixart_alpha,
-sd3, cogvideox; FLUX / Wan are not supported families yet (issue 15 / the new-families issue) and are refused.
+config files instead. Bytes are bytes (GiB = 2**30 in the table). Families: every family `tdm.backbones.FAMILIES`
+runs (digits, sd15, sdxl, pixart_alpha, pixart_sigma, sd3 (SD3 / SD3.5), cogvideox, wan, flux); others are
+refused with a ValueError.
 
 The CLI: `tdm distill --dry-run` calls `run_dry(cfg, device_memory_bytes=..., num_processes=...)`.
 """
@@ -65,8 +66,13 @@ ARCH_DIR = Path(__file__).resolve().parent / "arch"
 GIB = 2 ** 30
 CUDA_CONTEXT_BYTES = 512 * 2 ** 20  # CUDA context + kernels on an H100/H200-class card (measured ~0.4-0.6 GiB)
 ACTIVATION_MARGIN = 0.10  # backward transients, workspaces (see the module docstring)
-SUPPORTED = ("digits", "sd15", "sdxl", "pixart_alpha", "sd3", "cogvideox")
-NOT_YET = {"flux": "FLUX.1", "wan": "Wan 2.x"}
+
+
+def supported_families() -> tuple[str, ...]:
+    from tdm.backbones import FAMILIES
+
+    return tuple(FAMILIES)
+
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -200,7 +206,9 @@ def _spec_from_folder(folder: Path) -> dict:
             length = read_json_file(tok).get("model_max_length")
             if isinstance(length, int):
                 limits[name] = length
-    return {"family": family_of(folder), "components": comps, "source": str(folder), "tokenizer_max_length": limits}
+    settings = read_json_file(folder / "tdm_backbone.json") if (folder / "tdm_backbone.json").is_file() else {}
+    return {"family": family_of(folder), "components": comps, "source": str(folder), "tokenizer_max_length": limits,
+            "settings": settings}
 
 
 def architecture_spec(cfg) -> dict:
@@ -208,9 +216,8 @@ def architecture_spec(cfg) -> dict:
     own config files when it is a local folder (or cached hub id), else the tdm/arch record of its hub id.
     Raises ValueError for an unsupported family or a teacher with no known architecture."""
     family = cfg.model.family
-    if family not in SUPPORTED:
-        hint = next((f" ({v} is not a supported family yet)" for k, v in NOT_YET.items() if k in family.lower()), "")
-        raise ValueError(f"memory plan: unknown family {family!r}{hint}; supported: {', '.join(SUPPORTED)}")
+    if family not in supported_families():
+        raise ValueError(f"memory plan: unknown family {family!r}; supported: {', '.join(supported_families())}")
     teacher = cfg.distill.teacher
     from tdm.backbones import resolve_model_path
 
@@ -272,7 +279,7 @@ class _MetaBackbone:
     """Just enough of a family adapter for `Roles` and `predict` on meta modules: the family class's own
     methods (LoRA targets, time embedding, predict) over `net`, `vae` and the text encoders."""
 
-    def __new__(cls, family: str, parts: dict[str, nn.Module]):
+    def __new__(cls, family: str, parts: dict[str, nn.Module], settings: dict | None = None):
         from tdm.backbones import FAMILIES
 
         adapter = FAMILIES[family]
@@ -281,6 +288,13 @@ class _MetaBackbone:
         obj.vae = parts.get("vae")
         obj._parts = parts
         obj._null_cache = None
+        # native shape / embedded guidance of Wan and FLUX (tdm.backbones.native_shape): the adapter's defaults
+        obj.settings = {**getattr(adapter, "defaults", {}), **(settings or {})}
+        if family == "flux":
+            import diffusers
+
+            obj.pipe = types.SimpleNamespace(
+                _prepare_latent_image_ids=diffusers.FluxPipeline._prepare_latent_image_ids)
         if family == "cogvideox":
             import diffusers
 
@@ -322,10 +336,23 @@ def build_parts(cfg, spec: dict, dtype: torch.dtype) -> dict[str, nn.Module]:
     for name in keep:
         if name in comps:
             module = build_component(comps[name]).to(device="meta", dtype=dtype)  # buffers too
+            _keep_in_fp32(module, comps[name]["library"], dtype)
             parts["net" if name == _net_name(family) else name] = module.eval().requires_grad_(False)
     if "net" not in parts:
         raise ValueError(f"memory plan: {spec['source']}: no {_net_name(family)} component")
     return parts
+
+
+def _keep_in_fp32(module: nn.Module, library: str, dtype: torch.dtype) -> None:
+    """What `from_pretrained(dtype=...)` keeps in float32 (a plain `.to(dtype)` does not): a diffusers model's
+    `_keep_in_fp32_modules` at any low dtype (e.g. Wan's time embedder and norms), a transformers model's only
+    at float16 (e.g. T5's `wo`), matched per dotted name part as the loaders match them."""
+    keep = getattr(module, "_keep_in_fp32_modules", None)
+    if not keep or dtype == torch.float32 or (library == "transformers" and dtype != torch.float16):
+        return
+    for name, p in module.named_parameters():
+        if any(m in name.split(".") for m in keep):
+            p.data = p.data.float()
 
 
 # -- counting helpers -----------------------------------------------------------------------------------------
@@ -370,8 +397,13 @@ def cond_shapes(family: str, parts: dict[str, nn.Module], batch: int, dtype: tor
     from tdm.backbones.pixart import MAX_SEQUENCE_LENGTH
     from tdm.backbones.sd3 import MAX_SEQUENCE_LENGTH as SD3_MAX
 
+    from tdm.backbones import FAMILIES
+    from tdm.backbones.flux import MAX_SEQUENCE_LENGTH as FLUX_MAX
+    from tdm.backbones.wan import MAX_SEQUENCE_LENGTH as WAN_MAX
+
     limits = tokenizer_max_length or {}
-    PIXART_LEN = min(MAX_SEQUENCE_LENGTH, limits.get("tokenizer", MAX_SEQUENCE_LENGTH))
+    pixart_max = getattr(FAMILIES.get(family), "max_tokens", MAX_SEQUENCE_LENGTH)
+    PIXART_LEN = min(pixart_max, limits.get("tokenizer", pixart_max))
     SD3_LEN = min(SD3_MAX, limits.get("tokenizer_3", SD3_MAX))
 
     def te(name):
@@ -384,7 +416,7 @@ def cond_shapes(family: str, parts: dict[str, nn.Module], batch: int, dtype: tor
         c1, c2 = te("text_encoder"), te("text_encoder_2")
         return {"encoder_hidden_states": ((batch, c1.max_position_embeddings, c1.hidden_size + c2.hidden_size), dtype),
                 "text_embeds": ((batch, c2.projection_dim), dtype), "time_ids": ((batch, 6), torch.float32)}
-    if family == "pixart_alpha":
+    if family in ("pixart_alpha", "pixart_sigma"):
         c = te("text_encoder")
         return {"encoder_hidden_states": ((batch, PIXART_LEN, c.d_model), dtype),
                 "encoder_attention_mask": ((batch, PIXART_LEN), torch.int64)}
@@ -395,12 +427,34 @@ def cond_shapes(family: str, parts: dict[str, nn.Module], batch: int, dtype: tor
     if family == "cogvideox":
         c = te("text_encoder")
         return {"encoder_hidden_states": ((batch, parts["net"].config.max_text_seq_length, c.d_model), dtype)}
+    if family == "wan":
+        c, length = te("text_encoder"), min(WAN_MAX, limits.get("tokenizer", WAN_MAX))
+        return {"encoder_hidden_states": ((batch, length, c.d_model), dtype)}
+    if family == "flux":
+        c1, c2 = te("text_encoder"), te("text_encoder_2")
+        length = min(FLUX_MAX, limits.get("tokenizer_2", FLUX_MAX))
+        out = {"encoder_hidden_states": ((batch, length, c2.d_model), dtype),
+               "pooled_projections": ((batch, c1.hidden_size), dtype)}
+        if parts["net"].config.guidance_embeds:
+            out["guidance"] = ((batch,), torch.float32)
+        return out
     raise ValueError(f"memory plan: unknown family {family!r}")
 
 
-def sample_shape(family: str, parts: dict[str, nn.Module]) -> tuple[int, ...]:
-    """One sample in the denoiser's space (what the family adapter's `sample_shape` gives)."""
+def sample_shape(family: str, parts: dict[str, nn.Module], settings: dict | None = None) -> tuple[int, ...]:
+    """One sample in the denoiser's space (what the family adapter's `sample_shape` gives; Wan and FLUX at their
+    native shape: `settings`, tdm_backbone.json or the adapter's defaults)."""
+    from tdm.backbones import FAMILIES
+
     c = parts["net"].config
+    if family in ("wan", "flux"):
+        s = {**FAMILIES[family].defaults, **(settings or {})}
+        if family == "flux":
+            f = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+            return (c.in_channels // 4, s["height"] // f, s["width"] // f)
+        v = parts["vae"].config
+        frames = (s["num_frames"] - 1) // v.scale_factor_temporal + 1
+        return (c.in_channels, frames, s["height"] // v.scale_factor_spatial, s["width"] // v.scale_factor_spatial)
     if family == "cogvideox":
         frames = (c.sample_frames - 1) // parts["vae"].config.temporal_compression_ratio + 1
         return (frames, c.in_channels, c.sample_height, c.sample_width)
@@ -555,7 +609,8 @@ def measure_activations(backbone, roles, parts: dict[str, nn.Module], family: st
     meter = _SavedTensors(param_keys)
     dt = compute_dtype or torch.float32
     dev = next(net.parameters()).device  # meta for a plan; a real device in the tests that check the meter
-    x = torch.empty((batch, *sample_shape(family, parts)), device=dev, dtype=torch.float32)
+    x = torch.empty((batch, *sample_shape(family, parts, getattr(backbone, "settings", None))), device=dev,
+                    dtype=torch.float32)
     t = torch.zeros((batch,), device=dev, dtype=torch.int64)
     limits = getattr(backbone, "_tokenizer_max_length", None) or _tokenizer_limits(backbone)
     cond = {k: torch.zeros(s, device=dev, dtype=d)
@@ -677,7 +732,7 @@ def _build(cfg, spec: dict, mode: str) -> dict:
     if spec["family"] == "digits":  # DigitsBackbone.load takes no dtype: float32 always
         base_dtype = torch.float32
     parts = build_parts(cfg, spec, base_dtype)
-    backbone = _MetaBackbone(spec["family"], parts)
+    backbone = _MetaBackbone(spec["family"], parts, spec.get("settings"))
     from accelerate import init_empty_weights
 
     with _quiet(), init_empty_weights(include_buffers=False):  # peft's new adapter weights are born on meta
@@ -685,7 +740,7 @@ def _build(cfg, spec: dict, mode: str) -> dict:
     backbone._tokenizer_max_length = spec.get("tokenizer_max_length") or {}
     return {"family": spec["family"], "parts": parts, "backbone": backbone, "roles": roles, "base_dtype": base_dtype,
             "compute_dtype": mp if d.mixed_precision != "no" else None,
-            "sample_shape": sample_shape(spec["family"], parts)}
+            "sample_shape": sample_shape(spec["family"], parts, spec.get("settings"))}
 
 
 def _device_memory(device_memory_bytes) -> tuple[int | None, str | None]:
@@ -810,6 +865,18 @@ def load_config(path, overrides: list[str] | None = None):
 
     tdm.backbones.check_model = check
     try:
-        return config.load(path, overrides or [])
+        try:
+            return config.load(path, overrides or [])
+        except config.ConfigError as err:
+            # A family tdm.backbones runs but tdm.config does not list yet (issue 14's pixart_sigma, wan, flux):
+            # every other section is validated; the model section is taken as written.
+            raw = config.apply_overrides(config.yaml_load(Path(path).read_text(encoding="utf-8-sig")) or {},
+                                         overrides or [])
+            model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+            if model.get("family") not in supported_families() or not all(
+                    line.startswith(f"{path}: model.") for line in str(err).splitlines()):
+                raise
+            rest = config.parse({k: v for k, v in raw.items() if k != "model"}, source=str(path))
+            return rest.model_copy(update={"model": config.ModelConfig.model_construct(**model)})
     finally:
         tdm.backbones.check_model = real
