@@ -94,10 +94,18 @@ def _every_key(section: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("section", _missing_sections())
-def test_an_override_into_a_section_the_params_file_lacks_is_written(tmp_path, section):
+def _dvc_writes(path: Path, overrides: list[str]) -> None:
+    """What `dvc exp run` does with the flow's `-S` arguments: group them by params file, write them."""
+    from dvc.utils.cli_parse import to_path_overrides
     from dvc.utils.hydra import apply_overrides
 
+    grouped = to_path_overrides(pipeline.dvc_set_params(overrides)[1::2])
+    assert list(grouped) == ["params.yaml"]  # no value is mistaken for a `file:` prefix
+    apply_overrides(path, grouped["params.yaml"])
+
+
+@pytest.mark.parametrize("section", _missing_sections())
+def test_an_override_into_a_section_the_params_file_lacks_is_written(tmp_path, section):
     overrides = _every_key(section)
     want = config.dump(config.load(_digits_params_without(tmp_path, [section]), overrides))
     # full-pipeline: _prepare writes the section (the handed input was a bare KeyError from the YAML writer)
@@ -105,7 +113,7 @@ def test_an_override_into_a_section_the_params_file_lacks_is_written(tmp_path, s
     assert params == want and section in yaml.safe_load((tmp_path / "params.yaml").read_text())
     # ablation: `dvc exp run -S` with the flow's arguments, through DVC's own writer
     path = _digits_params_without(tmp_path, [section])
-    apply_overrides(path, pipeline.dvc_set_params(overrides)[1::2])
+    _dvc_writes(path, overrides)
     assert config.dump(config.load(path)) == want
 
 
@@ -119,8 +127,6 @@ def test_an_override_into_an_empty_params_file_is_written(tmp_path, text):
 
 
 def test_a_key_the_section_lacks_and_odd_values_write_as_tdm_reads_them(tmp_path):
-    from dvc.utils.hydra import apply_overrides
-
     overrides = ["distill.huber_c=0.002", "distill.lr=1e-05", "teacher_ft.mixed_precision=no",
                  "distill.k_choices=[1, 2]", "model.pretrained=null", "eval.weights_dir=a dir/it's \\x=${y}'",
                  "lora_transfer.custom_models=[digits:thick]"]
@@ -130,7 +136,7 @@ def test_a_key_the_section_lacks_and_odd_values_write_as_tdm_reads_them(tmp_path
     path.write_text(yaml.safe_dump(raw))
     want = config.dump(config.load(path, overrides))
     original = path.read_text()
-    apply_overrides(path, pipeline.dvc_set_params(overrides)[1::2])
+    _dvc_writes(path, overrides)
     assert config.dump(config.load(path)) == want
     path.write_text(original)
     assert pipeline._prepare(tmp_path, overrides) == want
