@@ -131,7 +131,8 @@ def progress_line(stage: str, unit: str, n: int, total: int, metrics: dict, elap
     """`stage: n/total unit (p%) loss...=v | elapsed, ETA` (`done` steps of this session took `elapsed`)."""
     losses = "".join(f" {k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("loss"))
     eta = duration(elapsed / done * (end - n)) if done else "unknown"
-    return f"{stage}: {n}/{total} {unit} ({100 * n / max(1, total):.0f}%){losses} | {duration(elapsed)} elapsed, ETA {eta}"
+    percent = f"{100 * n / max(1, total):.0f}%"
+    return f"{stage}: {n}/{total} {unit} ({percent}){losses} | {duration(elapsed)} elapsed, ETA {eta}"
 
 
 class ProgressLines:

@@ -175,7 +175,8 @@ def test_stage_start_sweep_removes_every_stale_temp_but_not_a_live_one(killed):
     with artifacts.atomic_folder(out / "live") as live:  # a write in progress (this process holds it)
         remove_stale = subprocess.run(  # another process sweeps meanwhile
             [sys.executable, "-c", "import sys; from tdm import artifacts, checkpoint as c; "
-             "artifacts.remove_stale_temps(sys.argv[1], recursive=True); c.remove_stale_temps(sys.argv[1] + '/checkpoints'); "
+             "artifacts.remove_stale_temps(sys.argv[1], recursive=True); "
+             "c.remove_stale_temps(sys.argv[1] + '/checkpoints'); "
              "artifacts.remove_stale_temps(sys.argv[1], 'student')", str(out)],
             capture_output=True, text=True, timeout=120)
         assert remove_stale.returncode == 0, remove_stale.stderr

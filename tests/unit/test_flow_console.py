@@ -90,7 +90,8 @@ def _every_key(section: str) -> list[str]:
     out = []
     for key, value in defaults.items():
         value = changed.get(key, value)
-        out.append(f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        out.append(f"{section}.{key}={text}")
     return out
 
 
