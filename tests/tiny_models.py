@@ -2,7 +2,9 @@
 
 Each builder returns a diffusers pipeline whose parts have the real classes and the real wiring of the family
 (SDXL's two encoders and time ids, PixArt's learned-sigma output, SD3's three encoders and flow scheduler,
-CogVideoX's video VAE and zero-terminal-SNR v-prediction schedule), only a few hundred thousand parameters.
+CogVideoX's video VAE and zero-terminal-SNR v-prediction schedule; and, for the new-families issue, SD3.5's dual
+attention + QK-norm, PixArt-Sigma, Wan2.1's UMT5 / Wan VAE / UniPC flow scheduler, FLUX.1's packed latents and
+guidance embedding), only a few hundred thousand parameters.
 `save_pipeline` writes it with `save_pretrained` exactly as a hub checkpoint is laid out; `save_as_hub_cache`
 puts such a folder where `HF_HUB_OFFLINE=1` finds it by repo id. Tokenizers are built offline: CLIP's real
 BPE from open-clip-torch (a prefix of its merges), and a tiny sentencepiece model trained here for T5.
