@@ -310,7 +310,7 @@ def save_student(trainer: TDMTrainer, folder: Path) -> StudentRecord:
 
         shutil.rmtree(folder.parent / "student_lora", ignore_errors=True)
     if d.mode == "lora":
-        from safetensors.torch import save_file
+        from tdm.lora import from_peft, save_lora
 
         with torch.no_grad():  # the adapter with the EMA weights
             live = roles.state_dict("student")
@@ -318,9 +318,11 @@ def save_student(trainer: TDMTrainer, folder: Path) -> StudentRecord:
             # Cloned: peft returns the live parameters, which the next line puts back to the non-EMA values.
             adapter = {k: v.detach().clone().contiguous() for k, v in roles.adapter_state_dict("student").items()}
             roles.load_state_dict("student", live)
-        with atomic_folder(folder.parent / "student_lora") as tmp:
-            save_file(adapter, tmp / "adapter_model.safetensors")
-            (tmp / "adapter_config.json").write_text(json.dumps(roles.lora_config.to_dict(), indent=2, default=list))
+        # In the layout PeftModel.save_pretrained writes (base_model.model. keys), so PeftModel.from_pretrained on
+        # the denoiser loads it; tdm.lora.load_lora reads it as any other layout.
+        config = json.loads(json.dumps(roles.lora_config.to_dict(), default=lambda v: sorted(v)
+                                       if isinstance(v, set) else str(v)))
+        save_lora(from_peft(adapter, config), folder.parent / "student_lora", "peft")
     return record
 
 

@@ -102,27 +102,13 @@ class Backbone(ABC):
         sidecars)."""
 
     def load_lora(self, folder: str | Path, adapter_name: str = "default") -> nn.Module:
-        """Inject a LoRA saved as plain peft + safetensors (adapter_config.json + adapter_model.safetensors, as
-        `tdm distill` writes `student_lora/`) into `net` and activate it. Works for every family, PixArt too
-        (diffusers has no LoRA mixin for it)."""
-        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-        from safetensors.torch import load_file
+        """Inject a LoRA (any layout `tdm.lora.load_lora` reads: the peft folder `tdm distill` writes to
+        `student_lora/`, diffusers, kohya) into `net` as a live adapter and activate it; returns `net`. Works for
+        every family, PixArt too (diffusers has no LoRA mixin for it). FileNotFoundError / ValueError naming the
+        path or the module when it is not a LoRA or does not fit this model."""
+        from tdm.lora import attach, load_lora
 
-        folder = Path(folder)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"not a LoRA folder (no {name}): {folder}")
-        import json
-
-        config = LoraConfig(**{k: v for k, v in json.loads((folder / "adapter_config.json").read_text()).items()
-                               if k in LoraConfig.__dataclass_fields__})
-        inject_adapter_in_model(config, self.net, adapter_name=adapter_name)
-        result = set_peft_model_state_dict(self.net, load_file(folder / "adapter_model.safetensors"),
-                                           adapter_name=adapter_name)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{folder}: LoRA weights do not fit this {self.family} model "
-                             f"(unexpected {sorted(result.unexpected_keys)[:3]})")
-        return self.net
+        return attach(self.net, load_lora(folder), adapter_name=adapter_name)
 
     def to(self, device: torch.device | str) -> "Backbone":
         for module in self.modules().values():

@@ -85,6 +85,18 @@ def test_stage_saves_a_sampleable_student(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="K up to 4"):
         sample_student(student, ["a handwritten digit one"], k=5)
     assert (paths.out_dir / "student_lora" / "adapter_model.safetensors").is_file()
+    # The adapter folder is peft's own layout: PeftModel.from_pretrained on the teacher's denoiser gives the merged
+    # student's denoiser (K embedding aside: it lives beside the student, in neither).
+    from peft import PeftModel
+
+    from tdm.backbones import load_backbone
+
+    peft_net = PeftModel.from_pretrained(load_backbone(teacher_dir).net, paths.out_dir / "student_lora")
+    x, t = torch.randn(2, *student.backbone.sample_shape), torch.tensor([899, 449])
+    cond = student.backbone.encode_prompts(["a handwritten digit one"] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(student.backbone.predict(peft_net, x, t, cond),
+                                   student.backbone.predict(student.net, x, t, cond), atol=1e-5, rtol=1e-5)
     rows = [json.loads(line) for line in (paths.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and {"loss_fake", "grad_norm_gen", "lr", "k"} <= rows[0].keys()
     # Re-run the stage in full mode: the LoRA of the LoRA run no longer matches the student and must go.
