@@ -8,7 +8,7 @@ line uses (distill.batch_size is global), against an 80 GiB device. The targets 
 them with benchmarks/backbone_iteration.py):
   - SDXL LoRA TDM at 1024 px, batch 1 per GPU, fits in 24 GB;
   - PixArt-alpha full mode at batch 8 per GPU fits in 80 GB;
-  - FLUX.1-dev LoRA TDM at 1024 px in 80 GB: FLUX is not a supported family yet (no plan).
+  - FLUX.1-dev LoRA TDM at 1024 px in 80 GB (batch 1 per GPU).
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def main() -> None:
          ["distill.batch_size=1"], 1, 24),
         ("goal: PixArt-alpha full mode, batch 8 per GPU (8 GPUs), in 80 GB", REPO / "profiles/pixart_alpha.yaml",
          ["distill.batch_size=64"], 8, 80),
+        ("goal: FLUX.1-dev LoRA TDM 1024 px, batch 1 per GPU, in 80 GB", REPO / "profiles/flux.yaml",
+         ["distill.batch_size=1"], 1, 80),
     ]
     rows, texts = [], []
     for label, profile, overrides, processes, gib in runs + goals:
@@ -86,9 +88,7 @@ def main() -> None:
         md.append(f"- {r['label']}: **{r['total_bytes'] / GIB:.1f} GiB** per GPU -> "
                   f"{'fits' if r['fits'] else 'does not fit'} (prediction; `-S {' -S '.join(r['overrides'])}`, "
                   f"{r['num_processes']} process(es)).")
-    md += ["- FLUX.1-dev LoRA TDM at 1024 px in 80 GB: **not planned**: FLUX is not a supported family yet "
-           "(`tdm.memory_plan.plan` refuses it with a ValueError; it needs a FLUX backbone adapter first).", "",
-           "## The plans", ""]
+    md += ["", "## The plans", ""]
     for label, profile, overrides, processes, gib, text in texts:
         extra = "".join(f" -S {o}" for o in overrides)
         md += [f"### {label}", "",
