@@ -214,6 +214,11 @@ def stage_lock(out_dir: str | Path, stage: str | None = None) -> Iterator[Path]:
             os.replace(tmp, holder_file)
         except OSError as err:
             raise write_error(err, holder_file) or OutputError(holder_file, err.strerror or str(err)) from None
+        # The one writer now: temps a killed write left anywhere in the folder go (outputs whose names change
+        # between runs, e.g. evaluate's sample files, are never rewritten under the same name).
+        from tdm.artifacts import remove_stale_temps
+
+        remove_stale_temps(out_dir, recursive=True)
         yield path
     finally:
         with contextlib.suppress(OSError):

@@ -125,6 +125,17 @@ class Backbone(ABC):
         return {"net": self.net}
 
 
+def forget_call_settings(*tokenizers) -> None:
+    """Clear the truncation / padding a fast tokenizer's backend keeps from its last call (transformers sets
+    them again on every call), so `save_pretrained` writes the same tokenizer.json whether or not the tokenizer
+    ran in this process: a resumed run saves the same bytes as an uninterrupted one (and DVC sees no change)."""
+    for tokenizer in tokenizers:
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "no_truncation"):
+            backend.no_truncation()
+            backend.no_padding()
+
+
 def write_extra_files(folder: Path, files: dict[str, str | bytes] | None) -> None:
     for name, content in (files or {}).items():
         (Path(folder) / name).write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tdm.backbones.base import Backbone, Cond, to_uint8, write_extra_files
+from tdm.backbones.base import Backbone, Cond, forget_call_settings, to_uint8, write_extra_files
 from tdm.backbones.clip_tokenizer import vocab_size, write_clip_tokenizer
 from tdm.schedule import VPSchedule
 
@@ -114,6 +114,7 @@ class DigitsBackbone(Backbone):
         with atomic_folder(folder) as tmp:
             (net if net is not None else self.net).save_pretrained(tmp / "unet")
             self.text_encoder.save_pretrained(tmp / "text_encoder")
+            forget_call_settings(self.tokenizer)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             scheduler = scheduler or self.scheduler
             scheduler.save_pretrained(tmp / "scheduler")

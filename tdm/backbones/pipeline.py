@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from tdm.backbones.base import Backbone, Cond, to_uint8, write_extra_files
+from tdm.backbones.base import Backbone, Cond, forget_call_settings, to_uint8, write_extra_files
 from tdm.schedule import FlowSchedule, NoiseSchedule, VPSchedule
 
 # The LoRA targets of diffusers' SD/SDXL UNets (attention, feed-forward, resnets, resamplers): the set the
@@ -145,6 +145,7 @@ class PipelineBackbone(Backbone):
                 for name, module in swaps.items():
                     if module is not None:
                         self.pipe.register_modules(**{name: module})
+                forget_call_settings(*(getattr(self.pipe, n) for n in self.pipe.components if n.startswith("tokenizer")))
                 self.pipe.save_pretrained(tmp)
             finally:
                 self.pipe.register_modules(**originals)

@@ -96,3 +96,25 @@ def test_loads_a_hub_id_from_the_offline_cache(tiny_digits, tmp_path, monkeypatc
         assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="not in the HF cache"):
         load_backbone("tdm-test/absent")
+
+
+@pytest.mark.parametrize("family", ["digits", "sd3"])
+def test_saved_tokenizers_do_not_depend_on_the_last_call(family, tiny_digits, tmp_path):
+    """A fast tokenizer keeps its last call's truncation / padding in tokenizer.json: a model saved after
+    encoding prompts would differ from one saved before (a resumed run's bytes from an uninterrupted run's, and
+    DVC would rerun everything downstream)."""
+    import hashlib
+
+    import tiny_models
+
+    from tdm.backbones import load_backbone
+
+    backbone = tiny_digits if family == "digits" else load_backbone(
+        tiny_models.save_pipeline(tiny_models.build(family), tmp_path / "base"))
+    backbone.save(tmp_path / "before")
+    backbone.encode_prompts(["a handwritten digit one"])
+    backbone.save(tmp_path / "after")
+    files = sorted(p.relative_to(tmp_path / "before") for p in (tmp_path / "before").rglob("tokenizer*.json"))
+    assert files
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert [digest(tmp_path / "before" / f) for f in files] == [digest(tmp_path / "after" / f) for f in files]

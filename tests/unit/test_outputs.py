@@ -123,6 +123,21 @@ def _tree(root: Path) -> dict:
     return {str(p): (p.stat().st_mtime_ns, p.is_dir()) for p in [root, *root.rglob("*")]}
 
 
+def test_taking_the_lock_removes_temps_a_killed_write_left(tmp_path, capsys):
+    """evaluate's sample files change names between runs, so a temp of one a kill left is never rewritten under
+    its name: the one writer sweeps the whole folder when it takes the lock (what a live writer holds stays)."""
+    out = tmp_path / "outputs" / "evaluate"
+    (out / "sub").mkdir(parents=True)
+    stale = [out / ".samples_student_s4.npz.tmp-abc12345.npz", out / "sub" / ".model.tmp-x1y2z3w4"]
+    stale[0].write_bytes(b"half")
+    stale[1].mkdir()
+    mine = out / "notes.txt"
+    mine.write_text("kept")
+    with stage_lock(out, "evaluate"):
+        assert not any(p.exists() for p in stale) and mine.read_text() == "kept"
+    assert "left by an interrupted write" in capsys.readouterr().err
+
+
 def test_check_writable_creates_and_touches_nothing(tmp_path):
     (tmp_path / "outputs" / "distill" / "checkpoints" / "step-0000010").mkdir(parents=True)
     (tmp_path / "a_file").write_text("x")
