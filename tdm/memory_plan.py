@@ -31,8 +31,8 @@ and fake; the EMA of the student) and counts, per process:
   batch 1 and multiplied by the batch (every saved activation carries the batch dimension: batch 2 measures
   2.000x batch 1 within 0.1 %, tested).
   What it does not see: allocator fragmentation and caching (PyTorch's caching allocator typically reserves
-  5-20 % above the live peak), the transient gradients of activations during backward, and cuDNN / cuBLAS
-  workspaces; a fixed 10 % margin on the activations stands for them (`ACTIVATION_MARGIN`), and the CUDA
+  5-20 % above the live peak), the transient gradients of activations during backward, the no-grad teacher
+  forward at 2 x batch (a few layers live at a time), and cuDNN / cuBLAS workspaces; a fixed 10 % margin on the activations stands for them (`ACTIVATION_MARGIN`), and the CUDA
   context (~0.5 GiB) is added as its own line. Treat the activation line as +/- 25 % until a GPU measures it
   (`benchmarks/backbone_iteration.py` prints measured peaks beside the plan).
 
@@ -42,13 +42,12 @@ config files instead. Bytes are bytes (GiB = 2**30 in the table). Families: ever
 runs (digits, sd15, sdxl, pixart_alpha, pixart_sigma, sd3 (SD3 / SD3.5), cogvideox, wan, flux); others are
 refused with a ValueError.
 
-The CLI: `tdm distill --dry-run` calls `run_dry(cfg, device_memory_bytes=..., num_processes=...)`.
+The CLI: `tdm distill --dry-run` loads with `load_config(params, overrides)` (a hub id need not be cached: a
+plan reads configs, not weights) and calls `run_dry(cfg, device_memory_bytes=..., num_processes=...)`.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import json
 import math
 import sys
@@ -64,7 +63,7 @@ from torch.overrides import TorchFunctionMode
 
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 GIB = 2 ** 30
-CUDA_CONTEXT_BYTES = 512 * 2 ** 20  # CUDA context + kernels on an H100/H200-class card (measured ~0.4-0.6 GiB)
+CUDA_CONTEXT_BYTES = 512 * 2 ** 20  # CUDA context + kernels: a typical 0.4-0.6 GiB (not measured here: no GPU)
 ACTIVATION_MARGIN = 0.10  # backward transients, workspaces (see the module docstring)
 
 
@@ -769,7 +768,8 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
         raise ValueError(f"memory plan: num_processes must be an integer >= 1, got {num_processes!r}")
     d = cfg.distill
     if d.batch_size % num_processes:
-        raise ValueError(f"memory plan: distill.batch_size {d.batch_size} is not divisible by {num_processes} processes")
+        raise ValueError(f"memory plan: distill.batch_size {d.batch_size} is not divisible by {num_processes} "
+                         f"processes")
     memory, name = _device_memory(device_memory_bytes)
     spec = architecture_spec(cfg)
     setup = _Setup(d.mode, d.gradient_checkpointing, d.batch_size // num_processes, embedding_store, adam8bit, fsdp)
