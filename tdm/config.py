@@ -60,7 +60,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     # digits (the embedded default) or a real backbone (docs/backbones.md): sd15 (and its fine-tunes), sdxl,
     # pixart_alpha, sd3, cogvideox.
-    family: Literal["digits", "sd15", "sdxl", "pixart_alpha", "sd3", "cogvideox"] = "digits"
+    family: Literal["digits", "sd15", "sdxl", "pixart_alpha", "pixart_sigma", "sd3", "cogvideox", "wan",
+                    "flux"] = "digits"
     # A diffusers folder or hub id to start from; null = a fresh digits model (there is no pretrained one).
     pretrained: Optional[str] = Field(None, validate_default=True)
     channels: tuple[int, ...] = (32, 64, 64)

@@ -120,6 +120,17 @@ CLAMPED_VALUE = 2.0**-24
 SNR_SHIFTED = frozenset({"CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"})
 # diffusers flow-matching classes whose configs TDMFlowScheduler reads (others are refused until read key by key).
 FLOW_BASES = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
+# VP-family multistep classes in their flow mode (`use_flow_sigmas: true`, `prediction_type: flow_prediction`: Wan's
+# UniPC config): t = T s, alpha = 1 - s, sigma = s, the model predicts the velocity, as FlowMatchEuler's. Their
+# sampler keys and their VP half (betas: built, never read in flow mode) do not touch the student's schedule.
+FLOW_SIGMA_BASES = frozenset({"UniPCMultistepScheduler", "DPMSolverMultistepScheduler"})
+FLOW_SIGMA_IRRELEVANT = FLOW_IRRELEVANT | (VP_IRRELEVANT - {"use_flow_sigmas"}) | frozenset({
+    "flow_shift", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr"})
+FLOW_SIGMA_MUST_BE = {**FLOW_MUST_BE, "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                      "thresholding": False}
+FLOW_SIGMA_MUST_BE_WHY = {**FLOW_MUST_BE_WHY, "use_flow_sigmas": "without it this class runs a VP schedule",
+                          "prediction_type": "only flow_prediction is the velocity the student's step reads",
+                          "thresholding": "dynamic thresholding of x0 is not part of the student's step"}
 
 
 _BETA_KEYS = frozenset({"beta_start", "beta_end", "beta_schedule"})  # the keys of every beta-schedule VP class
@@ -326,6 +337,13 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
         raise ValueError(f"{type(self).__name__}: sigmas are not taken by a VP student's scheduler (its grid is "
                          f"integer timesteps: pass num_inference_steps)")
 
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Accepted for pipelines that call it (Wan, FLUX): the student always starts at its first grid point
+        (no img2img strength cut); `begin_index` must be 0."""
+        if begin_index != 0:
+            raise ValueError(f"{type(self).__name__}: begin_index={begin_index!r}: the student's trajectory starts at "
+                             f"its first grid point")
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The model sees x_t itself (no input scaling): returns `sample` unchanged."""
         return sample
@@ -442,20 +460,26 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"{name}: total_steps is required (the student's trajectory length, from its record "
                              f"tdm_student.json; or use tdm.scheduling_tdm.from_student)")
         init = {}
+        irrelevant, must_be, must_be_why = cls._tables(base)
         for key, value in values.items():
             if key in cls._implemented or key in _STUDENT_KEYS:
                 init[key] = value
-            elif key in cls._must_be:
-                if value != cls._must_be[key]:
-                    raise ValueError(f"{name}: {key}={value!r} is not reproduced ({cls._must_be_why[key]}); "
+            elif key in must_be:
+                if value != must_be[key]:
+                    raise ValueError(f"{name}: {key}={value!r} is not reproduced ({must_be_why[key]}); "
                                      f"refused rather than sampled differently")
-            elif key in cls._irrelevant:
+            elif key in irrelevant:
                 continue  # the base scheduler's own inference grid / solver: not the student's
             else:
                 raise ValueError(f"{name}: unknown scheduler config key {key}={value!r}"
                                  f"{cls._unknown_hint(key)}; refused rather than ignored (it may change the schedule)")
         init.update(overrides)
         return init
+
+    @classmethod
+    def _tables(cls, base) -> tuple[frozenset, dict, dict]:
+        """(irrelevant keys, keys that must hold a value, why) for a config of class `base`."""
+        return cls._irrelevant, cls._must_be, cls._must_be_why
 
     @classmethod
     def _read(cls, config: dict, overrides: dict) -> tuple[dict, list]:
@@ -643,11 +667,20 @@ class TDMFlowScheduler(_TDMStudentScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list[float] | None = None, sigmas: list[float] | None = None,
                       mu: float | None = None) -> None:
-        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+        """The student's K-step grid, K = num_inference_steps (descending float32 timesteps; `sigmas` = t / T then
+        0). What FluxPipeline always passes is accepted: `mu` (its resolution-dependent shift of the base
+        scheduler's grid) is ignored, and `sigmas` equal to its default `linspace(1, 1 / K, K)` ask for no grid
+        (K = their length). Other `timesteps` / `sigmas` are accepted only when they are the student's grid."""
+        if sigmas is not None and timesteps is None:
+            k = len(sigmas)
+            default = torch.linspace(1.0, 1.0 / k, k, dtype=torch.float64)
+            if bool(((torch.as_tensor(list(sigmas), dtype=torch.float64) - default).abs() <= 1e-6).all()):
+                if num_inference_steps not in (None, k):
+                    raise ValueError(f"TDMFlowScheduler: num_inference_steps={num_inference_steps} but {k} sigmas")
+                sigmas, num_inference_steps = None, k
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, None)
         self._set_sigmas()
         self.sigmas = self.sigmas.to(device)
-
-    set_timesteps.__doc__ = _TDMStudentScheduler.set_timesteps.__doc__
 
     def _sigmas_to_t(self, sigmas) -> torch.Tensor:
         return torch.as_tensor(list(sigmas), dtype=torch.float64) * self.config.num_train_timesteps
@@ -662,13 +695,20 @@ class TDMFlowScheduler(_TDMStudentScheduler):
 
     @classmethod
     def _check_base(cls, base: type, label: str) -> None:
-        if base is TDMFlowScheduler or base.__name__ in FLOW_BASES:
+        if base is TDMFlowScheduler or base.__name__ in FLOW_BASES | FLOW_SIGMA_BASES:
             return
         if base is TDMScheduler:
             raise ValueError(f"TDMFlowScheduler: {label} is a VP scheduler config (TDMScheduler): use TDMScheduler")
         kind = "a flow-matching scheduler not read yet" if base.__name__.startswith("FlowMatch") else \
-            "a VP scheduler (use TDMScheduler; the flow modes of DPM-Solver / UniPC, use_flow_sigmas, are not read yet)"
-        raise ValueError(f"TDMFlowScheduler: {label} is {kind}; it reads {sorted(FLOW_BASES)} configs")
+            "a VP scheduler (use TDMScheduler)"
+        raise ValueError(f"TDMFlowScheduler: {label} is {kind}; it reads {sorted(FLOW_BASES)} configs and "
+                         f"{sorted(FLOW_SIGMA_BASES)} ones in flow mode")
+
+    @classmethod
+    def _tables(cls, base) -> tuple[frozenset, dict, dict]:
+        if isinstance(base, type) and base.__name__ in FLOW_SIGMA_BASES:
+            return FLOW_SIGMA_IRRELEVANT, FLOW_SIGMA_MUST_BE, FLOW_SIGMA_MUST_BE_WHY
+        return super()._tables(base)
 
     @classmethod
     def _unknown_hint(cls, key: str) -> str:

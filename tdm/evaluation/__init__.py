@@ -15,7 +15,7 @@ VBENCH_DIMENSIONS = ("temporal_flickering", "subject_consistency", "background_c
 VIDEO_METRICS = tuple(f"vbench_{d}" for d in ("subject_consistency", "background_consistency", "temporal_flickering",
                                               "motion_smoothness", "dynamic_degree", "aesthetic_quality",
                                               "imaging_quality"))
-VIDEO_FAMILIES = ("cogvideox",)
+VIDEO_FAMILIES = ("cogvideox", "wan")
 
 
 def is_metric(name: str) -> bool:

@@ -172,8 +172,8 @@ def test_unsupported_models_fail_clearly_before_loading(saved, tmp_path):
         load_backbone(unet2d)
     flux = tmp_path / "flux"
     flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UnsupportedModel, match="unsupported model.*FluxPipeline.*supported families"):
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
+    with pytest.raises(UnsupportedModel, match="unsupported model.*HunyuanVideoPipeline.*supported families"):
         load_backbone(flux)
     with pytest.raises(config.ConfigError, match="model.pretrained: required for family 'sdxl'"):
         config.parse({"model": {"family": "sdxl"}})

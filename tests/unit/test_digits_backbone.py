@@ -78,8 +78,8 @@ def test_decode_is_uint8_nhwc(tiny_digits):
 def test_unsupported_folders_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_backbone(tmp_path)
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="unsupported model.*FluxPipeline"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
+    with pytest.raises(ValueError, match="unsupported model.*HunyuanVideoPipeline"):
         load_backbone(tmp_path)
 
 

@@ -7,12 +7,10 @@ graph; VAE round trip; one teacher-ft step; TDM iterations in LoRA and full mode
 embedding); gradient checkpointing identical; the distill stage (checkpoint, resume, student folder, plain-peft
 LoRA = merged student); a float32 student beside bf16 encoders samples; our CFG teacher sampler = the family's own
 pipeline; the stock pipeline with `tdm.scheduling_tdm.from_student` = `student_sample` bit for bit, on the teacher
-and on the student each profile's `tdm distill` run leaves (Wan and FLUX: strict xfail until the scheduler reads
-their configs / calls, see the reasons); FLUX's guidance decision measured.
+and on the student each profile's `tdm distill` run leaves (Wan: its UniPC flow config read as the flow schedule;
+FLUX: the sigmas and mu FluxPipeline always passes accepted); FLUX's guidance decision measured.
 
-The configs are parsed without a `model` section (tdm.config's family list does not name the new families yet:
-a strict xfail below turns green when it does); TDMTrainer and the distill stage take the teacher from
-`distill.teacher`, so nothing else changes.
+TDMTrainer and the distill stage take the teacher from `distill.teacher`.
 """
 from __future__ import annotations
 
@@ -199,8 +197,6 @@ def test_unsupported_layouts_fail_before_loading(saved, tmp_path):
         load_backbone(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="tdm/config.py ModelConfig.family is a Literal without pixart_sigma, wan, "
-                                       "flux (add them; SD3.5 is family sd3)")
 @pytest.mark.parametrize("name", ["pixart_sigma", "wan", "flux"])
 def test_config_accepts_the_new_families(name, saved):
     cfg = config.parse({"model": {"family": FAMILY[name], "pretrained": str(saved[name])}})
@@ -294,8 +290,7 @@ def image_folder(tmp_path_factory):
 @pytest.mark.parametrize("name", NEW)
 def test_teacher_ft_step_on_an_image_folder(name, saved, image_folder, tmp_path):
     """One teacher-ft step (video families: still images as static clips), saved and reloaded, weights moved, the
-    native-shape file kept. tdm.config cannot name pixart_sigma / wan / flux yet, so the model section is set
-    on the parsed config without its family check (the stage itself runs unchanged)."""
+    native-shape file kept."""
     import numpy as np
 
     from tdm import teacher_ft
@@ -303,7 +298,7 @@ def test_teacher_ft_step_on_an_image_folder(name, saved, image_folder, tmp_path)
     cfg = _cfg(tmp_path, saved[name], f"teacher_ft.data={image_folder}", "teacher_ft.resolution=16",
                "teacher_ft.steps=1", "teacher_ft.batch_size=2", "teacher_ft.warmup_steps=0", "teacher_ft.lr=1e-2",
                "teacher_ft.eval_samples=0", "teacher_ft.ema_decay=0", "teacher_ft.snr_gamma=null")
-    cfg = cfg.model_copy(update={"model": cfg.model.model_construct(family=FAMILY[name], pretrained=str(saved[name]))})
+    cfg = config.parse({**config.dump(cfg), "model": {"family": FAMILY[name], "pretrained": str(saved[name])}})
     metrics = teacher_ft.run(cfg, StagePaths.of("teacher_ft", tmp_path), progress=False)
     assert metrics["steps"] == 1 and np.isfinite(metrics["final_loss"]) and metrics["final_loss"] > 0
     before = load_backbone(saved[name])
@@ -412,10 +407,6 @@ def test_teacher_sampler_matches_the_diffusers_pipeline(name, saved):
 
 
 GRIDS = {"uniform": (900, 1.0), "shifted": (1000, 3.0)}  # (total_steps, shift)
-WAN_REASON = ("tdm.scheduling_tdm: TDMFlowScheduler refuses Wan's UniPCMultistepScheduler flow config "
-              "(use_flow_sigmas, flow_prediction; FLOW_BASES) and has no set_begin_index (WanPipeline calls it)")
-FLUX_REASON = ("tdm.scheduling_tdm: FluxPipeline always passes sigmas=linspace(1, 1/K, K) and mu to set_timesteps "
-               "(refused) and calls set_begin_index (missing)")
 
 
 def _stock_run(name, pipe, k, noise):
@@ -439,9 +430,7 @@ def _stock_run(name, pipe, k, noise):
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 @pytest.mark.parametrize("name", [
     "sd35", "pixart_sigma",
-    pytest.param("wan", marks=pytest.mark.xfail(strict=True, raises=(ValueError, AttributeError), reason=WAN_REASON)),
-    pytest.param("flux", marks=pytest.mark.xfail(strict=True, raises=(ValueError, AttributeError),
-                                                 reason=FLUX_REASON))])
+    "wan", "flux"])
 def test_stock_pipeline_with_our_scheduler_runs_the_student_exactly(name, grid, saved):
     """A fresh stock pipeline (nothing of tdm in it but the scheduler from `from_student`) on the same starting
     latents gives the latents of `student_sample` bit for bit, K = 1, 2, 4 (the student here is the teacher itself:
@@ -542,10 +531,7 @@ def distilled(saved, tmp_path_factory):
     for profile, name in PROFILES.items():
         work = tmp_path_factory.mktemp(f"profile_{profile}")
         params = yaml.safe_load((ROOT / "profiles" / f"{profile}.yaml").read_text())
-        if params["model"]["family"] not in ("sd3",):
-            del params["model"]
-        else:
-            params["model"]["pretrained"] = str(saved[name])
+        params["model"]["pretrained"] = str(saved[name])
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         cwd = os.getcwd()
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -575,9 +561,7 @@ def test_profile_runs_distill_on_the_tiny_model(profile, distilled):
 
 @pytest.mark.parametrize("profile", [
     "sd35_medium", "pixart_sigma",
-    pytest.param("wan", marks=pytest.mark.xfail(strict=True, raises=(ValueError, AttributeError), reason=WAN_REASON)),
-    pytest.param("flux", marks=pytest.mark.xfail(strict=True, raises=(ValueError, AttributeError),
-                                                 reason=FLUX_REASON))])
+    "wan", "flux"])
 def test_profile_student_samples_identically_in_the_stock_pipeline(profile, distilled):
     """`tdm sample --student` (student_sample on the saved student, K = 4 on the profile's grid) == the stock
     pipeline loaded from the student folder with `from_student(record)` as its scheduler, same starting latents.

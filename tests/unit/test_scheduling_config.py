@@ -128,8 +128,11 @@ REFUSED = [
     (TDMFlowScheduler, TDMScheduler().config, {}, r"is a VP scheduler config \(TDMScheduler\)"),
     (TDMFlowScheduler, diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True).config, {}, r"invert_sigmas"),
     (TDMFlowScheduler, diffusers.FlowMatchLCMScheduler().config, {}, r"FlowMatchLCMScheduler.*not read yet"),
-    (TDMFlowScheduler, diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
-     .config, {}, r"UniPCMultistepScheduler.*VP scheduler"),
+    (TDMFlowScheduler, diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction").config, {},
+     r"use_flow_sigmas=False is not reproduced"),
+    (TDMFlowScheduler, diffusers.UniPCMultistepScheduler(use_flow_sigmas=True).config, {},
+     r"prediction_type='epsilon' is not reproduced"),
+    (TDMFlowScheduler, diffusers.EulerDiscreteScheduler().config, {}, r"EulerDiscreteScheduler.*VP scheduler"),
     # overrides: only our own settings; the teacher's `shift` is not the student grid's
     (TDMFlowScheduler, FLOW, {"shift": 3.0}, r"shift=3.0 is not a setting.*grid_shift"),
     (TDMScheduler, diffusers.DDIMScheduler().config, {"timestep_spacing": "trailing"}, r"timestep_spacing.*not a"),
@@ -253,9 +256,14 @@ def test_set_timesteps_takes_pipeline_kwargs_only_when_harmless():
     assert flow.timesteps.tolist() == [999.0, 499.0]
     torch.testing.assert_close(flow.sigmas, torch.tensor([0.999, 0.499, 0.0]))
     with pytest.raises(ValueError, match="sigmas .* are not the student's"):
-        flow.set_timesteps(sigmas=[1.0, 0.5])
-    with pytest.raises(ValueError, match="mu=0.7"):
-        flow.set_timesteps(2, mu=0.7)
+        flow.set_timesteps(sigmas=[0.9, 0.5])
+    # What FluxPipeline always passes: its default sigmas linspace(1, 1/K, K) and a resolution mu ask for nothing.
+    flow.set_timesteps(sigmas=[1.0, 0.5], mu=0.7)
+    assert flow.timesteps.tolist() == [999.0, 499.0]
+    flow.set_timesteps(4, mu=1.15)
+    assert flow.timesteps.tolist() == [999.0, 749.0, 499.0, 249.0]
+    with pytest.raises(ValueError, match="mu=0.7"):  # a VP student's grid has no resolution shift to ignore
+        vp.set_timesteps(2, mu=0.7)
 
 
 def test_step_contract():
@@ -358,3 +366,19 @@ def test_second_order_steps_must_follow_the_grid():
     vp.step(0.5 * x, 899, x)
     with pytest.raises(ValueError, match="did not follow the step at 674"):
         vp.step(0.5 * x, 449, x)
+
+
+def test_wan_unipc_flow_config_is_read_as_the_flow_schedule():
+    """Wan's hub scheduler: UniPCMultistepScheduler in flow mode (flow_shift 3 for 480p); t = 1000 s, alpha = 1 - s,
+    sigma = s, velocity output: the flow student's schedule. Its sampler keys and unused VP half are not kept."""
+    wan = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                            solver_order=2).config
+    flow = TDMFlowScheduler.from_config(wan, total_steps=1000, grid_shift=3.0)
+    assert flow.config.grid_shift == 3.0 and flow.config.solver_order == 1 and flow.config.num_train_timesteps == 1000
+    with pytest.raises(ValueError, match="thresholding=True is not reproduced"):
+        TDMFlowScheduler.from_config({**wan, "thresholding": True}, total_steps=1000)
+    with pytest.raises(ValueError, match="use_flow_sigmas=True is not reproduced"):  # and the VP class refuses it
+        TDMScheduler.from_config(wan, total_steps=1000)
+    flow.set_begin_index(0)
+    with pytest.raises(ValueError, match="begin_index"):
+        flow.set_begin_index(2)
