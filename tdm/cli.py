@@ -187,6 +187,14 @@ def cmd_teacher_ft(args) -> dict:
 def cmd_distill(args) -> dict:
     from tdm import distill
 
+    if args.dry_run:  # the memory plan: configs on the meta device, no weights, no outputs (tdm/memory_plan.py)
+        from tdm import memory_plan
+
+        if args.device_memory is not None and not args.device_memory > 0:
+            raise ValueError(f"--device-memory must be > 0 GiB, got {args.device_memory}")
+        cfg = memory_plan.load_config(args.params, args.set or [])
+        processes = args.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+        return memory_plan.run_dry(cfg, None if args.device_memory is None else args.device_memory * 2**30, processes)
     cfg = _load_config(args)
     return _run_stage("distill", args, cfg, lambda: distill.run(cfg, progress=not args.quiet), distill.check_inputs,
                       cfg.eval.weights_dir)
@@ -447,7 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     stage("teacher-ft", cmd_teacher_ft, "fine-tune (digits: train) the teacher -> outputs/teacher_ft/model")
-    stage("distill", cmd_distill, "TDM-distil the teacher into a K-step student -> outputs/distill/student")
+    p = stage("distill", cmd_distill, "TDM-distil the teacher into a K-step student -> outputs/distill/student")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan per process (weights, gradients, optimiser, activations vs the device; "
+                        "configs only, nothing loaded or written: docs/memory.md) and exit")
+    p.add_argument("--device-memory", type=_finite, default=None, metavar="GIB",
+                   help="--dry-run: the device's memory in GiB (default: CUDA device 0's)")
+    p.add_argument("--num-processes", type=_positive_int, default=None,
+                   help="--dry-run: processes (GPUs) the batch is split over (default: $WORLD_SIZE, else 1)")
     stage("report", cmd_report, "tables, sample grids and plots of every stage -> outputs/report/index.html")
     stage("evaluate", cmd_evaluate, "sample + score teacher, student (and LoRA-transfer rows) -> metrics/evaluate.json")
 

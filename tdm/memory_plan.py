@@ -334,7 +334,8 @@ def build_parts(cfg, spec: dict, dtype: torch.dtype) -> dict[str, nn.Module]:
     parts = {}
     for name in keep:
         if name in comps:
-            module = build_component(comps[name]).to(device="meta", dtype=dtype)  # buffers too
+            with _quiet():  # diffusers warns about fp32 modules on .to(dtype): _keep_in_fp32 restores them
+                module = build_component(comps[name]).to(device="meta", dtype=dtype)  # buffers too
             _keep_in_fp32(module, comps[name]["library"], dtype)
             parts["net" if name == _net_name(family) else name] = module.eval().requires_grad_(False)
     if "net" not in parts:
@@ -865,18 +866,6 @@ def load_config(path, overrides: list[str] | None = None):
 
     tdm.backbones.check_model = check
     try:
-        try:
-            return config.load(path, overrides or [])
-        except config.ConfigError as err:
-            # A family tdm.backbones runs but tdm.config does not list yet (issue 14's pixart_sigma, wan, flux):
-            # every other section is validated; the model section is taken as written.
-            raw = config.apply_overrides(config.yaml_load(Path(path).read_text(encoding="utf-8-sig")) or {},
-                                         overrides or [])
-            model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-            if model.get("family") not in supported_families() or not all(
-                    line.startswith(f"{path}: model.") for line in str(err).splitlines()):
-                raise
-            rest = config.parse({k: v for k, v in raw.items() if k != "model"}, source=str(path))
-            return rest.model_copy(update={"model": config.ModelConfig.model_construct(**model)})
+        return config.load(path, overrides or [])
     finally:
         tdm.backbones.check_model = real

@@ -260,3 +260,21 @@ def test_bad_input_is_a_clear_value_error(tmp_path):
     unknown = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"teacher": "someone/unknown-model"})})
     with pytest.raises(ValueError, match="no architecture for distill.teacher 'someone/unknown-model'"):
         mp.plan(unknown, 2**30)
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`tdm distill --dry-run`: the table on stderr, the plan as JSON on stdout, exit 0; no output folder, no
+    lock, no weights; bad flags are one `tdm: error:` line (exit 2)."""
+    from tdm.cli import main
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["distill", "--params", str(params), "--dry-run", "--device-memory", "8",
+                 "--num-processes", "2"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["family"] == "digits" and result["num_processes"] == 2 and result["fits"] is True
+    assert result["device_memory_bytes"] == 8 * 2**30 and "total per process" in err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["distill", "--params", str(params), "--dry-run", "--device-memory", "0"]) == 2
+    assert "--device-memory must be > 0" in capsys.readouterr().err
