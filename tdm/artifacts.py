@@ -113,12 +113,24 @@ def _atomic_write(path: Path, write) -> Path:
         fault_point("atomic_write", path.name)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        _raise_as_write_error(err, path)
         raise
     finally:
         os.close(fd)
     return path
+
+
+def _raise_as_write_error(err: BaseException, path: Path) -> None:
+    """A failed write (disk full, read-only, file too large; OSError or torch / safetensors wording) raised as
+    `tdm.outputs.OutputError` naming the output `path` it was for; anything else is left to propagate."""
+    from tdm.outputs import OutputError, write_error
+
+    if isinstance(err, Exception) and not isinstance(err, OutputError):
+        converted = write_error(err, path)
+        if converted is not None:
+            raise converted from err
 
 
 def atomic_write_file(path: str | Path, write) -> Path:
@@ -148,12 +160,13 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         os.rename(tmp, folder)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         if old is not None and (old / folder.name).exists() and not folder.exists():
             os.rename(old / folder.name, folder)  # an error mid-swap: the old folder goes back
         if old is not None and not (old / folder.name).exists():
             shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_as_write_error(err, folder)
         raise
     finally:
         for fd in held:
