@@ -116,19 +116,26 @@ def make_noise(n: int, shape: Sequence[int], seed: int, device: torch.device | s
 
 
 @torch.no_grad()
-def _sample_prompts(backbone: Backbone, prompts: Sequence[str], seed: int, batch_size: int, desc: str | None,
-                    run_batch) -> torch.Tensor:
-    """One image per prompt, batch by batch: `run_batch(cond, noise) -> x0`; uint8 (N, H, W, C)."""
+def _sample_prompts(backbone: Backbone, prompts: Sequence[str], seed: int, batch_size: int, desc: str,
+                    progress: bool, run_batch) -> torch.Tensor:
+    """One image per prompt, batch by batch: `run_batch(cond, noise) -> x0`; uint8 (N, H, W, C). A tqdm bar
+    with `progress`, else plain lines every TDM_PROGRESS_EVERY seconds when that is set (consoles without
+    bars: `-q` under DVC and the Prefect flow; `tdm.training.ProgressLines`)."""
+    from tdm.training import ProgressLines
+
     noise = make_noise(len(prompts), backbone.sample_shape, seed, backbone.device)
     out = []
     starts = range(0, len(prompts), batch_size)
-    if desc is not None:
+    lines = None if progress else ProgressLines(desc, "batch", len(starts))
+    if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=desc, unit="batch")
-    for start in starts:
+    for i, start in enumerate(starts):
         batch = list(prompts[start:start + batch_size])
         out.append(backbone.decode(run_batch(backbone.encode_prompts(batch), noise[start:start + len(batch)])))
+        if lines is not None:
+            lines.update(i + 1)
     return torch.cat(out)
 
 
@@ -137,7 +144,7 @@ def sample_teacher(backbone: Backbone, net: nn.Module, prompts: Sequence[str], *
     """Sample `net` with DDIM over `steps` steps and CFG at `guidance`, one image per prompt: uint8 (N, H, W, C)
     (videos (N, F, H, W, C)). The starting noise depends on `seed` only, not on `batch_size`."""
     net.eval()
-    return _sample_prompts(backbone, prompts, seed, batch_size, f"sampling {steps} steps" if progress else None,
+    return _sample_prompts(backbone, prompts, seed, batch_size, f"sampling {steps} steps", progress,
                            lambda cond, noise: teacher_sample(backbone, net, cond, noise, steps, guidance))
 
 
@@ -151,7 +158,7 @@ def sample_student(student, prompts: Sequence[str], *, k: int | None = None, see
     order = check_solver_order(student.record.solver_order if solver_order is None else solver_order)
     student.net.eval()
     return _sample_prompts(student.backbone, prompts, seed, batch_size,
-                           f"student, {k} steps" + (", DPM-Solver++(2M)" if order == 2 else "") if progress else None,
+                           f"student, {k} steps" + (", DPM-Solver++(2M)" if order == 2 else ""), progress,
                            lambda cond, noise: student.sample(cond, noise, k, solver_order=order))
 
 

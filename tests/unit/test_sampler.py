@@ -99,3 +99,16 @@ def test_the_old_call_forms_fail_clearly_or_keep_working(tiny_digits):
     cond = tiny_digits.encode_prompts(["a handwritten digit one"])
     with pytest.raises(TypeError, match="StudentGrid"):
         student_sample(tiny_digits, tiny_digits.net, cond, noise, 4, 900)
+
+
+def test_sampling_prints_plain_progress_lines_when_asked(tiny_digits, monkeypatch, capsys):
+    """Without a bar (-q under DVC / the flow), TDM_PROGRESS_EVERY makes sampling print n/total batch lines."""
+    from tdm.sampler import sample_teacher
+
+    monkeypatch.setenv("TDM_PROGRESS_EVERY", "0")
+    sample_teacher(tiny_digits, tiny_digits.net, ["a handwritten digit one"] * 3, steps=2, batch_size=1)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(" (")[0] for ln in lines] == [f"sampling 2 steps: {i}/3 batch" for i in (1, 2, 3)]
+    monkeypatch.delenv("TDM_PROGRESS_EVERY")
+    sample_teacher(tiny_digits, tiny_digits.net, ["a handwritten digit one"] * 3, steps=2, batch_size=1)
+    assert capsys.readouterr().err == ""
