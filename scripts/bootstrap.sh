@@ -29,5 +29,5 @@ rm -f "$log"
 # Fail loudly (and leave no stamp) if anything did not install.
 .venv/bin/python -c "import tdm, torch, torchvision, diffusers, transformers, accelerate, peft, safetensors, sklearn, \
 scipy, open_clip, pydantic, yaml, tqdm, PIL, huggingface_hub, sentencepiece, pytest, hypothesis, \
-prefect, mlflow, dvc, torchmetrics, torch_fidelity, hpsv2.src.open_clip"
+prefect, mlflow, dvc, torchmetrics, torch_fidelity, xdist, hpsv2.src.open_clip"
 echo "$want" > "$stamp"

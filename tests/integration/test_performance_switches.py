@@ -1,6 +1,5 @@
 """Speed switches (distill.compile, distill.channels_last) and the always-on role-switching shortcuts give the
 same distillation as the plain path (docs/performance.md). Timings live in benchmarks/optimizations.py."""
-import json
 
 import pytest
 import torch
@@ -71,9 +70,9 @@ def test_switches_do_not_change_the_resume_fingerprint(teacher_dir):
 
 
 def test_channels_last_is_refused_for_non_unet_teachers(tmp_path):
-    folder = tmp_path / "pixart"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    import tiny_models
+
+    folder = tiny_models.save_pipeline(tiny_models.build("pixart_alpha"), tmp_path / "pixart")
     cfg = config.load(PARAMS, [f"distill.teacher={folder}", "distill.channels_last=true"])
     with pytest.raises(ValueError, match=r"^distill.channels_last: only for UNet families .* pixart_alpha model"):
         check_inputs(cfg)

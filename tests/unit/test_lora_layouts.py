@@ -516,10 +516,11 @@ def test_cli_refuses_a_transformer_kohya_export_and_writes_its_diffusers_one(bui
     out = tmp_path / "k.safetensors"
     assert main(["lora", "export", str(src), "--format", "kohya", "--component", "transformer", "--out", str(out)]) == 2
     assert "UNet denoisers only" in capsys.readouterr().err and not out.exists()
-    assert main(["lora", "export", str(src), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 2
-    assert "pass component='transformer'" in capsys.readouterr().err  # the default component would be a no-op
-    assert main(["lora", "export", str(src), "--format", "diffusers", "--component", "transformer",
-                 "--out", str(tmp_path / "d")]) == 0
+    assert main(["lora", "export", str(src), "--format", "diffusers", "--component", "unet",
+                 "--out", str(tmp_path / "u")]) == 2
+    assert "pass component='transformer'" in capsys.readouterr().err and not (tmp_path / "u").exists()  # a no-op
+    # Without --component the module paths say which denoiser it is.
+    assert main(["lora", "export", str(src), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 0
     assert all(k.startswith("transformer.") for k in load_file(tmp_path / "d" / L.DIFFUSERS_WEIGHTS))
 
 
