@@ -28,6 +28,6 @@ pip_install --no-deps hpsv2x==1.2.0 clint==0.5.1 args==0.1.0
 rm -f "$log"
 # Fail loudly (and leave no stamp) if anything did not install.
 .venv/bin/python -c "import tdm, torch, torchvision, diffusers, transformers, accelerate, peft, safetensors, sklearn, \
-scipy, open_clip, pydantic, yaml, tqdm, PIL, huggingface_hub, sentencepiece, pytest, hypothesis, \
+scipy, open_clip, pydantic, yaml, tqdm, PIL, huggingface_hub, sentencepiece, av, pytest, hypothesis, \
 prefect, mlflow, dvc, torchmetrics, torch_fidelity, xdist, hpsv2.src.open_clip"
 echo "$want" > "$stamp"

@@ -1,4 +1,4 @@
-"""Data the stages read: the embedded digits set, prompt files, image-caption folders.
+"""Data the stages read: the embedded digits set, prompt files, image-caption and video-caption folders.
 
 Distillation reads prompts only (data-free); teacher fine-tuning and FID read images.
 """
@@ -228,4 +228,135 @@ class ImageCaptionFolder:
             im = im.crop((left, top, left + resolution, top + resolution))
             arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+# -- video-caption folders ----------------------------------------------------------------------------------------
+# The clip files a video-caption folder may hold (decoded with PyAV, FFmpeg's Python binding).
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
+
+
+def holds_clips(root: str | Path) -> bool:
+    """Whether `root`'s metadata.jsonl names video clips (any row's file_name ends in a VIDEO_SUFFIXES suffix);
+    False when it has none or no metadata.jsonl (ImageCaptionFolder.open then says what is missing)."""
+    meta = Path(root) / "metadata.jsonl"
+    if not meta.is_file():
+        return False
+    return any(Path(str(row.get("file_name", ""))).suffix.lower() in VIDEO_SUFFIXES for row in _jsonl_rows(meta))
+
+
+def _count_frames(path: Path) -> int:
+    """The clip's video frames: the container's count (`stream.frames`, mp4 / mov) once its first frame decodes,
+    else (webm / mkv carry none) every frame decoded and counted. ValueError naming the file when it has no video
+    stream or does not decode. (`VideoCaptionFolder.load` refuses a clip that turns out shorter than counted.)"""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            frames = container.decode(stream)
+            n = 1 if next(frames, None) is not None else 0
+            if n and stream.frames > 0:
+                return int(stream.frames)
+            n += sum(1 for _ in frames)
+    except av.error.FFmpegError as err:
+        raise ValueError(f"{path}: not a decodable video ({err})") from None
+    if n == 0:
+        raise ValueError(f"{path}: no decodable video frames")
+    return n
+
+
+def uniform_frame_indices(available: int, wanted: int) -> list[int]:
+    """`wanted` frame indices spread evenly over the whole clip, first and last frame included (a single frame:
+    the middle one). Needs available >= wanted, so no frame repeats (callers refuse shorter clips)."""
+    if wanted > available:
+        raise ValueError(f"{wanted} frames wanted from a clip of {available}")
+    if wanted == 1:
+        return [(available - 1) // 2]
+    return [round(i * (available - 1) / (wanted - 1)) for i in range(wanted)]
+
+
+def resize_center_crop(im, height: int, width: int):
+    """A PIL image scaled (bicubic) so it covers height x width, then centre-cropped to it."""
+    from PIL import Image
+
+    scale = max(height / im.size[1], width / im.size[0])
+    size = (max(width, round(im.size[0] * scale)), max(height, round(im.size[1] * scale)))
+    im = im.resize(size, Image.BICUBIC)
+    left, top = (im.size[0] - width) // 2, (im.size[1] - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+@dataclass
+class VideoCaptionFolder:
+    """A video-caption folder in the layout of diffusers' / finetrainers' video examples: clips (.mp4, .webm, .mov,
+    .mkv) + `metadata.jsonl` with one `{"file_name": ..., "text": ...}` per line. `open` opens every clip and
+    counts its frames (`_count_frames`), so a missing, undecodable or empty clip, or a bad row, fails there naming
+    the file. `load` samples frames uniformly over the whole clip; a clip shorter than the frames asked for is refused
+    (`check_frames`), never looped or padded: repeated frames would teach the model frozen or stuttering motion."""
+
+    root: Path
+    file_names: list[str]
+    captions: list[str]
+    frame_counts: list[int]
+
+    @classmethod
+    def open(cls, root: str | Path) -> "VideoCaptionFolder":
+        root = Path(root)
+        meta = root / "metadata.jsonl"
+        if not meta.is_file():
+            raise FileNotFoundError(f"video-caption folder needs {meta}")
+        names, captions, counts = [], [], []
+        for n, row in enumerate(_jsonl_rows(meta), 1):
+            if "file_name" not in row or "text" not in row:
+                raise ValueError(f"{meta}:{n}: each line needs 'file_name' and 'text'")
+            path = root / str(row["file_name"])
+            if path.suffix.lower() not in VIDEO_SUFFIXES:
+                raise ValueError(f"{meta}:{n}: {path} is not a video clip ({', '.join(VIDEO_SUFFIXES)}); a folder "
+                                 f"holds clips or images, not both")
+            if not path.is_file():
+                raise FileNotFoundError(f"{meta}:{n}: clip not found: {path}")
+            names.append(str(row["file_name"]))
+            captions.append(str(row["text"]))
+            counts.append(_count_frames(path))
+        if not names:
+            raise ValueError(f"{meta}: no rows")
+        return cls(root, names, captions, counts)
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def check_frames(self, num_frames: int) -> None:
+        """ValueError naming the first clip with fewer than `num_frames` frames."""
+        for name, count in zip(self.file_names, self.frame_counts):
+            if count < num_frames:
+                raise ValueError(f"{self.root / name}: {count} frames, the model trains on {num_frames} "
+                                 f"(clips shorter than that are refused, not looped)")
+
+    def load(self, index: int, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """Clip `index`: `num_frames` frames sampled uniformly (`uniform_frame_indices`), each resized to cover
+        height x width and centre-cropped, RGB in [-1, 1], F x C x H x W float32."""
+        import av
+
+        path = self.root / self.file_names[index]
+        if self.frame_counts[index] < num_frames:
+            self.check_frames(num_frames)
+        wanted = uniform_frame_indices(self.frame_counts[index], num_frames)
+        keep, frames = set(wanted), {}
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                if i in keep:
+                    im = resize_center_crop(frame.to_image().convert("RGB"), height, width)
+                    frames[i] = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+                if i >= wanted[-1]:
+                    break
+        if len(frames) < len(keep):
+            raise ValueError(f"{path}: decoded {max(frames, default=-1) + 1} frames, fewer than the "
+                             f"{self.frame_counts[index]} counted when the folder was opened")
+        arr = np.stack([frames[i] for i in wanted]).transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(arr))

@@ -1,8 +1,9 @@
 """Teacher fine-tuning ("better teacher, better student"): standard diffusion training with CFG dropout.
 
 On the digits default the teacher starts from a fresh init and learns the digits from scratch; on a real
-backbone it fine-tunes the pretrained denoiser on an image-caption folder. One loop either way:
-sample a batch, noise it at a random t, regress the model's own output type (eps / v / flow), optionally
+backbone it fine-tunes the pretrained denoiser on an image-caption folder, or (CogVideoX, Wan) on a video-caption
+folder (clips + metadata.jsonl, `tdm.data.VideoCaptionFolder`) at the model's native frames and size. One loop
+either way: sample a batch, noise it at a random t, regress the model's own output type (eps / v / flow), optionally
 min-SNR weighted, clip, step, EMA. The EMA weights are the teacher that distillation reads.
 
 Every random draw of step s comes from a generator seeded by (seed, s, process), so a resumed run draws
@@ -22,7 +23,8 @@ from accelerate import Accelerator
 from tdm.artifacts import save_samples, write_json
 from tdm.backbones import Backbone, build_backbone
 from tdm.config import Config, StagePaths, dump
-from tdm.data import PROMPT_TEMPLATES, ImageCaptionFolder, digit_prompt, digit_prompt_set, digits_split
+from tdm.data import (PROMPT_TEMPLATES, ImageCaptionFolder, VideoCaptionFolder, digit_prompt, digit_prompt_set,
+                      digits_split, holds_clips)
 from tdm.ema import EMA
 from tdm.training import LoopSettings, fingerprint, lr_factor, run_loop, step_generator
 
@@ -57,6 +59,32 @@ class FolderTrainSet:
     def batch(self, index: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         images = torch.stack([self.data.load(int(i), self.resolution, self.channels) for i in index])
         return images, [self.data.captions[int(i)] for i in index]
+
+
+class VideoFolderTrainSet:
+    """A video-caption folder (clips + metadata.jsonl) for a video family. Clips train at the model's native shape
+    (its num_frames, height x width), set by `fit` once the backbone is built; teacher_ft.resolution (a square
+    side) applies to image folders only. Batches are videos (B, C, F, H, W), as the video `encode_images` take."""
+
+    def __init__(self, folder: str):
+        self.data = VideoCaptionFolder.open(folder)
+        self.num_frames = self.height = self.width = None
+
+    def fit(self, backbone: Backbone) -> None:
+        """Take the backbone's frames and pixel size; ValueError naming any clip shorter than its frames."""
+        self.num_frames = backbone.num_frames
+        self.height, self.width = backbone.resolution
+        self.data.check_frames(self.num_frames)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, index: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        clips = torch.stack([self.data.load(int(i), self.num_frames, self.height, self.width) for i in index])
+        return clips.permute(0, 2, 1, 3, 4), [self.data.captions[int(i)] for i in index]
+
+
+VIDEO_FAMILIES = ("cogvideox", "wan")  # the families whose teacher fine-tunes on clips
 
 
 # -- the loss -----------------------------------------------------------------------------------------------------
@@ -99,6 +127,11 @@ def open_training_set(cfg: Config):
         if cfg.model.family != "digits":
             raise ValueError(f"teacher_ft.data: 'digits' needs model.family digits, got {cfg.model.family!r}")
         return DigitsTrainSet()
+    if holds_clips(ft.data):
+        if cfg.model.family not in VIDEO_FAMILIES:
+            raise ValueError(f"{ft.data} holds video clips; they train video families ({', '.join(VIDEO_FAMILIES)}), "
+                             f"model.family is {cfg.model.family!r}")
+        return VideoFolderTrainSet(ft.data)
     return FolderTrainSet(ft.data, ft.resolution, 1 if cfg.model.family == "digits" else 3)
 
 
@@ -133,6 +166,11 @@ def _check_resolution(cfg: Config, backbone: Backbone, data) -> None:
         if tuple(probe.shape[1:]) != tuple(backbone.sample_shape):
             raise ValueError(f"teacher_ft.resolution {data.resolution} gives samples of shape "
                              f"{tuple(probe.shape[1:])}, the model works at {tuple(backbone.sample_shape)}")
+    if isinstance(data, VideoFolderTrainSet):
+        try:
+            data.fit(backbone)
+        except ValueError as err:
+            raise ValueError(f"teacher_ft.data: {err}") from None
 
 
 class TeacherTrainer:
