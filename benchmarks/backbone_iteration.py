@@ -4,7 +4,7 @@ GPU (what the issue asks for; needs no downloads): every family at its real arch
 random weights, the frozen parts in bf16, the iteration under bf16 autocast, each family's profile
 (profiles/<family>.yaml: LoRA or full mode, K, gradient checkpointing) at a per-device batch of --batch-size:
 
-    .venv/bin/python benchmarks/backbone_iteration.py                  # all five families, results/backbone_iteration_gpu.*
+    .venv/bin/python benchmarks/backbone_iteration.py                  # every profile, results/backbone_iteration_gpu.*
     .venv/bin/python benchmarks/backbone_iteration.py --family sdxl --batch-size 4
 
 Real shapes: SD1.5 512 px (4x64x64 latents), SDXL / PixArt-alpha / SD3-medium 1024 px (4 or 16 x128x128),
@@ -34,7 +34,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-FAMILIES = ("sd15", "sdxl", "pixart_alpha", "sd3", "cogvideox")
+# Profiles (profiles/<name>.yaml) measured: the five families the paper distils (hand-written builders below), then
+# the newer ones, built from the public configs recorded in tdm/arch/ (the memory plan's records).
+FIRST_FIVE = ("sd15", "sdxl", "pixart_alpha", "sd3", "cogvideox")
+FAMILIES = FIRST_FIVE + ("sd35_medium", "pixart_sigma", "wan", "flux")
+TINY_NAMES = {"sd35_medium": "sd35"}  # the tiny model of a profile whose name is not its family's
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the tiny builders and the offline T5 tokenizer
 
 
@@ -86,10 +90,61 @@ def _tokenizers():
     return clip, t5
 
 
-def real_pipeline(family: str, net_dtype, frozen_dtype, device):
-    """`family` at its real architecture with random weights, built on `device`."""
+def arch_pipeline(profile: str, frozen_dtype, device):
+    """A profile's teacher at its real architecture from its tdm/arch record (public component configs), random
+    weights, on `device`; tokenizers of the right vocabulary size, the family's hub scheduler."""
     import diffusers
     import torch
+    import transformers
+    import yaml
+
+    from tdm.memory_plan import known_architectures
+
+    hub_id = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())["model"]["pretrained"]
+    spec = json.loads(known_architectures()[hub_id].read_text())
+    clip, t5 = _tokenizers()
+    schedulers = {  # the hub checkpoints' schedulers (the student's grid is its own; these set the schedule)
+        "sd3": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "pixart_sigma": lambda: diffusers.DPMSolverMultistepScheduler(beta_schedule="linear"),
+        "wan": lambda: diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                         flow_shift=3.0),
+        "flux": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                                                  base_shift=0.5, max_shift=1.15),
+    }
+    parts = {"scheduler": schedulers[spec["family"]]()}
+    torch.set_default_dtype(frozen_dtype)
+    with torch.device(device):
+        for name, entry in spec["components"].items():
+            cfg = {k: v for k, v in entry["config"].items() if not k.startswith("_")}
+            if entry["library"] == "diffusers":
+                parts[name] = getattr(diffusers, entry["class"]).from_config(cfg)
+            else:
+                cfg.pop("architectures", None)
+                config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+                parts[name] = getattr(transformers, entry["class"])(config)
+    torch.set_default_dtype(torch.float32)
+    pipeline = getattr(diffusers, spec["pipeline"])
+    import inspect
+
+    for name in inspect.signature(pipeline.__init__).parameters:
+        if name.startswith("tokenizer"):  # CLIP tokenizers for CLIP encoders, the T5 one for T5 / UMT5
+            encoder = parts.get(name.replace("tokenizer", "text_encoder"))
+            parts[name] = clip if encoder is not None and "CLIP" in type(encoder).__name__ else t5
+    return pipeline(**parts)
+
+
+def real_pipeline(family: str, net_dtype, frozen_dtype, device):
+    """`family` (a profile name) at its real architecture with random weights, built on `device`."""
+    import diffusers
+    import torch
+
+    if family not in FIRST_FIVE:
+        from tdm.memory_plan import _keep_in_fp32
+
+        pipe = arch_pipeline(family, frozen_dtype, device)
+        pipe.transformer.to(net_dtype)
+        _keep_in_fp32(pipe.transformer, "diffusers", net_dtype)  # as from_pretrained(torch_dtype=...) keeps them
+        return pipe
 
     clip, t5 = _tokenizers()
     schedulers = {  # built in float32, outside the low-precision default below
@@ -187,7 +242,6 @@ def measure(family: str, tiny: bool, batch_size: int, iterations: int) -> dict:
     import yaml
     from accelerate import Accelerator
 
-    from tdm import config
     from tdm.backbones import FAMILIES as ADAPTERS
     from tdm.distill import TDMTrainer
 
@@ -197,21 +251,27 @@ def measure(family: str, tiny: bool, batch_size: int, iterations: int) -> dict:
     profile = REPO / "profiles" / f"{family}.yaml"
     raw = yaml.safe_load(profile.read_text())
     mode = raw["distill"]["mode"]
-    with tempfile.TemporaryDirectory() as placeholder:  # the trainer never reads these paths; validation does
-        overrides = [f"model.pretrained={placeholder}", f"distill.teacher={placeholder}",
-                     f"distill.batch_size={batch_size}", f"distill.prompts={REPO / 'profiles/prompts/example.txt'}"]
-        if tiny:
-            overrides += ['distill.mixed_precision="no"', "distill.lora_rank=4", "distill.gradient_checkpointing=false"]
-        cfg = config.parse(config.apply_overrides(raw, overrides), source=str(profile))
-    t_build = time.perf_counter()
+    from tdm.memory_plan import load_config
+
+    # The profile's hub id stands for its recorded architecture (tdm/arch; nothing is downloaded): the trainer
+    # takes the backbone built here, never the path.
+    overrides = [f"distill.batch_size={batch_size}", f"distill.prompts={REPO / 'profiles/prompts/example.txt'}"]
     if tiny:
+        overrides += ['distill.mixed_precision="no"', "distill.lora_rank=4", "distill.gradient_checkpointing=false"]
+    cfg = load_config(profile, overrides)
+    t_build = time.perf_counter()
+    if tiny:  # saved and reloaded: Wan / FLUX folders carry their native shape (tdm_backbone.json)
         import tiny_models
 
-        pipe = tiny_models.build(family)
+        from tdm.backbones import load_backbone
+
+        folder = tiny_models.save_pipeline(tiny_models.build(TINY_NAMES.get(family, family)),
+                                           Path(tempfile.mkdtemp(prefix="tdm-tiny-")) / family)
+        backbone = load_backbone(folder)
     else:
         torch.manual_seed(0)
         pipe = real_pipeline(family, torch.float32 if mode == "full" else torch.bfloat16, torch.bfloat16, "cuda")
-    backbone = ADAPTERS[family](pipe)
+        backbone = ADAPTERS[raw["model"]["family"]](pipe)
     device = "cuda" if cuda else "cpu"
     backbone.to(device)
     accelerator = Accelerator(mixed_precision=cfg.distill.mixed_precision, cpu=not cuda)
@@ -252,7 +312,7 @@ def measure(family: str, tiny: bool, batch_size: int, iterations: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (proves the script; not a benchmark)")
-    parser.add_argument("--family", action="append", choices=FAMILIES, help="default: all five")
+    parser.add_argument("--family", action="append", choices=FAMILIES, help="a profile name (default: all)")
     parser.add_argument("--batch-size", type=int, default=None, help="per device (default: 1 real, 2 tiny)")
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations after one warm-up")
     parser.add_argument("--out", type=Path, default=None, help="results stem (default: results/backbone_iteration_*)")
