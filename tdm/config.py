@@ -61,7 +61,7 @@ class ModelConfig(_Section):
     # digits (the embedded default) or a real backbone (docs/backbones.md): sd15 (and its fine-tunes), sdxl,
     # pixart_alpha, sd3, cogvideox.
     family: Literal["digits", "sd15", "sdxl", "pixart_alpha", "pixart_sigma", "sd3", "cogvideox", "wan",
-                    "flux"] = "digits"
+                    "flux", "zimage"] = "digits"
     # A diffusers folder or hub id to start from; null = a fresh digits model (there is no pretrained one).
     pretrained: Optional[str] = Field(None, validate_default=True)
     channels: tuple[int, ...] = (32, 64, 64)
@@ -279,6 +279,22 @@ class EvaluateConfig(_Section):
     fid_reference: Optional[str] = None  # reference image folder (or npz) for `fid`
     skip_missing: bool = False  # skip (and record) a metric whose weights are missing instead of failing
     lora_manifest: Optional[str] = "outputs/lora_transfer/manifest.json"  # absent file = no transfer rows
+    # A published evaluation protocol instead of `prompts` (docs/evaluation.md): "hpsv2" (the HPSv2 benchmark's
+    # four style prompt files, per-style and average HPS), "coco2014" (a seeded caption draw from
+    # captions_val2014.json, FID against the matching val2014 images + CLIP score), "vbench" (VBench's standard
+    # prompt suite). Its inputs are read from `protocol_path`; nothing is downloaded at run time.
+    protocol: Optional[Literal["hpsv2", "coco2014", "vbench"]] = None
+    protocol_path: Optional[str] = None  # hpsv2: the benchmark prompt folder; coco2014: captions_val2014.json
+    coco_images: Optional[str] = None  # coco2014: the val2014 image folder (FID reference, matched by image id)
+    # The quality-vs-NFE curve: the teacher's DDIM at each of these step counts (CFG counted in NFE); empty =
+    # the teacher at `teacher_steps` only.
+    teacher_curve: tuple[int, ...] = ()
+    # An external student (e.g. a published TDM LoRA) on top of `teacher`: a diffusers / kohya / peft LoRA
+    # file or folder, at `lora_scale`, sampled `lora_steps` steps at guidance `lora_guidance`.
+    lora: Optional[str] = None
+    lora_scale: float = Field(1.0, ge=0)
+    lora_steps: int = Field(4, ge=1)
+    lora_guidance: float = Field(1.0, ge=1)
 
 
     @field_validator("metrics")
@@ -301,6 +317,30 @@ class EvaluateConfig(_Section):
         if v is not None and not Path(v).expanduser().exists():
             raise ValueError(f"reference images not found: {v}")
         return v
+
+    @field_validator("protocol_path", "coco_images", "lora")
+    @classmethod
+    def _exists(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not Path(v).expanduser().exists():
+            raise ValueError(f"not found: {v}")
+        return v
+
+    @field_validator("teacher_curve")
+    @classmethod
+    def _curve(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(n < 1 for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"step counts must be distinct integers >= 1, got {list(v)}")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _protocol_inputs(self) -> "EvaluateConfig":
+        if self.protocol is not None and self.protocol_path is None:
+            raise ValueError(f"protocol_path: required for protocol {self.protocol!r} (docs/evaluation.md)")
+        if self.protocol is None and self.protocol_path is not None:
+            raise ValueError("protocol_path: set without a protocol")
+        if self.coco_images is not None and self.protocol != "coco2014":
+            raise ValueError("coco_images: only for protocol coco2014")
+        return self
 
 
 class Config(_Section):
