@@ -294,6 +294,28 @@ def _check_out(out: Path, flag: str = "--out", folder: bool = False) -> None:
     _writing = out
 
 
+def _check_external(args, model: Path):
+    """`tdm sample --lora / --scheduler / --flow-shift`: the LoRA, its scale and the scheduler checked from files
+    (tdm.external.check_external), errors naming the flag."""
+    from tdm.external import check_external
+
+    scale = 1.0 if args.lora_scale is None else args.lora_scale
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"--lora-scale: must be a finite number >= 0, got {scale}")
+    if args.lora is not None and not Path(args.lora).exists():
+        raise FileNotFoundError(f"--lora: not found: {args.lora}")
+    flags = {"lora": "--lora", "lora_scale": "--lora-scale", "scheduler": "--scheduler", "flow_shift": "--flow-shift",
+             "model": "--model"}
+    try:
+        return check_external(model, args.lora, scale, args.scheduler, args.flow_shift)
+    except (FileNotFoundError, ValueError) as err:
+        text = str(err)
+        for key, flag in flags.items():
+            if text.startswith(key + ":"):
+                raise type(err)(flag + text[len(key):]) from None
+        raise type(err)(f"--scheduler: {text}" if args.scheduler is not None else text) from None
+
+
 def cmd_sample(args) -> dict:
     from tdm.backbones import train_timesteps
     from tdm.data import prompt_set
@@ -309,12 +331,20 @@ def cmd_sample(args) -> dict:
         raise ValueError("--solver-order applies to --student (the teacher samples with DDIM over --steps)")
     if args.steps < 1 or args.guidance < 1:
         raise ValueError("--steps must be >= 1 and --guidance >= 1")
+    external = args.lora is not None or args.scheduler is not None or args.flow_shift is not None
+    if args.lora is None and args.lora_scale is not None:
+        raise ValueError("--lora-scale applies to --lora (the strength of the LoRA on the teacher)")
+    if external and args.student:
+        flag = "--lora" if args.lora is not None else "--scheduler" if args.scheduler is not None else "--flow-shift"
+        raise ValueError(f"{flag} samples a teacher (+ LoRA) with a diffusers scheduler; --student samples a "
+                         f"tdm student on its own grid: give one of them")
     if args.total_steps is not None and args.total_steps < 2:
         raise ValueError(f"--total-steps must be >= 2, got {args.total_steps}")
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out}")
     _check_model(model, "--model")
+    external_parts = _check_external(args, model) if external else None
     schedule_len = train_timesteps(model)
     record = _student_record(model, args.steps, args.total_steps) if args.student else None
     if record is not None and record.total_steps > schedule_len:
@@ -343,7 +373,15 @@ def cmd_sample(args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = {"seed": args.seed, "batch_size": args.batch_size, "progress": not args.quiet}
-    if args.student:
+    recipe = None
+    if external:
+        from tdm.external import load_external, sample_external
+
+        scale = 1.0 if args.lora_scale is None else args.lora_scale
+        student = load_external(model, args.lora, scale, args.scheduler, args.flow_shift, device)
+        images = sample_external(student, prompts, steps=args.steps, guidance=args.guidance, **common)
+        recipe = student.recipe(args.steps, args.guidance)
+    elif args.student:
         student = _open_student(model, record).to(device)
         images = sample_student(student, prompts, k=args.steps, solver_order=args.solver_order, **common)
     else:
@@ -353,6 +391,8 @@ def cmd_sample(args) -> dict:
         images = sample_teacher(backbone, backbone.net, prompts, steps=args.steps, guidance=args.guidance, **common)
     npz, png = save_samples(out, images, prompts, steps=args.steps, guidance=args.guidance)
     result = {"samples": str(npz), "grid": str(png), "n": len(prompts)}
+    if recipe is not None:
+        result.update(recipe)
     if args.score:
         from tdm.evaluation.digits import evaluate_samples
 
@@ -490,6 +530,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver-order", type=int, choices=(1, 2), default=None,
                    help="student: 1 DDIM between grid points (the trajectory it was trained on), 2 DPM-Solver++(2M) "
                         "over the same grid (default: the student's record, 1 unless exported with 2)")
+    p.add_argument("--lora", default=None,
+                   help="an external student: a LoRA (diffusers / kohya / peft file or folder) on the --model teacher, "
+                        "sampled by the stock pipeline's loop with a diffusers scheduler (docs/publish.md)")
+    p.add_argument("--lora-scale", type=_finite, default=None,
+                   help="--lora: its strength, as set_adapters(..., adapter_weights=[s]) (default 1; the TDM SD3 "
+                        "releases: 0.125)")
+    p.add_argument("--scheduler", default=None,
+                   help="sample with this diffusers scheduler instead of tdm's DDIM: a scheduler_config.json (or a "
+                        "folder with one) or a class name, built from the teacher's config (e.g. "
+                        "DPMSolverMultistepScheduler; on a flow teacher in its flow mode). Default with --lora: the "
+                        "teacher's own scheduler")
+    p.add_argument("--flow-shift", type=_finite, default=None,
+                   help="the scheduler's flow shift (flow_shift / shift), e.g. 3 for the SD3 releases' DPM-Solver")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=250)
     p.add_argument("--out", required=True, help="output .npz (a .png grid is written beside it)")
