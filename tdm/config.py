@@ -45,6 +45,14 @@ def _step_counts(v: tuple[int, ...]) -> tuple[int, ...]:
 
 
 PromptSource = Annotated[str, AfterValidator(_prompt_source)]
+
+
+def _store_path(v: Optional[str]) -> Optional[str]:
+    """A prompt-store setting: null, or a folder (its index and fingerprint are checked when the stage starts,
+    against the model it serves: `tdm.prompt_store.open_for`)."""
+    if v is not None and not Path(v).expanduser().is_dir():
+        raise ValueError(f"prompt store folder not found: {v} (run `tdm prompt-store` first?)")
+    return v
 StepCounts = Annotated[tuple[int, ...], AfterValidator(_step_counts)]
 # Every seed: a non-negative 63-bit integer (what torch.Generator.manual_seed and numpy's default_rng both take;
 # -1 or 2**70 would otherwise fail only after the models are loaded).
@@ -114,8 +122,16 @@ class TeacherFTConfig(_Section):
     seed: Seed = 0
     # Teacher quality check after training (digits): samples with the `sample` settings, scored by the toy metrics.
     eval_samples: int = Field(1000, ge=0)
+    # A prompt-embedding store (`tdm prompt-store` made from model.pretrained, holding every caption) read instead
+    # of running the text encoders, which are then never loaded; null = encode with them (tdm/prompt_store.py).
+    prompt_store: Optional[str] = None
     # Keys that do not change the trained weights: a checkpoint made with other values still resumes.
-    BOOKKEEPING: ClassVar[tuple[str, ...]] = ("eval_samples", "checkpoint_every", "log_every")
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = ("eval_samples", "checkpoint_every", "log_every", "prompt_store")
+
+    @field_validator("prompt_store")
+    @classmethod
+    def _store_folder(cls, v: Optional[str]) -> Optional[str]:
+        return _store_path(v)
 
     @field_validator("data")
     @classmethod
@@ -136,10 +152,15 @@ class TeacherFTConfig(_Section):
 
 
 class DistillConfig(_Section):
-    """TDM distillation (defaults from the authors' PixArt run unless the digits benchmark says otherwise)."""
+    """TDM distillation. Our defaults are ours (measured on digits); the official TDM trainer's values are noted
+    beside each switch (/work/shared/notes/recipes.md: generator lr 4e-6 = fake lr 2e-5 / 5, AdamW betas (0, 0.95),
+    weight decay 1e-2, grad clip 1.0 on the generator only, the fake score unclipped at a constant lr, no EMA)."""
 
     teacher: str = "outputs/teacher_ft/model"  # model folder or hub id (checked when the stage starts)
     prompts: PromptSource = "digits"  # "digits" (the ten digits, four phrasings) or a .txt/.jsonl/.csv prompt file
+    # A prompt-embedding store (`tdm prompt-store`, outputs/prompt_store/store) read instead of running the teacher's
+    # text encoders, which are then never loaded; null = encode with them. Same iteration bit for bit.
+    prompt_store: Optional[str] = None
     mode: Literal["lora", "full"] = "full"
     lora_rank: int = Field(16, ge=1)
     lora_alpha: Optional[float] = Field(None, gt=0)  # null = rank (scale 1)
@@ -153,12 +174,19 @@ class DistillConfig(_Section):
     guidance: float = Field(2.0, ge=1)  # teacher CFG baked into the student
     iterations: int = Field(400, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-5, gt=0)  # generator; the authors use fake_lr / 5
-    fake_lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.0, 0.95)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(2e-5, gt=0)  # generator; official: 4e-6 (= fake lr / 5)
+    fake_lr: float = Field(1e-4, gt=0)  # official: 2e-5
+    # TDM-unify: the student's K embedding's own lr (null = lr); the fake score's K embedding trains at fake_lr.
+    k_embed_lr: Optional[float] = Field(None, gt=0)
+    betas: tuple[float, float] = (0.0, 0.95)  # official: (0, 0.95), both optimisers
+    weight_decay: float = Field(0.0, ge=0)  # generator (and the fake score unless fake_weight_decay); official: 1e-2
+    fake_weight_decay: Optional[float] = Field(None, ge=0)  # null = weight_decay
+    # "adamw" (torch), or "adamw8bit" (bitsandbytes' 8-bit AdamW states: CUDA only, refused on CPU).
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     warmup_steps: int = Field(20, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # generator (warm-up, then this); official: ~constant
+    # The fake score's lr schedule: "same" as the generator's, or "constant" (no warm-up, no decay; official).
+    fake_lr_schedule: Literal["same", "constant"] = "same"
     interval: Literal["separate", "shared"] = "separate"  # tau in (t_mid, t_i] per step, or [t_mid, total_steps)
     random_mid: bool = False  # draw t_mid in [t_{i+1}, t_i - 20) instead of the next grid point
     tau_min: int = Field(20, ge=0)  # the authors' margins: tau >= max(tau_min, t_mid), tau < upper - tau_gap
@@ -166,8 +194,11 @@ class DistillConfig(_Section):
     metric: Literal["huber", "huber_sample", "l2"] = "huber"
     huber_c: Optional[float] = Field(None, gt=0)  # null: 1e-3 (huber), 0.00054 sqrt(d) (huber_sample)
     snr_clamp: float = Field(5.0, gt=0)
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, gt=0)  # generator gradient-norm clip; official 1.0
+    fake_grad_clip: Optional[float] = Field(1.0, gt=0)  # the fake score's; null = no clipping (official)
     ema_decay: float = Field(0.99, ge=0, lt=1)
+    # Which student is saved: "ema" (the average, ema_decay) or "raw" (the trained weights, no EMA kept; official).
+    student_weights: Literal["ema", "raw"] = "ema"
     unify: bool = False  # TDM-unify: student and fake conditioned on K, trained over k_choices
     k_choices: StepCounts = (1, 2, 4)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -181,7 +212,12 @@ class DistillConfig(_Section):
     eval_samples: int = Field(1000, ge=0)  # student samples scored after training (digits)
     # Keys that do not change the trained weights (speed switches agree within float tolerance).
     BOOKKEEPING: ClassVar[tuple[str, ...]] = ("eval_samples", "checkpoint_every", "log_every", "compile",
-                                              "channels_last")
+                                              "channels_last", "prompt_store")
+
+    @field_validator("prompt_store")
+    @classmethod
+    def _store_folder(cls, v: Optional[str]) -> Optional[str]:
+        return _store_path(v)
 
     @model_validator(mode="after")
     def _grid(self) -> "DistillConfig":
@@ -198,6 +234,30 @@ class DistillConfig(_Section):
         if self.shift != 1.0:
             raise ValueError("shift: an explicit grid (timesteps) takes no shift")
         return self
+
+
+class PromptStoreConfig(_Section):
+    """The prompt_store stage (tdm/prompt_store.py): a prompt set encoded once by a model's text encoders."""
+
+    model: str = "outputs/teacher_ft/model"  # whose text encoders (the distill teacher; checked when the stage starts)
+    # Prompt sources, all stored: "digits" (every digits phrasing), .txt/.jsonl/.csv prompt files, or image- /
+    # video-caption folders (their metadata.jsonl captions, for teacher_ft.prompt_store). "" is always stored.
+    prompts: tuple[str, ...] = ("digits",)
+    # The dtype the encoders load in, which the consumer must load them in too: "auto" = as distill loads its
+    # frozen base (LoRA mode under bf16 / fp16: that dtype; else the model's own), "model", "bf16", "fp16".
+    dtype: Literal["auto", "model", "bf16", "fp16"] = "auto"
+    batch_size: int = Field(64, ge=1)  # prompts per encoder forward
+
+    @field_validator("prompts")
+    @classmethod
+    def _sources(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("need at least one prompt source")
+        for source in v:
+            if source == "digits" or Path(source).expanduser().is_dir():
+                continue
+            _prompt_source(source)
+        return v
 
 
 class LoraTransferConfig(_Section):
@@ -347,6 +407,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     teacher_ft: TeacherFTConfig = TeacherFTConfig()
     distill: DistillConfig = DistillConfig()
+    prompt_store: PromptStoreConfig = PromptStoreConfig()
     lora_transfer: LoraTransferConfig = LoraTransferConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()

@@ -115,6 +115,48 @@ def diffuse_to_tau(roles: Roles, traj: Rollout, pts: LossPoints, g: torch.Genera
     return Diffused(x_tau, x0, noise, effective)
 
 
+def base_dtype(cfg: Config) -> torch.dtype | None:
+    """The dtype distill loads the frozen base in (teacher, text encoders, VAE): LoRA mode under bf16 / fp16 holds
+    it in that dtype (the adapters stay float32); full mode, or no mixed precision, keeps the saved dtype (None)."""
+    d = cfg.distill
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(d.mixed_precision) if d.mode == "lora" else None
+
+
+def distill_prompts(cfg: Config) -> list[str]:
+    """The prompts distillation draws from: the digits set (1000, or batch_size when larger) or a prompt file."""
+    d = cfg.distill
+    return (digit_prompt_set(max(1000, d.batch_size), seed=d.seed) if d.prompts == "digits"
+            else read_prompts(d.prompts))
+
+
+def make_optimizer(kind: str, groups: list[dict], lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over parameter groups: torch's, or bitsandbytes' 8-bit AdamW (`distill.optimizer: adamw8bit`; its
+    states quantised blockwise to 8 bits, Dettmers et al. 2022; CUDA only here). ValueError naming the key when
+    the 8-bit optimiser cannot run: no CUDA parameter, or bitsandbytes not installed."""
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    if devices != {"cuda"}:
+        raise ValueError(f"distill.optimizer: adamw8bit needs the trainable weights on a CUDA device (they are on "
+                         f"{', '.join(sorted(devices))}); use adamw on CPU")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+    return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """The gradients' total 2-norm; they are clipped to `max_norm` first unless it is None (the norm is still
+    reported, the gradients untouched)."""
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.nn.utils.get_total_norm(grads)
+
+
 class TDMTrainer:
     """Roles, optimisers, schedulers and EMA of one distillation run, and the iteration over them."""
 
@@ -127,18 +169,36 @@ class TDMTrainer:
                 self.roles.nets[role].enable_gradient_checkpointing()
         if d.compile or d.channels_last:  # before the optimisers: channels_last re-lays the weights
             self.roles.speed_up(compile=d.compile, channels_last=d.channels_last)
+        student = self.roles.named_parameters("student")
+        k_params = [p for n, p in student.items() if n.startswith("k_embedding.")]
+        if d.k_embed_lr is not None and k_params:  # the K embedding in its own group, at its own lr
+            groups = [{"params": [p for n, p in student.items() if not n.startswith("k_embedding.")]},
+                      {"params": k_params, "lr": d.k_embed_lr}]
+        else:
+            groups = [{"params": list(student.values())}]
+        fake_decay = d.weight_decay if d.fake_weight_decay is None else d.fake_weight_decay
         self.opt = {
-            "student": torch.optim.AdamW(self.roles.parameters("student"), lr=d.lr, betas=d.betas,
-                                         weight_decay=d.weight_decay),
-            "fake": torch.optim.AdamW(self.roles.parameters("fake"), lr=d.fake_lr, betas=d.betas,
-                                      weight_decay=d.weight_decay),
+            "student": make_optimizer(d.optimizer, groups, d.lr, d.betas, d.weight_decay),
+            "fake": make_optimizer(d.optimizer, [{"params": self.roles.parameters("fake")}], d.fake_lr, d.betas,
+                                   fake_decay),
         }
-        self.sched = {r: torch.optim.lr_scheduler.LambdaLR(
-            o, lambda s: lr_factor(s, d.warmup_steps, d.iterations, d.lr_schedule)) for r, o in self.opt.items()}
-        self.ema = EMA(self.roles.named_parameters("student"), d.ema_decay)
+        fake_schedule = d.lr_schedule if d.fake_lr_schedule == "same" else "constant"
+        fake_warmup = d.warmup_steps if d.fake_lr_schedule == "same" else 0
+        self.sched = {
+            "student": torch.optim.lr_scheduler.LambdaLR(
+                self.opt["student"], lambda s: lr_factor(s, d.warmup_steps, d.iterations, d.lr_schedule)),
+            "fake": torch.optim.lr_scheduler.LambdaLR(
+                self.opt["fake"], lambda s: lr_factor(s, fake_warmup, d.iterations, fake_schedule)),
+        }
+        self.clip = {"student": d.grad_clip, "fake": d.fake_grad_clip}
+        # student_weights "raw" keeps no average (the official recipe): the trained weights are the student.
+        self.ema = EMA(student, d.ema_decay) if d.student_weights == "ema" else None
         self.grid = StudentGrid(d.total_steps, d.shift, d.timesteps)  # the one grid: training, record, sampling
-        self.prompts = (digit_prompt_set(max(1000, d.batch_size), seed=d.seed) if d.prompts == "digits"
-                        else read_prompts(d.prompts))
+        self.prompts = distill_prompts(cfg)
+
+    def student_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the saved student carries (`distill.student_weights`): the EMA shadow, or the raw ones."""
+        return self.ema.shadow if self.ema is not None else self.roles.state_dict("student")
 
     # -- one iteration --------------------------------------------------------------------------------------
     def _update(self, role: str, loss: torch.Tensor) -> torch.Tensor:
@@ -152,7 +212,7 @@ class TDMTrainer:
         average_gradients(self.accelerator, params)
         if scaler is not None:
             scaler.unscale_(self.opt[role])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.distill.grad_clip)
+        grad_norm = grad_norm_and_clip(params, self.clip[role])
         if scaler is not None:
             scaler.step(self.opt[role])  # skipped when the unscaled gradients hold an inf / NaN
         else:
@@ -202,18 +262,25 @@ class TDMTrainer:
         grad_gen = self._update("student", loss_gen)
         if acc.scaler is not None:
             acc.scaler.update()  # once per iteration, after both optimisers stepped (or skipped)
-        self.ema.update(self.roles.named_parameters("student"))
-        return {"loss_fake": loss_fake.detach(), "loss_gen": loss_gen.detach(), "grad_norm_fake": grad_fake,
-                "grad_norm_gen": grad_gen, "is_weight_mean": is_w.mean().detach(), "is_weight_min": is_w.min().detach(),
-                "is_weight_max": is_w.max().detach(), "lr": torch.tensor(self.sched["student"].get_last_lr()[0]),
-                "lr_fake": torch.tensor(self.sched["fake"].get_last_lr()[0]), "k": torch.tensor(float(k))}
+        if self.ema is not None:
+            self.ema.update(self.roles.named_parameters("student"))
+        metrics = {"loss_fake": loss_fake.detach(), "loss_gen": loss_gen.detach(), "grad_norm_fake": grad_fake,
+                   "grad_norm_gen": grad_gen, "is_weight_mean": is_w.mean().detach(),
+                   "is_weight_min": is_w.min().detach(), "is_weight_max": is_w.max().detach(),
+                   "lr": torch.tensor(self.sched["student"].get_last_lr()[0]),
+                   "lr_fake": torch.tensor(self.sched["fake"].get_last_lr()[0]), "k": torch.tensor(float(k))}
+        if d.unify:  # TDM-unify: how far the K embeddings moved from zero (Frobenius norm of each table)
+            metrics["k_embed_norm"] = roles.k_embeddings["student"].weight.detach().norm()
+            metrics["k_embed_norm_fake"] = roles.k_embeddings["fake"].weight.detach().norm()
+            metrics["lr_k_embed"] = torch.tensor(self.sched["student"].get_last_lr()[-1])
+        return metrics
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"student": self.roles.state_dict("student"), "fake": self.roles.state_dict("fake"),
                 "opt_student": self.opt["student"].state_dict(), "opt_fake": self.opt["fake"].state_dict(),
                 "sched_student": self.sched["student"].state_dict(), "sched_fake": self.sched["fake"].state_dict(),
-                "ema": self.ema.state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 **({"scaler": self.accelerator.scaler.state_dict()} if self.accelerator.scaler is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
@@ -222,7 +289,8 @@ class TDMTrainer:
         for role in ("student", "fake"):
             self.opt[role].load_state_dict(state[f"opt_{role}"])
             self.sched[role].load_state_dict(state[f"sched_{role}"])
-        self.ema.load_state_dict(state["ema"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         if self.accelerator.scaler is not None and "scaler" in state:
             self.accelerator.scaler.load_state_dict(state["scaler"])
 
@@ -255,6 +323,13 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError(f"distill.k: must be <= distill.total_steps ({d.total_steps})")
     if d.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise ValueError(f"distill.batch_size {d.batch_size} is not divisible by the number of processes")
+    if d.optimizer == "adamw8bit" and not torch.cuda.is_available():
+        raise ValueError("distill.optimizer: adamw8bit (bitsandbytes) needs a CUDA device; this machine has none "
+                         "(use adamw)")
+    if d.prompt_store is not None:  # made from this teacher's encoders, in the dtype distill loads them, all prompts
+        from tdm.prompt_store import open_for
+
+        open_for(d.prompt_store, folder, base_dtype(cfg), distill_prompts(cfg), key="distill.prompt_store")
 
 
 def train(cfg: Config, paths: StagePaths, progress: bool = True,
@@ -266,8 +341,8 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
     torch.manual_seed(d.seed)
     # LoRA mode: the frozen base (teacher, encoders, VAE) is held in the mixed-precision dtype; the adapters
     # stay float32. Full mode keeps float32 weights for its trainable copies.
-    base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(d.mixed_precision) if d.mode == "lora" else None
-    backbone = load_backbone(d.teacher, dtype=base_dtype).to(accelerator.device)
+    # With distill.prompt_store the text encoders are never constructed: the store gives every conditioning.
+    backbone = load_backbone(d.teacher, dtype=base_dtype(cfg), prompt_store=d.prompt_store).to(accelerator.device)
     if d.total_steps > backbone.schedule.num_train_timesteps:
         raise ValueError(f"distill.total_steps {d.total_steps} exceeds the teacher's "
                          f"{backbone.schedule.num_train_timesteps} training timesteps")
@@ -280,7 +355,8 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
                             on_diverge="Lower distill.lr / distill.fake_lr.", unit="it")
     result = run_loop(accelerator, settings, trainer, trainer.iteration, progress, stop_after)
     summary = {"iterations": result.steps, "resumed_from": result.resumed_from,
-               "train_time_s": round(result.train_time_s, 2),
+               "train_time_s": round(result.train_time_s, 2), "student_weights": d.student_weights,
+               "prompt_store": d.prompt_store is not None,
                **{k: v for k, v in result.last.items() if k.startswith(("loss_", "grad_norm_"))}}
     return trainer, summary
 
@@ -295,11 +371,13 @@ def student_record(cfg: Config, family: str) -> StudentRecord:
 
 
 def save_student(trainer: TDMTrainer, folder: Path) -> StudentRecord:
-    """The EMA student as a model folder (LoRA merged in) with its record and, if K-aware, its K embedding
-    (`tdm.student`); LoRA mode also writes the adapter alone to `student_lora/` beside it."""
+    """The student (EMA or raw weights: `distill.student_weights`) as a model folder (LoRA merged in) with its
+    record and, if K-aware, its K embedding (`tdm.student`); LoRA mode also writes the adapter alone to
+    `student_lora/` beside it. A teacher loaded without text encoders (`distill.prompt_store`) gets its encoder
+    folders linked from the teacher's."""
     d = trainer.cfg.distill
     roles = trainer.roles
-    weights = trainer.ema.shadow
+    weights = trainer.student_weights()
     net = roles.merged_net("student", weights)
     record = student_record(trainer.cfg, trainer.backbone.family)
     sidecars = record.files(roles.k_embedding("student", weights))
@@ -312,7 +390,7 @@ def save_student(trainer: TDMTrainer, folder: Path) -> StudentRecord:
     if d.mode == "lora":
         from tdm.lora import from_peft, save_lora
 
-        with torch.no_grad():  # the adapter with the EMA weights
+        with torch.no_grad():  # the adapter with the saved (EMA or raw) weights
             live = roles.state_dict("student")
             roles.load_state_dict("student", {n: w.to(live[n].dtype) for n, w in weights.items()})
             # Cloned: peft returns the live parameters, which the next line puts back to the non-EMA values.

@@ -135,6 +135,16 @@ def open_training_set(cfg: Config):
     return FolderTrainSet(ft.data, ft.resolution, 1 if cfg.model.family == "digits" else 3)
 
 
+def training_captions(cfg: Config) -> list[str]:
+    """Every prompt a step can draw: the captions (digits: each digit in each phrasing) and "" (CFG dropout)."""
+    data = open_training_set(cfg)
+    if isinstance(data, DigitsTrainSet):
+        from tdm.prompt_store import digit_prompts
+
+        return [*digit_prompts(), ""]
+    return [*data.data.captions, ""]
+
+
 def check_inputs(cfg: Config) -> None:
     """Everything the stage reads, checked before any model is built; errors name the key: the training set
     (`open_training_set`: every metadata.jsonl row and image file), and model.pretrained (weights present).
@@ -154,6 +164,14 @@ def check_inputs(cfg: Config) -> None:
             raise FileNotFoundError(f"model.pretrained: {err}") from None
         except ValueError as err:
             raise ValueError(f"model.pretrained: {err}") from None
+    if cfg.teacher_ft.prompt_store is not None:  # made from model.pretrained's encoders, holding every caption
+        if cfg.model.pretrained is None:
+            raise ValueError("teacher_ft.prompt_store: needs model.pretrained (a fresh digits model has no saved "
+                             "text encoder to match a store against)")
+        from tdm.prompt_store import open_for
+
+        open_for(cfg.teacher_ft.prompt_store, cfg.model.pretrained, None, training_captions(cfg),
+                 key="teacher_ft.prompt_store")
     if cfg.teacher_ft.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise ValueError(f"teacher_ft.batch_size {cfg.teacher_ft.batch_size} is not divisible by the number of "
                          f"processes")
@@ -242,7 +260,8 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
         raise ValueError(f"teacher_ft.batch_size {ft.batch_size} is not divisible by {accelerator.num_processes} "
                          f"processes")
     torch.manual_seed(ft.seed)
-    backbone = backbone or build_backbone(cfg.model, seed=ft.seed)
+    # With teacher_ft.prompt_store the text encoders are never constructed (the saved teacher links their folders).
+    backbone = backbone or build_backbone(cfg.model, seed=ft.seed, prompt_store=ft.prompt_store)
     backbone.to(accelerator.device)
     _check_resolution(cfg, backbone, data)
     trainer = TeacherTrainer(cfg, backbone, data, accelerator)

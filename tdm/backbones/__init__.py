@@ -170,19 +170,33 @@ def train_timesteps(folder: str | Path) -> int:
     return value
 
 
-def load_backbone(name_or_path: str | Path, dtype=None) -> Backbone:
+def load_backbone(name_or_path: str | Path, dtype=None, prompt_store: str | Path | None = None) -> Backbone:
     """Load a model folder (or cached hub id) with the adapter of its family; `dtype` (real families) loads
-    every part in that dtype (e.g. torch.bfloat16)."""
+    every part in that dtype (e.g. torch.bfloat16). With `prompt_store` (a folder `tdm prompt-store` wrote) the
+    text encoders are never constructed: the store, checked against this folder first (`tdm.prompt_store.attach`:
+    ValueError naming the mismatch when it was made with other encoders, tokenizers, settings or dtype), gives
+    every prompt's conditioning."""
     folder, family = check_model(name_or_path)
+    text_encoders = prompt_store is None
     if family == "digits":
-        return DigitsBackbone.load(folder)
-    return FAMILIES[family].load(folder, dtype=dtype)
+        backbone = DigitsBackbone.load(folder, text_encoders=text_encoders)
+    else:
+        backbone = FAMILIES[family].load(folder, dtype=dtype, text_encoders=text_encoders)
+    if prompt_store is not None:
+        from tdm.prompt_store import attach
+
+        attach(backbone, prompt_store, dtype=dtype)
+    return backbone
 
 
-def build_backbone(model_cfg, seed: int = 0) -> Backbone:
-    """The backbone `params.yaml`'s `model` section asks for: pretrained when given, else a fresh digits model."""
+def build_backbone(model_cfg, seed: int = 0, prompt_store: str | Path | None = None) -> Backbone:
+    """The backbone `params.yaml`'s `model` section asks for: pretrained when given, else a fresh digits model.
+    `prompt_store`: as in `load_backbone` (a pretrained model only)."""
+    if prompt_store is not None and model_cfg.pretrained is None:
+        raise ValueError("prompt_store: needs model.pretrained (a fresh digits model has no saved text encoder to "
+                         "match a store against)")
     if model_cfg.pretrained is not None:
-        backbone = load_backbone(model_cfg.pretrained)
+        backbone = load_backbone(model_cfg.pretrained, prompt_store=prompt_store)
         if backbone.family != model_cfg.family:
             raise ValueError(f"model.pretrained is a {backbone.family!r} model but model.family is {model_cfg.family!r}")
         return backbone

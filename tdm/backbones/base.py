@@ -38,6 +38,11 @@ class Backbone(ABC):
     prediction_type: str
     clip_x0: float | None = None  # samplers clip x0 to [-c, c] (pixel-space models); None for latents
     image_channels: int = 3  # channels of the images `encode_images` takes (RGB for VAE-based families)
+    # A prompt-embedding store (`tdm.prompt_store.PromptStore`) attached with `tdm.prompt_store.attach`: while set,
+    # `encode_prompts` and `null_cond` read it instead of running the text encoders.
+    prompt_store = None
+    source_folder: Path | None = None  # the folder the backbone was loaded from (None: built in memory)
+    skipped_components: tuple[str, ...] = ()  # components not loaded (text encoders, when a store replaces them)
 
     @property
     @abstractmethod
@@ -49,10 +54,29 @@ class Backbone(ABC):
         """Text conditioning for `prompts`, without building a graph."""
 
     def null_cond(self, n: int) -> Cond:
-        """The unconditional (empty prompt) conditioning, repeated n times; encoded once and cached."""
+        """The unconditional (empty prompt) conditioning, repeated n times; encoded once (or read from the attached
+        prompt store) and cached."""
         if getattr(self, "_null_cache", None) is None:
-            self._null_cache = self.encode_prompts([""])
+            store = self.prompt_store
+            self._null_cache = store.null(self) if store is not None else self._null()
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._null_cache.items()}
+
+    def _null(self) -> Cond:
+        """The family's unconditional conditioning for one sample (the encoding of "" unless the family says
+        otherwise: SDXL's zeros)."""
+        return self.encode_prompts([""])
+
+    def prompt_settings(self) -> dict:
+        """Everything besides the text encoders' and tokenizers' files that decides what `encode_prompts` /
+        `null_cond` return (sequence lengths, SDXL's time ids, FLUX's embedded guidance): JSON values, part of a
+        prompt store's fingerprint (`tdm.prompt_store`). Readable without the text encoders."""
+        return {}
+
+    def missing_text_encoders(self) -> None:
+        """Raise when the text encoders were not loaded and no prompt store stands in for them."""
+        if self.skipped_components and self.prompt_store is None:
+            raise RuntimeError(f"{self.family}: loaded without its text encoders ({', '.join(self.skipped_components)}) "
+                               f"and no prompt store is attached (tdm.prompt_store.attach)")
 
     @abstractmethod
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -116,6 +140,27 @@ class Backbone(ABC):
         self._null_cache = None
         return self
 
+    def copy_skipped_components(self, tmp: Path) -> None:
+        """A folder being saved from a backbone loaded without some components (`skipped_components`): those
+        components' folders are linked (or copied) from `source_folder` and their model_index.json entries
+        restored, so the saved folder is complete and its text encoders are byte-identical to the source's."""
+        if not self.skipped_components:
+            return
+        import json
+        import shutil
+
+        if self.source_folder is None:
+            raise RuntimeError(f"{self.family}: components {self.skipped_components} were not loaded and the source "
+                               f"folder is unknown: cannot save a complete model folder")
+        source = json.loads((Path(self.source_folder) / "model_index.json").read_text())
+        index_file = Path(tmp) / "model_index.json"
+        index = json.loads(index_file.read_text())
+        for name in self.skipped_components:
+            shutil.rmtree(Path(tmp) / name, ignore_errors=True)
+            shutil.copytree(Path(self.source_folder) / name, Path(tmp) / name, copy_function=_link_or_copy)
+            index[name] = source[name]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
@@ -134,6 +179,18 @@ def forget_call_settings(*tokenizers) -> None:
         if backend is not None and hasattr(backend, "no_truncation"):
             backend.no_truncation()
             backend.no_padding()
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """A hard link to `src`'s target (symlinks followed, as in the HF cache), or a copy across file systems."""
+    import os
+    import shutil
+
+    try:
+        os.link(os.path.realpath(src), dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def write_extra_files(folder: Path, files: dict[str, str | bytes] | None) -> None:

@@ -41,6 +41,9 @@ class CogVideoXBackbone(PipelineBackbone):
     def sample_shape(self) -> tuple[int, ...]:
         return (self.latent_frames, self.net.config.in_channels, *self.latent_size)
 
+    def prompt_settings(self) -> dict:
+        return {"max_sequence_length": int(self.net.config.max_text_seq_length)}
+
     def _encode(self, prompts: list[str]) -> Cond:
         embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=self.device,
                                             max_sequence_length=self.net.config.max_text_seq_length)

@@ -56,10 +56,11 @@ class DigitsBackbone(Backbone):
     image_channels = 1
     clip_x0 = 1.0  # pixel space: data lies in [-1, 1]
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None, tokenizer: CLIPTokenizer,
                  scheduler: DDPMScheduler):
         self.net = unet
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        # None: loaded without it (`load(text_encoders=False)`); a prompt store stands in (`tdm.prompt_store`).
+        self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.schedule = VPSchedule.from_scheduler(scheduler)
@@ -93,14 +94,18 @@ class DigitsBackbone(Backbone):
         return cls(unet, text_encoder, tokenizer, scheduler)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "DigitsBackbone":
+    def load(cls, folder: str | Path, text_encoders: bool = True) -> "DigitsBackbone":
+        """A saved digits folder; `text_encoders=False` never constructs the text encoder (a prompt store stands
+        in for it; saving links its folder from this one)."""
         folder = Path(folder)
         backbone = cls(
             UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder") if text_encoders else None,
             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         )
+        backbone.source_folder = folder
+        backbone.skipped_components = () if text_encoders else ("text_encoder",)
         return backbone
 
     def save(self, folder: str | Path, net: nn.Module | None = None,
@@ -113,7 +118,8 @@ class DigitsBackbone(Backbone):
 
         with atomic_folder(folder) as tmp:
             (net if net is not None else self.net).save_pretrained(tmp / "unet")
-            self.text_encoder.save_pretrained(tmp / "text_encoder")
+            if self.text_encoder is not None:
+                self.text_encoder.save_pretrained(tmp / "text_encoder")
             forget_call_settings(self.tokenizer)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             scheduler = scheduler or self.scheduler
@@ -124,6 +130,7 @@ class DigitsBackbone(Backbone):
                 "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": [module, type(scheduler).__name__],
             }, indent=2))
+            self.copy_skipped_components(tmp)
             write_extra_files(tmp, extra_files)
 
     # -- the protocol -------------------------------------------------------------------------------------------
@@ -134,6 +141,11 @@ class DigitsBackbone(Backbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """{"encoder_hidden_states": (B, max_length, text_dim)} float32 on the text encoder's device, or the
+        attached prompt store's rows (bit-identical)."""
+        if self.prompt_store is not None:
+            return self.prompt_store.encode(list(prompts), self)
+        self.missing_text_encoders()
         # The digits prompt set is small and the text encoder frozen: cache per prompt.
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
@@ -157,7 +169,7 @@ class DigitsBackbone(Backbone):
         return ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net, "text_encoder": self.text_encoder}
+        return {"net": self.net, **({"text_encoder": self.text_encoder} if self.text_encoder is not None else {})}
 
     def to(self, device):
         super().to(device)

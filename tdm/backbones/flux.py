@@ -86,6 +86,9 @@ class FluxBackbone(FolderSettings):
     def max_sequence_length(self) -> int:
         return min(MAX_SEQUENCE_LENGTH, self.pipe.tokenizer_2.model_max_length)
 
+    def prompt_settings(self) -> dict:
+        return {**super().prompt_settings(), "embedded_guidance": self.embedded_guidance}
+
     def _encode(self, prompts: list[str]) -> Cond:
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.device,
                                                     max_sequence_length=self.max_sequence_length)

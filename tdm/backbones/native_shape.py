@@ -51,17 +51,13 @@ class FolderSettings(PipelineBackbone):
         return data
 
     @classmethod
-    def load(cls, folder, dtype=None) -> "FolderSettings":
-        import diffusers
-
-        from tdm.backbones.pipeline import read_model_index
-
+    def load(cls, folder, dtype=None, text_encoders: bool = True) -> "FolderSettings":
+        """As `PipelineBackbone.load`, with the folder's settings."""
         folder = Path(folder)
         cls.check_folder(folder)
         settings = cls.read_settings(folder)
-        pipe = getattr(diffusers, read_model_index(folder)["_class_name"]).from_pretrained(folder, dtype=dtype,
-                                                                                           **cls.load_kwargs)
-        return cls(pipe, where=str(folder), settings=settings)
+        pipe, skipped = cls.load_pipeline(folder, dtype, text_encoders)
+        return cls.with_source(cls(pipe, where=str(folder), settings=settings), folder, skipped)
 
     def save(self, folder, net=None, extra_files=None, scheduler=None) -> None:
         """As `PipelineBackbone.save`, plus `SETTINGS_FILE` (so the saved model keeps its shape / guidance)."""

@@ -37,6 +37,12 @@ def scheduler_class(library: str | None, name: str | None):
     return getattr(module, str(name), None)
 
 
+def text_encoder_components(meta: dict) -> tuple[str, ...]:
+    """The text encoder components a model_index.json lists (text_encoder, text_encoder_2, ...), null ones left out."""
+    return tuple(name for name, spec in meta.items() if name.startswith("text_encoder") and isinstance(spec, list)
+                 and len(spec) == 2 and spec[1] is not None)
+
+
 class UnsupportedModel(ValueError):
     """A folder this adapter cannot run: wrong pipeline or denoiser class, prediction type or schedule."""
 
@@ -119,14 +125,30 @@ class PipelineBackbone(Backbone):
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, folder: str | Path, dtype: torch.dtype | None = None) -> "PipelineBackbone":
-        import diffusers
-
+    def load(cls, folder: str | Path, dtype: torch.dtype | None = None,
+             text_encoders: bool = True) -> "PipelineBackbone":
+        """The backbone of a pipeline folder; `text_encoders=False` does not construct the text encoders at all
+        (a prompt store stands in for them: `tdm.prompt_store`); saving such a backbone links their folders."""
         folder = Path(folder)
         cls.check_folder(folder)
+        pipe, skipped = cls.load_pipeline(folder, dtype, text_encoders)
+        return cls.with_source(cls(pipe, where=str(folder)), folder, skipped)
+
+    @classmethod
+    def load_pipeline(cls, folder: Path, dtype: torch.dtype | None, text_encoders: bool = True):
+        """(pipeline, components skipped): `from_pretrained` of the folder's pipeline class, the text encoders
+        passed as None (never built) unless `text_encoders`."""
+        import diffusers
+
         meta = read_model_index(folder)
-        pipe = getattr(diffusers, meta["_class_name"]).from_pretrained(folder, dtype=dtype, **cls.load_kwargs)
-        backbone = cls(pipe, where=str(folder))
+        skipped = () if text_encoders else text_encoder_components(meta)
+        pipe = getattr(diffusers, meta["_class_name"]).from_pretrained(
+            folder, dtype=dtype, **cls.load_kwargs, **{name: None for name in skipped})
+        return pipe, skipped
+
+    @staticmethod
+    def with_source(backbone: "PipelineBackbone", folder: Path, skipped: tuple[str, ...]) -> "PipelineBackbone":
+        backbone.source_folder, backbone.skipped_components = Path(folder), tuple(skipped)
         return backbone
 
     def save(self, folder: str | Path, net: nn.Module | None = None,
@@ -149,6 +171,7 @@ class PipelineBackbone(Backbone):
                 self.pipe.save_pretrained(tmp)
             finally:
                 self.pipe.register_modules(**originals)
+            self.copy_skipped_components(tmp)
             write_extra_files(tmp, extra_files)
 
     # -- shapes ---------------------------------------------------------------------------------------------------
@@ -182,7 +205,17 @@ class PipelineBackbone(Backbone):
     # -- prompts --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """The pipeline's own encoding of `prompts` (batch-first tensors on the backbone's device), or the attached
+        prompt store's rows (bit-identical; `tdm.prompt_store`). RuntimeError when the text encoders were not
+        loaded and no store is attached; KeyError naming a prompt the store lacks."""
+        if self.prompt_store is not None:
+            return self.prompt_store.encode(list(prompts), self)
+        self.missing_text_encoders()
         return self._encode(list(prompts))
+
+    def prompt_settings(self) -> dict:
+        length = getattr(self, "max_sequence_length", None)
+        return {} if length is None else {"max_sequence_length": int(length)}
 
     def _encode(self, prompts: list[str]) -> Cond:
         raise NotImplementedError

@@ -27,13 +27,15 @@ class SDXLBackbone(PipelineBackbone):
                                                        do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": self.time_ids(len(prompts))}
 
-    def null_cond(self, n: int) -> Cond:
-        if getattr(self, "_null_cache", None) is None:
-            null = self.encode_prompts([""])
-            if self.pipe.config.force_zeros_for_empty_prompt:
-                null = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in null.items()}
-            self._null_cache = null
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self._null_cache.items()}
+    def _null(self) -> Cond:
+        null = self.encode_prompts([""])
+        if self.pipe.config.force_zeros_for_empty_prompt:
+            null = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in null.items()}
+        return null
+
+    def prompt_settings(self) -> dict:
+        return {"force_zeros_for_empty_prompt": bool(self.pipe.config.force_zeros_for_empty_prompt),
+                "time_ids": [int(v) for v in self.time_ids(1)[0].tolist()]}
 
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         x_t, cond = self.net_inputs(net, x_t, cond)
