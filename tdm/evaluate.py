@@ -1,9 +1,14 @@
-"""The evaluate stage: sample the teacher (many steps, CFG) and the student (1/2/4 steps), score every set, and
-score the LoRA-transfer stage's sets (its manifest), one row per (model, NFE).
+"""The evaluate stage: sample the teacher (many steps, CFG; or across NFE, `evaluate.teacher_curve`) and the
+student (1/2/4 steps), score every set, and score the LoRA-transfer stage's sets (its manifest), one row per
+(model, NFE) and, under a protocol with groups (HPSv2's styles), one per group and its average.
 
-Writes outputs/evaluate/ (samples_<model>_s<steps>.npz + PNG grids, table.md) and metrics/evaluate.json:
-  {"rows": [{"model", "steps", "nfe", "guidance", "n", "samples", "grid", "metrics": {...}}, ...],
-   "metrics_skipped": {metric: why}}
+Prompts come from `evaluate.prompts`, or from a published protocol (`evaluate.protocol`: hpsv2 / coco2014 /
+vbench, `tdm.evaluation.protocols`), whose name, version, n, resolution and metric model every row records.
+
+Writes outputs/evaluate/ (samples_<model>_s<steps>.npz + captioned PNG grids, table.md) and metrics/evaluate.json:
+  {"rows": [{"model", "steps", "nfe", "guidance", "n", "samples", "grid", "protocol", "protocol_version",
+             "group", "resolution", "metric_model", "metrics": {...}}, ...],
+   "metrics_skipped": {metric: why}, "protocol": {...}}
 (rows: `tdm.evaluation.rows.EvalRow`). `guidance` is the CFG scale the samples reflect: the teacher's sampling
 scale, the student's distillation scale (baked in). `nfe` counts network evaluations per sample
 (`tdm.evaluation.rows.nfe`): 2 per teacher step under CFG (cond + uncond), 1 per student step. The teacher
@@ -24,16 +29,23 @@ from tdm.evaluation.rows import EvalRow, nfe
 STAGE = "evaluate"
 
 
-def metric_names(cfg: Config) -> tuple[str, ...]:
+def metric_names(cfg: Config, protocol=None) -> tuple[str, ...]:
+    """`evaluate.metrics`, else the protocol's metrics (hpsv2: hps; coco2014: fid, clip; vbench: the VBench
+    custom_input dimensions), else the family's default."""
     e = cfg.evaluate
     if e.metrics is not None:
         return e.metrics
+    if protocol is not None:
+        return protocol.metrics
     if cfg.model.family == "digits":
         return DIGITS_METRICS
     return VIDEO_METRICS if cfg.model.family in VIDEO_FAMILIES else IMAGE_METRICS
 
 
-def prompt_list(cfg: Config) -> list[str]:
+def prompt_list(cfg: Config, protocol=None) -> list[str]:
+    """The protocol's prompts, else `evaluate.prompts` cycled to `evaluate.n`."""
+    if protocol is not None:
+        return list(protocol.prompts)
     from tdm.data import prompt_set
 
     return prompt_set(cfg.evaluate.prompts, cfg.evaluate.n, seed=cfg.sample.seed)
@@ -85,10 +97,11 @@ def plan(cfg: Config) -> list[dict]:
     rows = []
     teacher = _model_folder(e.teacher, "teacher")
     if teacher is not None:
-        steps = e.teacher_steps or cfg.sample.steps
         guidance = e.teacher_guidance if e.teacher_guidance is not None else cfg.sample.guidance
-        rows.append({"model": "teacher", "folder": teacher, "steps": steps, "guidance": guidance, "student": False,
-                     "sample_guidance": guidance})
+        # The quality-vs-NFE curve: the teacher's DDIM at each `teacher_curve` count, else at teacher_steps.
+        for steps in e.teacher_curve or (e.teacher_steps or cfg.sample.steps,):
+            rows.append({"model": "teacher", "folder": teacher, "steps": steps, "guidance": guidance,
+                         "student": False, "sample_guidance": guidance})
     student = _model_folder(e.student, "student")
     if student is not None:
         from tdm.student import StudentRecord
@@ -111,7 +124,10 @@ def check_inputs(cfg: Config) -> list[dict]:
     and the prompts. Returns the plan. Raises FileNotFoundError or ValueError."""
     from tdm.backbones import check_model
 
+    from tdm.evaluation import protocols
+
     rows = plan(cfg)
+    protocol = protocols.load(cfg)
     for key, folder in (("teacher", cfg.evaluate.teacher), ("student", cfg.evaluate.student)):
         if folder is not None:
             try:
@@ -134,7 +150,68 @@ def check_inputs(cfg: Config) -> list[dict]:
         except (FileNotFoundError, ValueError) as err:
             raise ValueError(f"evaluate.fid_reference: {err}") from None
     if rows:
-        prompt_list(cfg)
+        prompt_list(cfg, protocol)
+    return rows
+
+
+def protocol_record(protocol) -> dict | None:
+    """What metrics/evaluate.json records of the protocol (None: none): name, version, n, source, groups, seed,
+    resolution and, for coco2014, the drawn image ids."""
+    if protocol is None:
+        return None
+    out = {"name": protocol.name, "version": protocol.version, "n": protocol.n, "source": protocol.source}
+    if protocol.groups:
+        out["groups"] = {g: len(ix) for g, ix in protocol.groups.items()}
+    if protocol.resolution is not None:
+        out["resolution"] = protocol.resolution
+    if protocol.seed is not None:
+        out["seed"] = protocol.seed
+    if protocol.image_ids:
+        out["image_ids"] = list(protocol.image_ids)
+    return out
+
+
+def score_rows(base: EvalRow, images, prompts: list[str], evaluator, protocol=None,
+               reference: str | None = None, prompt_source: str | None = None) -> list[EvalRow]:
+    """The scored rows of one sample set: one row (plain prompts, coco2014, vbench), or one per HPSv2 style plus
+    their average. `base` carries model / steps / NFE / paths; `reference` is the coco2014 reference folder."""
+    import numpy as np
+
+    from tdm.evaluation import protocols
+    from tdm.evaluation.runner import resolution_of
+
+    images = np.asarray(images)
+    common = {"metric_model": evaluator.metric_model}
+    if protocol is None:
+        return [base.replace(protocol="prompts", protocol_version=prompt_source, n=len(images),
+                             resolution=resolution_of(images), metrics=evaluator.score(images, prompts), **common)]
+    common.update(protocol=protocol.name, protocol_version=protocol.version, seed=protocol.seed)
+    if protocol.name == "coco2014":
+        scored = protocols.resize_set(images, protocol.resolution)
+        return [base.replace(n=len(images), resolution=resolution_of(scored), reference=reference,
+                             metrics=evaluator.score(scored, prompts, reference=reference), **common)]
+    if protocol.name == "vbench":
+        metrics = evaluator.score(images, prompts)
+        dims = {k[len("vbench_"):]: v for k, v in metrics.items() if k.startswith("vbench_")}
+        metrics.update({k: v for k, v in protocols.vbench_scores(dims).items() if v is not None})
+        return [base.replace(n=len(images), resolution=resolution_of(images), metrics=metrics, **common)]
+    # hpsv2: per style, then the average over every image (hpsv2/evaluation.py); HPS scored once per image.
+    hps = evaluator.metrics.get("hps")
+    scores = hps.scores(images, prompts) if hps is not None else None
+    others = [m for m in evaluator.metrics if m != "hps"]
+    rows = []
+    for style, ix in protocol.groups.items():
+        ix = list(ix)
+        metrics = evaluator.score(images[ix], [prompts[i] for i in ix], names=others) if others else {}
+        if scores is not None:
+            metrics["hps"] = protocols.hpsv2_group_score(scores[ix])
+        rows.append(base.replace(group=style, n=len(ix), resolution=resolution_of(images), metrics=metrics,
+                                 **common))
+    metrics = evaluator.score(images, prompts, names=others) if others else {}
+    if scores is not None:
+        metrics["hps"] = float(np.mean(scores))
+    rows.append(base.replace(group=protocols.HPSV2_AVERAGE, n=len(images), resolution=resolution_of(images),
+                             metrics=metrics, **common))
     return rows
 
 
@@ -151,17 +228,25 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
     paths = paths or StagePaths.of(STAGE)
     e = cfg.evaluate
     start = time.perf_counter()
-    # Everything that can fail without compute fails here: folders, manifest, prompts, metric weights.
+    # Everything that can fail without compute fails here: folders, manifest, protocol files, prompts, weights.
+    from tdm.evaluation import protocols
+    from tdm.evaluation.grids import save_grid
+
     to_sample = plan(cfg)
+    protocol = protocols.load(cfg)
     transfer = read_manifest(e.lora_manifest)
-    prompts = prompt_list(cfg) if to_sample else []
+    prompts = prompt_list(cfg, protocol) if to_sample else []
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    evaluator = Evaluator(metric_names(cfg), MetricSettings.from_config(cfg, e.fid_reference, device),
+    evaluator = Evaluator(metric_names(cfg, protocol), MetricSettings.from_config(cfg, e.fid_reference, device),
                           skip_missing=e.skip_missing)
 
     rows = []
     out_dir = paths.out_dir
     with atomic_folder(out_dir) as tmp:
+        reference = None
+        if protocol is not None and protocol.reference_files and to_sample:
+            # The drawn reference images, resized as the protocol states (the FID reference), built once.
+            reference = str(protocols.reference_folder(protocol, Path(cfg.eval.weights_dir) / "protocol_refs"))
         loaded: dict[tuple[Path, bool], object] = {}
         for r in to_sample:
             key = (r["folder"], r["student"])
@@ -170,20 +255,29 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
                 loaded[key] = (load_student(r["folder"]) if r["student"] else load_backbone(r["folder"])).to(device)
             model = loaded[key]
             common = {"seed": cfg.sample.seed, "batch_size": cfg.sample.batch_size, "progress": progress}
+            t0 = time.perf_counter()
             images = (sample_student(model, prompts, k=r["steps"], **common) if r["student"] else
                       sample_teacher(model, model.net, prompts, steps=r["steps"], guidance=r["sample_guidance"],
                                      **common))
+            sample_time = round(time.perf_counter() - t0, 2)
             name = f"samples_{r['model']}_s{r['steps']}.npz"
             save_samples(tmp / name, images, prompts, steps=r["steps"], guidance=r["sample_guidance"])
-            rows.append(EvalRow(model=r["model"], steps=r["steps"], nfe=nfe(r["steps"], r["guidance"], r["student"]),
-                                guidance=r["guidance"], n=len(prompts), samples=str(out_dir / name),
-                                grid=str(out_dir / Path(name).with_suffix(".png")),
-                                metrics=evaluator.score(images.numpy(), prompts)))
+            images = images.numpy()
+            save_grid(tmp / Path(name).with_suffix(".png"), images, prompts)  # captioned, upscaled, separated
+            base = EvalRow(model=r["model"], steps=r["steps"], nfe=nfe(r["steps"], r["guidance"], r["student"]),
+                           guidance=r["guidance"], samples=str(out_dir / name), sample_time_s=sample_time,
+                           grid=str(out_dir / Path(name).with_suffix(".png")))
+            scored = score_rows(base, images, prompts, evaluator, protocol, reference,
+                                prompt_source=str(e.prompts))
+            rows += scored
         loaded.clear()
         rows += score_sets(transfer, evaluator)
         table = markdown_table(rows, evaluator.skipped)
         atomic_write_file(tmp / "table.md", lambda p: Path(p).write_text(table))
     result = {"rows": [r.to_dict() for r in rows], "metrics_skipped": evaluator.skipped,
               "wall_time_s": round(time.perf_counter() - start, 2)}
+    record = protocol_record(protocol)
+    if record is not None:
+        result["protocol"] = record
     write_json(paths.metrics, result)
     return result

@@ -66,30 +66,67 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
+def curve_rows(rows: list[dict]) -> list[dict]:
+    """The rows a quality-vs-NFE plot shows: whole sample sets (no group) and protocol averages, not per-style
+    rows."""
+    return [r for r in rows if r.get("group") in (None, "average")]
+
+
 def plot_metric_vs_nfe(rows: list[dict], metric: str) -> bytes | None:
+    """`metric` against NFE (log axis): the teacher's curve (its DDIM at each `evaluate.teacher_curve` count,
+    CFG counted in NFE) as a line, the student's points on it (a unify student's 1/2/4-step curve dashed), and
+    any other model (LoRA-transfer rows) as points. None when no row has the metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
+    protocols = set()
+    for r in curve_rows(rows):
         value = (r.get("metrics") or {}).get(metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and r.get("nfe"):
             series.setdefault(str(r.get("model")), []).append((int(r["nfe"]), float(value)))
+            if r.get("protocol") not in (None, "prompts"):
+                protocols.add(f"{r['protocol']} {r.get('protocol_version') or ''}".strip())
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    order = sorted(series, key=lambda name: (name != "teacher", name != "student", name))
+    for name in order:
+        points = sorted(series[name])
+        x, y = [p[0] for p in points], [p[1] for p in points]
+        if name == "teacher":
+            ax.plot(x, y, "-o", color="0.35", lw=1.6, ms=5, label="teacher (DDIM, CFG in NFE)", zorder=2)
+            for xi, yi in zip(x, y):
+                ax.annotate(f"{xi}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center",
+                            fontsize=7, color="0.35")
+        elif name == "student":
+            ax.plot(x, y, "--*", color="tab:red", lw=1.4, ms=11, label="student (TDM)", zorder=3)
+        else:
+            ax.plot(x, y, ":^", lw=1, ms=7, label=name, zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs NFE")
-    ax.grid(alpha=0.3)
+    ax.set_title(f"{metric} vs NFE" + (f" ({', '.join(sorted(protocols))})" if protocols else ""))
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _figure_png(fig)
+
+
+def protocol_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """One line per distinct protocol the rows follow: name, version, n (of whole sets / averages), resolution,
+    metric model, seed."""
+    seen: dict[tuple, list] = {}
+    for r in rows:
+        key = (r.get("protocol") or "-", r.get("protocol_version") or "", r.get("resolution") or "",
+               r.get("metric_model") or "", r.get("seed"))
+        ns = seen.setdefault(key, [])
+        if r.get("group") in (None, "average") and r.get("n") is not None and r["n"] not in ns:
+            ns.append(r["n"])
+    body = [[name, version, "/".join(map(str, ns)), res, model, seed]
+            for (name, version, res, model, seed), ns in seen.items()]
+    return ["protocol", "version", "n", "resolution", "metric model", "seed"], body
 
 
 def read_losses(root: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -129,7 +166,7 @@ def plot_losses(curves: dict[str, tuple[list[int], list[float]]]) -> bytes | Non
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.grids{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0}figcaption{font-size:.85em;color:#555}img.grid{image-rendering:pixelated;width:260px}"""
+figure{margin:0}figcaption{font-size:.85em;color:#555}img.grid{max-width:100%;height:auto}"""
 
 
 def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
@@ -154,23 +191,30 @@ def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
     if rows:
         h, md = _render(*cells(rows))
         section("Teacher vs student by NFE (evaluate stage)", h, md)
+        h, md = _table(*protocol_table(rows))
+        section("Evaluation protocol", h, md)
         plots_h, plots_md = "", ""
-        for metric in ("fid_digits", "fid", "hps", "clip_score", "aesthetic"):
+        for metric in ("fid_digits", "fid", "hps", "clip_score", "aesthetic", "vbench_total", "vbench_quality"):
             fh, fm = figure(f"{metric}_vs_nfe.png", plot_metric_vs_nfe(rows, metric), f"{metric} vs NFE")
             plots_h, plots_md = plots_h + fh, plots_md + fm
         if plots_h:
             section("Quality vs NFE", plots_h, plots_md)
-        grids_h, grids_md = [], []
-        for i, r in enumerate(rows):
+        grids_h, grids_md, shown = [], [], set()
+        for r in rows:
             grid = Path(r.get("grid") or "")
-            if grid.is_file() or (root / grid).is_file():
-                data = (grid if grid.is_file() else root / grid).read_bytes()
-                caption = f"{r.get('model')}, {r.get('steps')} steps (NFE {r.get('nfe')})"
-                name = f"grid_{i:02d}.png"
-                images[name] = data
-                grids_h.append(f"<figure><img class='grid' src='{_png_data_uri(data)}'>"
-                               f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-                grids_md.append(f"![{caption}]({name})")
+            path = grid if grid.is_file() else root / grid
+            if not r.get("grid") or not path.is_file() or str(path) in shown:
+                continue  # a protocol's group rows share their sample set's grid
+            shown.add(str(path))
+            data = path.read_bytes()
+            caption = f"{r.get('model')}, {r.get('steps')} steps (NFE {r.get('nfe')})"
+            if r.get("protocol") not in (None, "prompts"):
+                caption += f", {r['protocol']}"
+            name = f"grid_{len(shown) - 1:02d}.png"
+            images[name] = data
+            grids_h.append(f"<figure><img class='grid' src='{_png_data_uri(data)}'>"
+                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            grids_md.append(f"![{caption}]({name})")
         if grids_h:
             section("Samples side by side", "<div class='grids'>" + "".join(grids_h) + "</div>",
                     "\n".join(grids_md) + "\n")

@@ -22,9 +22,17 @@ def nfe(steps: int, guidance: float, student: bool) -> int:
 
 @dataclass
 class EvalRow:
-    """One (model, steps) sample set. `guidance` is the CFG scale the samples reflect (a teacher's sampling
-    scale, a student's baked-in scale); `nfe` as `nfe()` counts it; `reference` is the row's own FID reference
-    (a LoRA-transfer custom style's held-out images), `metrics` the scores (None: not scored yet)."""
+    """One (model, steps) sample set, or one group of it. `guidance` is the CFG scale the samples reflect (a
+    teacher's sampling scale, a student's baked-in scale); `nfe` as `nfe()` counts it; `reference` is the row's
+    own FID reference (a LoRA-transfer custom style's held-out images, a protocol's resized reference images),
+    `metrics` the scores (None: not scored yet).
+
+    The protocol the scores follow (`tdm.evaluation.protocols`): `protocol` ("hpsv2", "coco2014", "vbench", or
+    "prompts": `evaluate.prompts`; None: not recorded, e.g. an older file), `protocol_version` (hpsv2: the HPS
+    version; coco2014: the split; vbench: the suite file; prompts: the prompt source), `group` (a subset scored as its own row: an HPSv2 style or
+    "average"), `n` (samples the row's scores are over), `resolution` ("HxW" px the metrics were given, after
+    any protocol resize), `metric_model` (the networks behind the scores, e.g. "HPS v2.1 (open_clip ViT-H-14)"),
+    `seed` (the protocol's caption draw seed)."""
 
     model: str
     steps: int
@@ -36,6 +44,12 @@ class EvalRow:
     grid: str | None = None
     reference: str | None = None
     sample_time_s: float | None = None
+    protocol: str | None = None
+    protocol_version: str | None = None
+    group: str | None = None
+    resolution: str | None = None
+    metric_model: str | None = None
+    seed: int | None = None
     metrics: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:

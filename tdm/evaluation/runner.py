@@ -34,13 +34,32 @@ class MetricSettings:
     aesthetic_clip_model: str = "ViT-L-14:openai"
     fid_reference: str | None = None
     vbench_venv: str = ".venv-vbench"
+    hps_arch: str | None = None  # None: tdm.evaluation.hps.ARCH (ViT-H-14, the only architecture HPS ships)
 
     @classmethod
     def from_config(cls, cfg, fid_reference: str | None = None, device: str | None = None) -> MetricSettings:
         e = cfg.eval
         return cls(weights_dir=e.weights_dir, device=device or default_device(), hps_version=e.hps_version,
                    clip_model=e.clip_model, aesthetic_clip_model=e.aesthetic_clip_model, fid_reference=fid_reference,
-                   vbench_venv=e.vbench_venv)
+                   vbench_venv=e.vbench_venv, hps_arch=getattr(e, "hps_arch", None))
+
+    def metric_model(self, name: str) -> str:
+        """The networks behind metric `name`, as rows record them (`EvalRow.metric_model`)."""
+        if name in ("digits_fid", "class_accuracy"):
+            return "digit classifier v1 (tdm.evaluation.digits)"
+        if name == "hps":
+            from tdm.evaluation import hps
+
+            return f"HPS {self.hps_version} (open_clip {self.hps_arch or hps.ARCH})"
+        if name == "aesthetic":
+            return f"LAION aesthetic MLP on {self.aesthetic_clip_model}"
+        if name == "clip":
+            return f"CLIP {self.clip_model}"
+        if name == "fid":
+            return "Inception-v3 pool3 (torch-fidelity 2015-12-05)"
+        if name.startswith("vbench_"):
+            return "VBench 0.1.5"
+        raise ValueError(f"unknown metric {name!r}")
 
 
 class _Digits:
@@ -103,9 +122,10 @@ def load_metric(name: str, s: MetricSettings) -> Callable:
     if name == "class_accuracy":
         return ClassAccuracy(s.weights_dir)
     if name == "hps":
+        from tdm.evaluation import hps as hps_module
         from tdm.evaluation.hps import HPS
 
-        return HPS(s.weights_dir, version=s.hps_version, device=s.device)
+        return HPS(s.weights_dir, version=s.hps_version, device=s.device, arch=s.hps_arch or hps_module.ARCH)
     if name == "aesthetic":
         from tdm.evaluation.aesthetic import Aesthetic
 
@@ -130,6 +150,7 @@ class Evaluator:
         unknown = [m for m in metrics if not is_metric(m)]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)}, vbench_<dimension>)")
+        self.settings = settings
         self.metrics: dict[str, Callable] = {}
         self.skipped: dict[str, str] = {}
         for name in dict.fromkeys(metrics):
@@ -140,11 +161,20 @@ class Evaluator:
                     raise
                 self.skipped[name] = str(err)
 
-    def score(self, images: np.ndarray, prompts: Sequence[str], reference: str | Path | None = None) -> dict:
+    def score(self, images: np.ndarray, prompts: Sequence[str], reference: str | Path | None = None,
+              names: Sequence[str] | None = None) -> dict:
+        """{metric key: value} of every loaded metric (or of those in `names`) on one sample set."""
         out: dict = {}
-        for metric in self.metrics.values():
-            out.update(metric(images, prompts, reference=reference))
+        for name, metric in self.metrics.items():
+            if names is None or name in names:
+                out.update(metric(images, prompts, reference=reference))
         return out
+
+    @property
+    def metric_model(self) -> str | None:
+        """The networks behind the loaded metrics, one "; "-joined string (None when none loaded)."""
+        models = dict.fromkeys(self.settings.metric_model(n) for n in self.metrics)
+        return "; ".join(models) or None
 
 
 # --- sample sets -----------------------------------------------------------------------------
@@ -192,6 +222,12 @@ def sample_set_meta(path: str | Path) -> dict:
         return {k: z[k].item() for k in ("steps", "guidance") if k in z and z[k].ndim == 0}
 
 
+def resolution_of(images: np.ndarray) -> str:
+    """ "HxW" of uint8 N x H x W x C images or N x T x H x W x C videos (`EvalRow.resolution`)."""
+    shape = np.shape(images)
+    return f"{shape[-3]}x{shape[-2]}"
+
+
 def score_sets(sets: Sequence[dict], evaluator: Evaluator) -> list[EvalRow]:
     """Rows for sample sets given as {"samples": npz|folder, "model"?, "steps"?, "nfe"?, "guidance"?,
     "reference"?, ...} (e.g. manifest rows); missing fields come from the npz (`tdm sample` records steps and
@@ -208,5 +244,6 @@ def score_sets(sets: Sequence[dict], evaluator: Evaluator) -> list[EvalRow]:
         rows.append(EvalRow(model=s.get("model", path.stem), steps=steps,
                             nfe=int(s.get("nfe", nfe(steps, guidance, student=False))), guidance=guidance,
                             n=len(images), samples=str(path), grid=str(grid) if grid.is_file() else None,
+                            resolution=resolution_of(images), metric_model=evaluator.metric_model,
                             metrics=evaluator.score(images, prompts, reference=s.get("reference"))))
     return rows
