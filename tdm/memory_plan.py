@@ -39,8 +39,10 @@ and fake; the EMA of the student) and counts, per process:
 Real architectures without the hub: `tdm/arch/*.json` records the public component configs (config.json values)
 of the checkpoints the profiles name; a teacher that is a local folder (or cached hub id) is read from its own
 config files instead. Bytes are bytes (GiB = 2**30 in the table). Families: every family `tdm.backbones.FAMILIES`
-runs (digits, sd15, sdxl, pixart_alpha, pixart_sigma, sd3 (SD3 / SD3.5), cogvideox, wan, flux); others are
-refused with a ValueError.
+runs (digits, sd15, sdxl, pixart_alpha, pixart_sigma, sd3 (SD3 / SD3.5), cogvideox, wan, flux, and zimage once
+registered); others are refused with a ValueError. Z-Image's prompts are planned at the full padded length
+(`tdm.backbones.zimage.MAX_SEQUENCE_LENGTH` tokens per prompt, its adapter's meta-device reading): an upper bound
+on the caption tokens real prompts give.
 
 The CLI: `tdm distill --dry-run` loads with `load_config(params, overrides)` (a hub id need not be cached: a
 plan reads configs, not weights) and calls `run_dry(cfg, device_memory_bytes=..., num_processes=...)`.
@@ -400,6 +402,7 @@ def cond_shapes(family: str, parts: dict[str, nn.Module], batch: int, dtype: tor
     from tdm.backbones import FAMILIES
     from tdm.backbones.flux import MAX_SEQUENCE_LENGTH as FLUX_MAX
     from tdm.backbones.wan import MAX_SEQUENCE_LENGTH as WAN_MAX
+    from tdm.backbones.zimage import MAX_SEQUENCE_LENGTH as ZIMAGE_MAX
 
     limits = tokenizer_max_length or {}
     pixart_max = getattr(FAMILIES.get(family), "max_tokens", MAX_SEQUENCE_LENGTH)
@@ -438,6 +441,10 @@ def cond_shapes(family: str, parts: dict[str, nn.Module], batch: int, dtype: tor
         if parts["net"].config.guidance_embeds:
             out["guidance"] = ((batch,), torch.float32)
         return out
+    if family == "zimage":  # Qwen3's hidden states padded to the sequence length + the kept-token mask
+        c, length = te("text_encoder"), min(ZIMAGE_MAX, limits.get("tokenizer", ZIMAGE_MAX))
+        return {"encoder_hidden_states": ((batch, length, c.hidden_size), dtype),
+                "encoder_attention_mask": ((batch, length), torch.int64)}
     raise ValueError(f"memory plan: unknown family {family!r}")
 
 
@@ -447,11 +454,11 @@ def sample_shape(family: str, parts: dict[str, nn.Module], settings: dict | None
     from tdm.backbones import FAMILIES
 
     c = parts["net"].config
-    if family in ("wan", "flux"):
+    if family in ("wan", "flux", "zimage"):
         s = {**FAMILIES[family].defaults, **(settings or {})}
-        if family == "flux":
+        if family in ("flux", "zimage"):  # FLUX: packed 2x2 inside predict, so in_channels = 4 x latent channels
             f = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
-            return (c.in_channels // 4, s["height"] // f, s["width"] // f)
+            return (c.in_channels // (4 if family == "flux" else 1), s["height"] // f, s["width"] // f)
         v = parts["vae"].config
         frames = (s["num_frames"] - 1) // v.scale_factor_temporal + 1
         return (c.in_channels, frames, s["height"] // v.scale_factor_spatial, s["width"] // v.scale_factor_spatial)

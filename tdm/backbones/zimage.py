@@ -107,8 +107,12 @@ class ZImageBackbone(FolderSettings):
 
     @staticmethod
     def caption_list(cond: Cond) -> list[torch.Tensor]:
-        """The transformer's `cap_feats`: each row's kept tokens (L_i, D). ValueError when a row keeps none."""
+        """The transformer's `cap_feats`: each row's kept tokens (L_i, D). ValueError when a row keeps none. On
+        the meta device (`tdm.memory_plan`: no values, so no mask to read) every row is taken at its full padded
+        length L, an upper bound on the caption tokens."""
         embeds, mask = cond["encoder_hidden_states"], cond["encoder_attention_mask"].bool()
+        if embeds.is_meta:
+            return list(embeds.unbind(dim=0))
         lengths = mask.sum(dim=1)
         if bool((lengths == 0).any()):
             raise ValueError("zimage: a conditioning row has no tokens (encoder_attention_mask all zero)")

@@ -19,7 +19,12 @@ from tdm import config
 from tdm import memory_plan as mp
 
 ROOT = Path(__file__).resolve().parents[2]
+# Z-Image's profile is planned once the family is registered (tdm.backbones.FAMILIES; test_zimage.py says how).
+ZIMAGE_REGISTERED = "zimage" in __import__("tdm.backbones", fromlist=["FAMILIES"]).FAMILIES
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+PLANNED = [p if p.stem != "zimage" or ZIMAGE_REGISTERED else
+           pytest.param(p, marks=pytest.mark.skip(reason="zimage is not in tdm.backbones.FAMILIES yet"))
+           for p in PROFILES]
 PROMPTS = ROOT / "profiles" / "prompts" / "example.txt"
 TINY = ("digits", *tiny_models.FAMILIES, *tiny_models.NEW_FAMILIES)
 PROFILE_OF = {"sd35": "sd35_medium", "flux_schnell": "flux"}  # tiny family -> its profile
@@ -46,7 +51,11 @@ PUBLISHED = {  # parameter counts of the published checkpoints (model cards / sa
     "cogvideox_2b.json": {"transformer": 1_693_783_872, "vae": 215_583_907},
     "cogvideox_5b.json": {"transformer": 5_570_283_072, "vae": 215_583_907},
     "flux1_dev.json": {"transformer": 11_901_408_320, "text_encoder": 123_060_480},
+    # Z-Image / Z-Image-Turbo: Qwen3-4B without its LM head (4,022,468,096) and FLUX.1's VAE; the transformer's
+    # published size is "6.15B" (checked below to 0.1 %).
+    "zimage.json": {"text_encoder": 4_022_468_096, "vae": 83_819_683},
 }
+ZIMAGE_TRANSFORMER = 6.15e9
 # Model-card sizes (nominal, rounded: "1.3B", "2.5B"): checked loosely; the exact counts are what tdm builds.
 NOMINAL = {"sd35_medium.json": 2.5e9, "pixart_sigma_xl_2_1024_ms.json": 0.6e9, "flux1_schnell.json": 12e9,
            "wan21_t2v_1.3b.json": 1.3e9, "wan21_t2v_14b.json": 14e9}
@@ -67,6 +76,8 @@ def test_recorded_architectures_have_the_published_parameter_counts(name):
         assert counts[part] == n, (part, counts[part])
     if name in NOMINAL:
         assert counts["transformer"] == pytest.approx(NOMINAL[name], rel=0.15)
+    if name == "zimage.json":
+        assert counts["transformer"] == pytest.approx(ZIMAGE_TRANSFORMER, rel=1e-3)
     for part, entry in spec["components"].items():
         if entry["class"] == "UMT5EncoderModel":
             assert counts[part] == pytest.approx(UMT5_XXL_ENCODER, rel=0.01)
@@ -197,7 +208,7 @@ def test_saved_activations_scale_with_the_batch_at_real_size():
 
 
 # -- every profile at its real architecture -----------------------------------------------------------------
-@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("profile", PLANNED, ids=lambda p: p.stem)
 def test_every_profile_is_planned_at_real_architecture(profile, capsys):
     cfg = mp.load_config(profile)
     t0 = time.perf_counter()
