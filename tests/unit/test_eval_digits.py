@@ -15,7 +15,10 @@ from tdm.data import DIGIT_STYLES, digit_prompt, digits_split, digits_style
 from tdm.evaluation import digits
 from tdm.evaluation.digits import (
     CLASSIFIER_VERSION,
+    MLP_VERSION,
+    SECOND_VIEW,
     DigitClassifier,
+    DigitMLP,
     DigitsScorer,
     background,
     class_accuracy,
@@ -24,11 +27,14 @@ from tdm.evaluation.digits import (
     evaluate_samples,
     frechet_distance,
     images_to_tensor,
+    kernel_inception_distance,
     load_classifier,
     quantize,
     real_fid_floor,
     styled_split,
     train_classifier,
+    two_view_scores,
+    views_agree,
 )
 
 # The plain classifier as the code before the one-trainer refactor trained it (recorded then, torch 2.14.1 CPU,
@@ -343,3 +349,109 @@ def test_evaluate_samples_rejects_bad_input(cache_dir, test_split):
         evaluate_samples(np.zeros((10, 16, 16, 1), np.uint8), ["a handwritten digit one"] * 10, cache_dir)
     with pytest.raises(ValueError, match="prompts"):
         evaluate_samples(u, ["a handwritten digit one"] * 9, cache_dir)
+
+
+# --- the second view (issue #17): another architecture and seed, FID and KID in both ----------------------------
+
+def _fast_any_trainer(monkeypatch, calls: list, epochs: int = 3):
+    """train_classifier at a few epochs for any architecture, recording (style, seed, arch)."""
+    real = digits.train_classifier
+
+    def fast(style=None, seed=0, arch="cnn", **kwargs):
+        calls.append((style, seed, arch))
+        return real(style, seed, epochs=epochs, arch=arch)
+
+    monkeypatch.setattr(digits, "train_classifier", fast)
+
+
+@pytest.fixture(scope="module")
+def second_view(cache_dir) -> torch.nn.Module:
+    """The second view's classifier cached beside the first, trained at 8 epochs (the test needs a trained
+    classifier of the other architecture, not the 25-epoch one) so `two_view_scores` finds it."""
+    with pytest.MonkeyPatch.context() as mp:
+        _fast_any_trainer(mp, [], epochs=8)
+        return load_classifier(cache_dir, **SECOND_VIEW)
+
+
+def test_second_view_is_another_architecture_seed_and_cache(classifier, tmp_path, monkeypatch):
+    calls = []
+    _fast_any_trainer(monkeypatch, calls)
+    mlp = load_classifier(tmp_path, **SECOND_VIEW)
+    assert SECOND_VIEW == {"arch": "mlp", "seed": 1} and calls == [(None, 1, "mlp")]
+    assert isinstance(mlp, DigitMLP) and not any(isinstance(m, torch.nn.Conv2d) for m in mlp.modules())
+    assert any(isinstance(m, torch.nn.Conv2d) for m in classifier.modules())
+    assert not any(v.ndim == 4 for v in mlp.state_dict().values())  # no convolution kernel anywhere
+    weights, sidecar = classifier_paths(tmp_path, **SECOND_VIEW)
+    assert weights.name == f"digit_mlp-{MLP_VERSION}-seed1.safetensors" and weights.is_file()
+    meta = json.loads(sidecar.read_text())
+    assert meta["arch"] == "mlp" and meta["seed"] == 1 and meta["version"] == MLP_VERSION
+    assert not classifier_paths(tmp_path)[0].exists()  # the first view's file is another one
+    assert not list(tmp_path.glob(".*"))
+    assert 0.5 < mlp.held_out_accuracy == json.loads(sidecar.read_text())["held_out_accuracy"]
+    again = load_classifier(tmp_path, **SECOND_VIEW)
+    assert calls == [(None, 1, "mlp")]  # cached
+    for (name, a), (_, b) in zip(mlp.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="unknown digit classifier architecture 'vit'"):
+        load_classifier(tmp_path, arch="vit")
+    with pytest.raises(ValueError, match="architecture"):
+        DigitsScorer(tmp_path, arch="resnet")
+    assert calls == [(None, 1, "mlp")]  # refused before training
+
+
+def test_kid_is_the_unbiased_cubic_mmd():
+    gen = np.random.default_rng(0)
+    a, b = gen.normal(size=(300, 16)), gen.normal(0.5, 1.0, size=(300, 16))
+    from torchmetrics.image.kid import poly_mmd
+
+    # Equal sizes: torchmetrics' own estimator (what its KernelInceptionDistance averages over subsets).
+    for x, y in ((a, b), (a, gen.normal(size=(300, 16)))):
+        expected = float(poly_mmd(torch.from_numpy(x), torch.from_numpy(y)))
+        assert kernel_inception_distance(x, y) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    # Unequal sizes: the direct unbiased sum.
+    x, y = a[:50], b[:80]
+    k = lambda u, v: (u @ v.T / 16 + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    direct = ((kxx.sum() - np.trace(kxx)) / (50 * 49) + (kyy.sum() - np.trace(kyy)) / (80 * 79) - 2 * kxy.mean())
+    assert kernel_inception_distance(x, y) == pytest.approx(direct, rel=1e-9)
+    assert abs(kernel_inception_distance(a[:150], a[150:])) < 0.1 * kernel_inception_distance(a, b)
+    with pytest.raises(ValueError, match="feature dims differ"):
+        kernel_inception_distance(a, b[:, :3])
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_inception_distance(a[:1], b)
+
+
+def test_both_views_near_zero_on_real_and_rank_degraded_worse(classifier, second_view, cache_dir, test_split):
+    """Real-vs-real: FID at its floor, KID ~0 in both views; blurred and noise-added digits rank worse than clean
+    ones in both views (views_agree), and the views are different feature spaces (other FIDs)."""
+    x, y = test_split
+    train, train_y = digits_split("train")
+    prompts = [digit_prompt(int(label)) for label in train_y]
+    real = two_view_scores(_to_uint8(train), prompts, cache_dir)
+    for suffix in ("", "_mlp"):
+        assert real["fid" + suffix] == pytest.approx(real["fid_floor" + suffix]) and real["fid" + suffix] < 10
+        assert abs(real["kid" + suffix]) < 0.05 and abs(real["kid_floor" + suffix] - real["kid" + suffix]) < 0.05
+    assert real["fid"] != real["fid_mlp"] and real["accuracy_mlp"] > 0.9 and real["n"] == len(train)
+    assert {k: real[k] for k in ("fid", "accuracy", "fid_floor", "n", "classifier_accuracy")} == \
+        DigitsScorer(cache_dir).score(_to_uint8(train), prompts)  # the first view is the recorded metric
+
+    # A random real split against itself (same distribution): KID ~0 in both views.
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    half_a, half_b = _to_uint8(train[order[:600]]), _to_uint8(train[order[600:1200]])
+    for view in (DigitsScorer(cache_dir), DigitsScorer(cache_dir, **SECOND_VIEW)):
+        assert abs(view.kid(half_a, reference=half_b)) < 0.05
+
+    test_prompts = [digit_prompt(int(label)) for label in y]
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), value=-1.0), 3, stride=1)
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    clean = two_view_scores(_to_uint8(train[order[:450]]), prompts[:450], cache_dir)
+    for name, bad in (("blurred", blurred), ("noisy", noisy)):
+        worse = two_view_scores(_to_uint8(bad), test_prompts, cache_dir)
+        assert views_agree(clean, worse, margin=0.5) == "a", (name, worse)
+        assert views_agree(worse, clean) == "b"
+    # Disagreement (one figure the other way) is no claim; a missing figure names itself.
+    assert views_agree(clean, {**clean, "kid_mlp": clean["kid_mlp"] - 1.0, "fid": clean["fid"] + 1}) is None
+    with pytest.raises(KeyError, match="kid_mlp"):
+        views_agree({"fid": 1, "kid": 1, "fid_mlp": 1}, clean)
+    with pytest.raises(ValueError, match="prompts"):
+        two_view_scores(_to_uint8(x[:10]), test_prompts[:9], cache_dir)
