@@ -499,3 +499,20 @@ def test_profile_runs_distill_on_the_tiny_model(saved, tmp_path):
         AcceleratorState._reset_state(reset_partial_state=True)
     student = tmp_path / "outputs/distill/student"
     assert rc == 0 and (student / "tdm_student.json").is_file() and family_of(student) == "zimage"
+    # `tdm sample --student` (K = 4 on the profile's shift-3 grid) == the stock pipeline loaded from the student
+    # folder with from_student as its scheduler. The bf16 run saved its frozen parts in bf16 beside the float32
+    # student; a stock pipeline cannot mix them, so both sides load the folder in float32.
+    from tdm.sampler import student_sample
+    from tdm.scheduling_tdm import from_student
+    from tdm.student import load_student
+
+    loaded = load_student(student, dtype=torch.float32)
+    backbone, record = loaded.backbone, loaded.record
+    assert record.timesteps(4).tolist() == [999, 899, 749, 499]
+    pipe = _pipe(student, dtype=torch.float32)
+    pipe.scheduler = from_student(record, pipe.scheduler.config)
+    noise = torch.randn((2, *backbone.sample_shape), generator=torch.Generator().manual_seed(4))
+    ours = student_sample(backbone, backbone.net, backbone.encode_prompts(PROMPTS[:2]), noise, record.timesteps(4))
+    theirs = pipe(prompt=PROMPTS[:2], num_inference_steps=4, guidance_scale=0.0, latents=noise.clone(), height=16,
+                  width=16, output_type="latent", max_sequence_length=TEXT_LEN).images
+    assert torch.equal(theirs, ours)
