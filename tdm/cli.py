@@ -409,8 +409,9 @@ def cmd_lora_transfer(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    """`tdm export`: the student as stock diffusers pipeline folders, one per K (tdm/export.py)."""
-    from tdm.export import export_student
+    """`tdm export`: the student as stock diffusers pipeline folders, one per K (tdm/export.py), with the model
+    card, recipe, sample grid, evaluation table and LoRA files a Hub repo needs (tdm/publish.py)."""
+    from tdm.publish import check_publish_inputs, export_for_hub
     from tdm.student import StudentRecord
 
     if not (Path(args.student) / "model_index.json").is_file():
@@ -420,10 +421,21 @@ def cmd_export(args) -> dict:
         StudentRecord.load(args.student)
     except (FileNotFoundError, ValueError) as err:
         raise type(err)(f"--student: {err}") from None
+    check_publish_inputs(args.eval, args.samples)
     _check_out(Path(args.out), folder=True)
-    folders = export_student(args.student, args.out, args.steps, solver_order=args.solver_order)
-    return {"out": [str(f) for f in folders],
-            "load": "DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=K, guidance_scale=1.0)"}
+    result = export_for_hub(args.student, args.out, args.steps, solver_order=args.solver_order, eval_path=args.eval,
+                            samples=args.samples, base_model=args.base_model, license=args.license)
+    return {"out": result["folders"], "folder": result["out"], "card": result["card"], "files": result["files"],
+            "load": "DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=K, guidance_scale=1.0)",
+            "push": f"tdm push {result['out']} --repo-id <owner/name>"}
+
+
+def cmd_push(args) -> dict:
+    """`tdm push`: an export folder to a Hub model repo through huggingface_hub (tdm/publish.py)."""
+    from tdm.publish import push
+
+    return push(args.folder, args.repo_id, dry_run=args.dry_run, private=args.private, revision=args.revision,
+                commit_message=args.commit_message)
 
 
 def _unify_lora_refusal(lora_path: str) -> None:
@@ -560,7 +572,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver-order", type=int, choices=(1, 2), default=None,
                    help="how the exported scheduler (and record) step the grid: 1 DDIM, 2 DPM-Solver++(2M) "
                         "(default: the student's record; benchmarks/results/student_multistep.md)")
+    p.add_argument("--eval", default=None, help="an evaluation file (the evaluate stage's eval.json / "
+                   "metrics/evaluate.json) for the card's table, with its protocol columns")
+    p.add_argument("--samples", default=None, help="a `tdm sample` .npz (or its .png) for the card's sample grid "
+                   "(default: 4 samples of the first K rendered at export)")
+    p.add_argument("--base-model", default=None, help="the card's base_model (default: the student's teacher when "
+                   "it is a hub id, else the teacher card's base_model)")
+    p.add_argument("--license", default=None, help="the card's license (default: the teacher card's, else unknown)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload an export folder to a Hugging Face Hub model repo (huggingface_hub)")
+    p.add_argument("folder", help="a folder written by `tdm export`")
+    p.add_argument("--repo-id", required=True, help="the Hub model repo, owner/name (created if missing)")
+    p.add_argument("--dry-run", action="store_true", help="list the files and sizes it would upload; no network")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="the branch to push to (default: main)")
+    p.add_argument("--commit-message", default=None)
+    p.set_defaults(func=cmd_push)
 
     stage("lora-transfer", cmd_lora_transfer,
           "the TDM LoRA on custom models: many-step custom vs custom + LoRA at K steps -> outputs/lora_transfer")
