@@ -114,3 +114,42 @@ def test_evaluate_stage_on_a_tiny_video_teacher(tmp_path, monkeypatch):
     assert len(result["metrics_skipped"]) == 6
     with np.load(tmp_path / row["samples"]) as z:
         assert z["images"].ndim == 5  # N x F x H x W x C
+
+
+def test_vbench_protocol_on_a_tiny_video_teacher(tmp_path, monkeypatch):
+    """protocol vbench: prompts from VBench_full_info.json (its standard suite's layout), rows recording the
+    protocol, a captioned grid of frame strips; the dimensions run when the venv (and weights) are there, are
+    skipped naming what is missing otherwise, and quality / total appear only when all their dimensions ran."""
+    import json
+    import shutil
+
+    import tiny_models
+    from conftest import PARAMS
+    from PIL import Image
+
+    from tdm.cli import main
+
+    folder = tiny_models.save_pipeline(tiny_models.build("cogvideox"), tmp_path / "cog")
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
+    suite = [{"prompt_en": "a cat surfing", "dimension": ["subject_consistency"]},
+             {"prompt_en": "a red car in the rain", "dimension": ["color"]},
+             {"prompt_en": "fireworks", "dimension": ["temporal_flickering"]}]
+    (tmp_path / "VBench_full_info.json").write_text(json.dumps(suite))
+    monkeypatch.chdir(tmp_path)
+    sets = ["model.family=cogvideox", f"model.pretrained={folder}", f"evaluate.teacher={folder}",
+            "evaluate.student=null", "evaluate.n=2", "evaluate.teacher_steps=1", "evaluate.teacher_guidance=2",
+            "evaluate.protocol=vbench", "evaluate.protocol_path=VBench_full_info.json",
+            "evaluate.skip_missing=true", f"eval.vbench_venv={VENV}", "eval.weights_dir=w"]
+    assert main(["evaluate", "-q"] + [a for s in sets for a in ("-S", s)]) == 0
+    result = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    (row,) = result["rows"]
+    assert (row["protocol"], row["protocol_version"], row["n"]) == ("vbench", "VBench_full_info.json", 2)
+    with np.load(tmp_path / row["samples"]) as z:
+        assert [str(p) for p in z["prompts"]] == ["a cat surfing", "a red car in the rain"]
+        assert z["images"].ndim == 5
+    assert "vbench_total" not in row["metrics"]  # the semantic dimensions cannot run on custom_input
+    if (VENV / "bin" / "python").is_file():
+        assert 0 < row["metrics"]["vbench_temporal_flickering"] <= 1
+    else:
+        assert "scripts/vbench_env.sh" in result["metrics_skipped"]["vbench_temporal_flickering"]
+    assert Image.open(tmp_path / row["grid"]).size[0] > 2 * 96

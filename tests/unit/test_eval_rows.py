@@ -27,9 +27,14 @@ MANIFEST_ROW = {"model": "digits:thick+tdm_lora", "steps": 4, "nfe": 4, "guidanc
                 "samples": "outputs/lora_transfer/samples/digits_thick+tdm_lora_k4.npz",
                 "reference": "outputs/lora_transfer/references/digits_thick_test.npz", "sample_time_s": 1.5}
 TRANSFER_ROW = {**MANIFEST_ROW, "metrics": {"fid": 6.96, "accuracy": 0.953, "n": 1000}}
+# A published protocol's row: what it follows, recorded beside the scores (tdm.evaluation.protocols).
+PROTOCOL_ROW = {"model": "student", "steps": 4, "nfe": 4, "guidance": 4.5, "n": 800,
+                "samples": "outputs/evaluate/samples_student_s4.npz", "protocol": "hpsv2", "protocol_version": "v2.1",
+                "group": "anime", "resolution": "512x512", "metric_model": "HPS v2.1 (open_clip ViT-H-14)",
+                "metrics": {"hps": 31.2}}
 
 
-@pytest.mark.parametrize("row", [EVALUATE_ROW, MANIFEST_ROW, TRANSFER_ROW])
+@pytest.mark.parametrize("row", [EVALUATE_ROW, MANIFEST_ROW, TRANSFER_ROW, PROTOCOL_ROW])
 def test_round_trip_keeps_the_layout(row):
     r = EvalRow.from_dict(json.loads(json.dumps(row)))
     assert r.to_dict() == row and list(r.to_dict()) == list(row)  # same keys, same order

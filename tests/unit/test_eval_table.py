@@ -4,7 +4,7 @@ import re
 import pytest
 
 from tdm.evaluation.rows import EvalRow
-from tdm.evaluation.table import cells, html_table, markdown, markdown_table
+from tdm.evaluation.table import cells, html_table, markdown, markdown_table, protocol_lines
 
 ROWS = [
     {"model": "teacher", "steps": 50, "nfe": 100, "guidance": 1.5, "n": 1000,
@@ -49,3 +49,20 @@ def test_markdown_table_notes_skipped_metrics():
     text = markdown_table(ROWS[:1], {"hps": "weights not found"})
     assert text.endswith("| 0.999 |\n\nSkipped `hps`: weights not found\n")
     assert markdown_table([]) == "| model | steps | NFE | guidance | n |\n|---|---|---|---|---|\n"
+
+
+def test_protocol_rows_get_protocol_and_group_columns_and_a_protocol_line():
+    common = {"steps": 4, "nfe": 4, "guidance": 4.5, "protocol": "hpsv2", "protocol_version": "v2.1",
+              "resolution": "512x512", "metric_model": "HPS v2.1 (open_clip ViT-H-14)"}
+    rows = [EvalRow(model="student", group="anime", n=800, metrics={"hps": 30.123}, **common),
+            EvalRow(model="student", group="average", n=3200, metrics={"hps": 29.5}, **common),
+            EvalRow(model="teacher", steps=25, nfe=50, guidance=7.5, n=4, protocol="prompts", protocol_version="digits",
+                    metrics={"hps": 28.0})]
+    header, body = cells(rows)
+    assert header == ["model", "steps", "NFE", "guidance", "n", "protocol", "group", "HPS"]
+    assert body[0] == ["student", "4", "4", "4.5", "800", "hpsv2 (v2.1)", "anime", "30.12"]
+    assert body[2][5:7] == ["prompts (digits)", "-"]
+    assert protocol_lines(rows)[0] == "hpsv2 (v2.1): n=3200, resolution 512x512, metric model HPS v2.1 (open_clip ViT-H-14)"
+    assert "\nProtocol hpsv2 (v2.1): n=3200" in markdown_table(rows)
+    # Rows on the configured prompts only: no protocol columns (the table as before).
+    assert "protocol" not in cells(rows[2:])[0]

@@ -58,3 +58,28 @@ def test_report_without_stage_outputs_fails_clearly(tmp_path, monkeypatch, capsy
     assert main(["report", "-q"]) == 2
     assert "run the stages first" in capsys.readouterr().err
     assert not (tmp_path / "outputs" / "report").exists()
+
+
+def test_report_plots_the_teacher_curve_with_student_points_and_states_the_protocol(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    proto = {"protocol": "coco2014", "protocol_version": "val2014", "resolution": "256x256", "seed": 0,
+             "metric_model": "Inception-v3 pool3 (torch-fidelity 2015-12-05); CLIP ViT-g-14:laion2b_s12b_b42k"}
+    rows = [{"model": "teacher", "steps": s, "nfe": 2 * s, "guidance": 7.5, "n": 30000, **proto,
+             "metrics": {"fid": 30.0 / s ** 0.5 + 10}} for s in (1, 2, 4, 8, 16, 25, 50)]
+    rows += [{"model": "student", "steps": k, "nfe": k, "guidance": 7.5, "n": 30000, **proto,
+              "metrics": {"fid": 12.0 + k}} for k in (1, 2, 4)]
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({"rows": rows}))
+    page, md, images = report.build(tmp_path)
+    assert "| coco2014 | val2014 | 30000 | 256x256 | Inception-v3 pool3" in md and "| 0 |" in md
+    assert "<td>coco2014 (val2014)</td>" in page  # the protocol column of the rows table
+    png = Image.open(__import__("io").BytesIO(images["fid_vs_nfe.png"]))
+    assert png.size[0] > 500
+    # The plot's data: the teacher's seven points on one line, the student's three.
+    assert [len(v) for v in _series(rows, "fid").values()] == [7, 3]
+
+
+def _series(rows, metric):
+    out = {}
+    for r in report.curve_rows(rows):
+        out.setdefault(r["model"], []).append((r["nfe"], r["metrics"][metric]))
+    return out
