@@ -338,7 +338,7 @@ class _TDMStudentScheduler(SchedulerMixin, ConfigMixin):
                          f"integer timesteps: pass num_inference_steps)")
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Accepted for pipelines that call it (Wan, FLUX): the student always starts at its first grid point
+        """Accepted for pipelines that call it (Wan, FLUX, Z-Image): the student always starts at its first grid point
         (no img2img strength cut); `begin_index` must be 0."""
         if begin_index != 0:
             raise ValueError(f"{type(self).__name__}: begin_index={begin_index!r}: the student's trajectory starts at "
@@ -668,9 +668,9 @@ class TDMFlowScheduler(_TDMStudentScheduler):
                       timesteps: list[float] | None = None, sigmas: list[float] | None = None,
                       mu: float | None = None) -> None:
         """The student's K-step grid, K = num_inference_steps (descending float32 timesteps; `sigmas` = t / T then
-        0). What FluxPipeline always passes is accepted: `mu` (its resolution-dependent shift of the base
-        scheduler's grid) is ignored, and `sigmas` equal to its default `linspace(1, 1 / K, K)` ask for no grid
-        (K = their length). Other `timesteps` / `sigmas` are accepted only when they are the student's grid."""
+        0). What FluxPipeline and ZImagePipeline always pass is accepted: `mu` (their resolution-dependent shift
+        of the base scheduler's grid) is ignored, and `sigmas` equal to their default `linspace(1, 1 / K, K)`
+        (FluxPipeline's, and ZImagePipeline's `get_default_z_image_sigmas`) ask for no grid (K = their length). Other `timesteps` / `sigmas` are accepted only when they are the student's grid."""
         if sigmas is not None and timesteps is None:
             k = len(sigmas)
             default = torch.linspace(1.0, 1.0 / k, k, dtype=torch.float64)

@@ -130,3 +130,27 @@ def test_case02_flow_matching_config_refused_by_the_vp_scheduler_and_run_by_the_
                   output_type="latent", height=16, width=16, max_sequence_length=16).images
     assert pipe.scheduler.timesteps.tolist() == [999.0, 499.0]
     assert (ours - theirs).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_zimage_pipelines_set_timesteps_call_is_the_students_grid(k):
+    """ZImagePipeline always calls `retrieve_timesteps(scheduler, K, sigmas=linspace(1, 1/K, K), mu=calculate_shift(
+    image tokens))` and then `set_begin_index(0)`: TDMFlowScheduler built from Z-Image-Turbo's scheduler config
+    (FlowMatchEuler, shift 3.0, no dynamic shift) takes that call as "K steps on the student's grid" (the default
+    sigmas ask for no grid, mu is the base scheduler's shift, not the student's); other sigmas are refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,
+                                                              retrieve_timesteps)
+
+    from tdm.scheduling_tdm import TDMFlowScheduler
+
+    base = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).config
+    scheduler = TDMFlowScheduler.from_config(base, total_steps=1000, grid_shift=3.0)
+    timesteps, n = retrieve_timesteps(scheduler, k, "cpu", sigmas=get_default_z_image_sigmas(k),
+                                      mu=calculate_shift(4096))
+    scheduler.set_begin_index(0)
+    assert n == k and timesteps.tolist() == student_timesteps(k, 1000, 3.0).tolist()
+    assert timesteps.dtype == torch.float32 and scheduler.sigmas[-1] == 0
+    if k > 1:
+        with pytest.raises(ValueError, match="not the student's"):
+            retrieve_timesteps(scheduler, k, "cpu", sigmas=[0.9] * k, mu=calculate_shift(4096))
