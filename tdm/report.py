@@ -81,12 +81,12 @@ def plot_metric_vs_nfe(rows: list[dict], metric: str) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[str, list[tuple[int, float, int]]] = {}
     protocols = set()
     for r in curve_rows(rows):
         value = (r.get("metrics") or {}).get(metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and r.get("nfe"):
-            series.setdefault(str(r.get("model")), []).append((int(r["nfe"]), float(value)))
+            series.setdefault(str(r.get("model")), []).append((int(r["nfe"]), float(value), int(r.get("steps") or 0)))
             if r.get("protocol") not in (None, "prompts"):
                 protocols.add(f"{r['protocol']} {r.get('protocol_version') or ''}".strip())
     if not series:
@@ -98,8 +98,8 @@ def plot_metric_vs_nfe(rows: list[dict], metric: str) -> bytes | None:
         x, y = [p[0] for p in points], [p[1] for p in points]
         if name == "teacher":
             ax.plot(x, y, "-o", color="0.35", lw=1.6, ms=5, label="teacher (DDIM, CFG in NFE)", zorder=2)
-            for xi, yi in zip(x, y):
-                ax.annotate(f"{xi}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center",
+            for xi, yi, steps in points:  # labelled with the DDIM step count
+                ax.annotate(f"{steps}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center",
                             fontsize=7, color="0.35")
         elif name == "student":
             ax.plot(x, y, "--*", color="tab:red", lw=1.4, ms=11, label="student (TDM)", zorder=3)
