@@ -1,9 +1,7 @@
-"""Z-Image (issue #14) behind the backbone protocol, with a tiny random model of its real classes: diffusers'
-`ZImagePipeline` + `ZImageTransformer2DModel` (single-stream DiT, 2x2 patches, RoPE, 1 main + 1 refiner layer),
-transformers' `Qwen3Model` as text encoder (a byte-level BPE tokenizer trained here, with a Qwen-style chat
-template), FLUX.1's VAE layout (scaling 0.3611, shift 0.1159, no quant convs) and Z-Image-Turbo's scheduler
-(FlowMatchEuler, shift 3.0, no dynamic shift); ~316k transformer parameters, saved with `save_pretrained` and read
-back offline.
+"""Z-Image (issue #14) behind the backbone protocol, with a tiny random model of its real classes
+(tests/tiny_zimage.py: diffusers' `ZImagePipeline` + `ZImageTransformer2DModel`, transformers' `Qwen3Model` with a
+Qwen-style BPE tokenizer and chat template, FLUX.1's VAE layout, Z-Image-Turbo's scheduler; ~316k transformer
+parameters), saved with `save_pretrained` and read back offline.
 
 What the adapter adds over the other flow families is checked against diffusers itself: the inverted time and
 negated velocity (our CFG teacher sampler = ZImagePipeline's own loop, its g = our w - 1), the list inputs
@@ -22,62 +20,16 @@ import pytest
 import torch
 
 import tiny_models
+from tiny_zimage import SHAPE, TEXT_LEN, save, tiny_zimage
 from tdm import config
 from tdm.backbones import FAMILIES
 from tdm.backbones.pipeline import UnsupportedModel
 from tdm.backbones.zimage import ZImageBackbone
 
 PROMPTS = ["a photo of a cat", "a red car in the rain", "an astronaut riding a horse"]
-TEXT_LEN = 48  # the tiny tokenizer's model_max_length (chat template + prompt fit; longer prompts truncate)
-SHAPE = {"height": 16, "width": 16}  # tdm_backbone.json of the tiny model: 16 px -> 8x8 latents -> 4x4 patches
 REGISTERED = "zimage" in FAMILIES
 needs_registry = pytest.mark.skipif(not REGISTERED, reason="zimage is not in tdm.backbones.FAMILIES yet (the "
                                     "integrator registers ZImageBackbone; see docs/backbones.md, Z-Image)")
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def qwen_style_tokenizer():
-    """A byte-level BPE (Qwen's kind) trained on the tiny corpus, its special tokens and chat format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(tiny_models._CORPUS + ["user assistant"], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   model_max_length=TEXT_LEN, chat_template=CHAT_TEMPLATE)
-
-
-def tiny_zimage(seed: int = 0, **scheduler):
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(seed)
-    tok = qwen_style_tokenizer()
-    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                          head_dim=16, max_position_embeddings=64, tie_word_embeddings=True))
-    # head dim = sum(axes_dims) = 12, dim = 2 heads x 12; axes_lens cover caption (<= 64 + 1) and 4x4 image ids.
-    transformer = ZImageTransformer2DModel(in_channels=4, dim=24, n_layers=1, n_refiner_layers=1, n_heads=2,
-                                           n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 4, 4], axes_lens=[128, 32, 32])
-    sched = FlowMatchEulerDiscreteScheduler(**{"num_train_timesteps": 1000, "shift": 3.0,
-                                               "use_dynamic_shifting": False, **scheduler})
-    return ZImagePipeline(scheduler=sched, vae=tiny_models.vae(latent_channels=4, scaling_factor=0.3611,
-                                                               shift_factor=0.1159, use_quant_conv=False,
-                                                               use_post_quant_conv=False),
-                          text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
-
-
-def save(pipe, folder):
-    pipe.save_pretrained(folder)
-    (folder / "tdm_backbone.json").write_text(json.dumps(SHAPE))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     return save(tiny_zimage(), tmp_path_factory.mktemp("tiny_zimage") / "model")
