@@ -181,7 +181,8 @@ class DistillConfig(_Section):
     betas: tuple[float, float] = (0.0, 0.95)  # official: (0, 0.95), both optimisers
     weight_decay: float = Field(0.0, ge=0)  # generator (and the fake score unless fake_weight_decay); official: 1e-2
     fake_weight_decay: Optional[float] = Field(None, ge=0)  # null = weight_decay
-    # "adamw" (torch), or "adamw8bit" (bitsandbytes' 8-bit AdamW states: CUDA only, refused on CPU).
+    # "adamw" (torch), or "adamw8bit" (bitsandbytes' 8-bit AdamW states, ~1/4 of the optimiser memory; official
+    # option; CPU and CUDA with bitsandbytes >= 0.48).
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     warmup_steps: int = Field(20, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # generator (warm-up, then this); official: ~constant

@@ -130,19 +130,16 @@ def distill_prompts(cfg: Config) -> list[str]:
 
 
 def make_optimizer(kind: str, groups: list[dict], lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over parameter groups: torch's, or bitsandbytes' 8-bit AdamW (`distill.optimizer: adamw8bit`; its
-    states quantised blockwise to 8 bits, Dettmers et al. 2022; CUDA only here). ValueError naming the key when
-    the 8-bit optimiser cannot run: no CUDA parameter, or bitsandbytes not installed."""
+    """AdamW over parameter groups: torch's, or bitsandbytes' 8-bit AdamW (`distill.optimizer: adamw8bit`: both
+    moments quantised blockwise to 8 bits, Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization";
+    tensors under bitsandbytes' min_8bit_size (4096) keep 32-bit states). bitsandbytes >= 0.48 runs it on CPU too.
+    ValueError naming the key when bitsandbytes is not installed."""
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
-    devices = {p.device.type for g in groups for p in g["params"]}
-    if devices != {"cuda"}:
-        raise ValueError(f"distill.optimizer: adamw8bit needs the trainable weights on a CUDA device (they are on "
-                         f"{', '.join(sorted(devices))}); use adamw on CPU")
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes==0.50.2)") from None
     return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
@@ -278,10 +275,24 @@ class TDMTrainer:
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"student": self.roles.state_dict("student"), "fake": self.roles.state_dict("fake"),
-                "opt_student": self.opt["student"].state_dict(), "opt_fake": self.opt["fake"].state_dict(),
+                "opt_student": self._opt_state("student"), "opt_fake": self._opt_state("fake"),
                 "sched_student": self.sched["student"].state_dict(), "sched_fake": self.sched["fake"].state_dict(),
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 **({"scaler": self.accelerator.scaler.state_dict()} if self.accelerator.scaler is not None else {})}
+
+    def _opt_state(self, role: str) -> dict:
+        """The optimiser's state dict; 8-bit AdamW's tensors copied apart (bitsandbytes shares one quantisation
+        map between parameters, which a safetensors checkpoint refuses to write)."""
+        state = self.opt[role].state_dict()
+        if self.cfg.distill.optimizer == "adamw8bit":
+            def unshare(value):
+                if torch.is_tensor(value):
+                    return value.clone()
+                if isinstance(value, dict):
+                    return {k: unshare(v) for k, v in value.items()}
+                return value
+            state = {**state, "state": unshare(state["state"])}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.roles.load_state_dict("student", state["student"])
@@ -323,9 +334,11 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError(f"distill.k: must be <= distill.total_steps ({d.total_steps})")
     if d.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise ValueError(f"distill.batch_size {d.batch_size} is not divisible by the number of processes")
-    if d.optimizer == "adamw8bit" and not torch.cuda.is_available():
-        raise ValueError("distill.optimizer: adamw8bit (bitsandbytes) needs a CUDA device; this machine has none "
-                         "(use adamw)")
+    if d.optimizer == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes==0.50.2)")
     if d.prompt_store is not None:  # made from this teacher's encoders, in the dtype distill loads them, all prompts
         from tdm.prompt_store import open_for
 

@@ -204,3 +204,74 @@ def test_the_configured_grid_is_trained_on_and_recorded(teacher_dir, tmp_path):
     run(shifted, paths, progress=False)
     record = StudentRecord.load(paths.out_dir / "student")
     assert record.shift == 2.0 and record.timesteps(4).tolist() == [899, 770, 599, 359]
+
+
+# -- recipe switches (issue #16) and 8-bit AdamW (issue #15) ---------------------------------------------------
+def _trainer(teacher_dir, tmp_path, *extra):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    return TDMTrainer(_cfg(teacher_dir, tmp_path, *extra), load_backbone(teacher_dir), Accelerator(cpu=True))
+
+
+def test_fake_score_clip_schedule_and_decay_switches(teacher_dir, tmp_path):
+    clipped = _trainer(teacher_dir, tmp_path, "distill.fake_grad_clip=1e-9", "distill.warmup_steps=4")
+    free = _trainer(teacher_dir, tmp_path, "distill.fake_grad_clip=null", "distill.warmup_steps=4",
+                    "distill.fake_lr_schedule=constant", "distill.fake_weight_decay=0.5")
+    # Warm-up: a constant fake schedule starts at fake_lr; "same" follows the generator's warm-up.
+    assert clipped.sched["fake"].get_last_lr()[0] == pytest.approx(1e-3 / 4)
+    assert free.sched["fake"].get_last_lr()[0] == pytest.approx(1e-3)
+    assert free.sched["student"].get_last_lr()[0] == pytest.approx(2e-4 / 4)
+    assert free.opt["fake"].param_groups[0]["weight_decay"] == 0.5
+    assert free.opt["student"].param_groups[0]["weight_decay"] == 0.0
+    a, b = clipped.iteration(0), free.iteration(0)
+    # The norm is reported before clipping either way; the fake score's first moment shows the clip (Adam's
+    # normalised step would hide it in the weights).
+    assert torch.allclose(a["grad_norm_fake"], b["grad_norm_fake"]) and a["grad_norm_fake"] > 1e-3
+    moment = lambda t: sum(s["exp_avg"].abs().sum() for s in t.opt["fake"].state.values())  # noqa: E731
+    assert 0 < moment(clipped) < moment(free) * 1e-3
+    # The generator is clipped at grad_clip in both (its moments agree to float tolerance: same fake loss point).
+    assert clipped.clip == {"student": 1.0, "fake": 1e-9} and free.clip == {"student": 1.0, "fake": None}
+
+
+def test_raw_student_weights_keep_no_ema(teacher_dir, tmp_path):
+    raw = _trainer(teacher_dir, tmp_path, "distill.student_weights=raw")
+    raw.iteration(0)
+    assert raw.ema is None and "ema" not in raw.state_dict()
+    live = raw.roles.state_dict("student")
+    assert all(torch.equal(live[n], w) for n, w in raw.student_weights().items())
+    ema = _trainer(teacher_dir, tmp_path)
+    ema.iteration(0)
+    assert ema.student_weights() is ema.ema.shadow
+
+
+def test_k_embedding_lr_and_norm_logged(teacher_dir, tmp_path):
+    t = _trainer(teacher_dir, tmp_path, "distill.unify=true", "distill.k_embed_lr=0.05", "distill.warmup_steps=0")
+    assert [g["lr"] for g in t.opt["student"].param_groups] == [2e-4, 0.05]
+    m0 = t.iteration(0)
+    assert m0["lr_k_embed"] / m0["lr"] == pytest.approx(0.05 / 2e-4)  # one schedule, two base rates
+    m1 = t.iteration(1)
+    assert m1["k_embed_norm"] > 0 and m1["k_embed_norm_fake"] > 0
+    same = _trainer(teacher_dir, tmp_path, "distill.unify=true")
+    assert len(same.opt["student"].param_groups) == 1
+
+
+def test_adamw8bit_trains_and_resumes(teacher_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from tdm.checkpoint import load_state, save_state
+
+    t = _trainer(teacher_dir, tmp_path, "distill.optimizer=adamw8bit")
+    assert isinstance(t.opt["student"], bnb.optim.AdamW8bit)
+    before = t.roles.state_dict("student")
+    metrics = t.iteration(0)
+    assert torch.isfinite(metrics["loss_gen"])
+    assert any(not torch.equal(before[n], w) for n, w in t.roles.state_dict("student").items())
+    assert any(v.dtype == torch.uint8 for s in t.opt["student"].state.values() for v in s.values()
+               if torch.is_tensor(v))  # 8-bit moments on the large tensors
+    save_state(tmp_path / "ck", t.state_dict())
+    again = _trainer(teacher_dir, tmp_path, "distill.optimizer=adamw8bit")
+    again.load_state_dict(load_state(tmp_path / "ck"))
+    a, b = t.iteration(1), again.iteration(1)
+    assert torch.equal(a["loss_gen"], b["loss_gen"]) and torch.equal(a["loss_fake"], b["loss_fake"])
