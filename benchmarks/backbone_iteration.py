@@ -8,7 +8,8 @@ random weights, the frozen parts in bf16, the iteration under bf16 autocast, eac
     .venv/bin/python benchmarks/backbone_iteration.py --family sdxl --batch-size 4
 
 Real shapes: SD1.5 512 px (4x64x64 latents), SDXL / PixArt-alpha / SD3-medium 1024 px (4 or 16 x128x128),
-CogVideoX-2B 49 frames at 480x720 (13x16x60x90 latents); text encoders at full size (CLIP-L, OpenCLIP-bigG,
+CogVideoX-2B 49 frames at 480x720 (13x16x60x90 latents), Z-Image 1024 px (16x128x128, Qwen3-4B prompts as a
+chat-templated byte-level BPE tokenises them); text encoders at full size (CLIP-L, OpenCLIP-bigG,
 T5-XXL) since prompts are encoded every iteration. Random weights change nothing about time or memory.
 
 CPU, `--tiny` (what this machine can run, and what proves the script works): the tiny models of
@@ -37,7 +38,7 @@ RESULTS = REPO / "benchmarks" / "results"
 # Profiles (profiles/<name>.yaml) measured: the five families the paper distils (hand-written builders below), then
 # the newer ones, built from the public configs recorded in tdm/arch/ (the memory plan's records).
 FIRST_FIVE = ("sd15", "sdxl", "pixart_alpha", "sd3", "cogvideox")
-FAMILIES = FIRST_FIVE + ("sd35_medium", "pixart_sigma", "wan", "flux")
+FAMILIES = FIRST_FIVE + ("sd35_medium", "pixart_sigma", "wan", "flux", "zimage")
 TINY_NAMES = {"sd35_medium": "sd35"}  # the tiny model of a profile whose name is not its family's
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the tiny builders and the offline T5 tokenizer
 
@@ -110,6 +111,7 @@ def arch_pipeline(profile: str, frozen_dtype, device):
                                                          flow_shift=3.0),
         "flux": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
                                                                   base_shift=0.5, max_shift=1.15),
+        "zimage": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
     }
     parts = {"scheduler": schedulers[spec["family"]]()}
     torch.set_default_dtype(frozen_dtype)
@@ -130,6 +132,12 @@ def arch_pipeline(profile: str, frozen_dtype, device):
         if name.startswith("tokenizer"):  # CLIP tokenizers for CLIP encoders, the T5 one for T5 / UMT5
             encoder = parts.get(name.replace("tokenizer", "text_encoder"))
             parts[name] = clip if encoder is not None and "CLIP" in type(encoder).__name__ else t5
+            if encoder is not None and type(encoder).__name__.startswith("Qwen"):
+                # Z-Image's Qwen3: a chat-templated byte-level BPE; a small vocabulary tokenises the example
+                # prompts into more tokens than Qwen's own (the caption tokens are at most 512 either way).
+                from tiny_zimage import qwen_style_tokenizer
+
+                parts[name] = qwen_style_tokenizer(512)
     return pipeline(**parts)
 
 
@@ -243,7 +251,10 @@ def measure(family: str, tiny: bool, batch_size: int, iterations: int) -> dict:
     from accelerate import Accelerator
 
     from tdm.backbones import FAMILIES as ADAPTERS
+    from tdm.backbones.zimage import ZImageBackbone
     from tdm.distill import TDMTrainer
+
+    ADAPTERS = {"zimage": ZImageBackbone, **ADAPTERS}  # Z-Image runs here before it is registered too
 
     cuda = torch.cuda.is_available() and not tiny
     if not cuda:
@@ -265,9 +276,14 @@ def measure(family: str, tiny: bool, batch_size: int, iterations: int) -> dict:
 
         from tdm.backbones import load_backbone
 
-        folder = tiny_models.save_pipeline(tiny_models.build(TINY_NAMES.get(family, family)),
-                                           Path(tempfile.mkdtemp(prefix="tdm-tiny-")) / family)
-        backbone = load_backbone(folder)
+        where = Path(tempfile.mkdtemp(prefix="tdm-tiny-")) / family
+        if family == "zimage":
+            import tiny_zimage
+
+            backbone = ZImageBackbone.load(tiny_zimage.save(tiny_zimage.tiny_zimage(), where))
+        else:
+            folder = tiny_models.save_pipeline(tiny_models.build(TINY_NAMES.get(family, family)), where)
+            backbone = load_backbone(folder)
     else:
         torch.manual_seed(0)
         pipe = real_pipeline(family, torch.float32 if mode == "full" else torch.bfloat16, torch.bfloat16, "cuda")
