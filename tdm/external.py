@@ -171,6 +171,21 @@ class ExternalStudent:
         self.backbone.to(device)
         return self
 
+    def set_lora_scale(self, scale: float) -> "ExternalStudent":
+        """Change the LoRA's strength in place (as `pipe.set_adapters([name], adapter_weights=[scale])` does);
+        ValueError without a LoRA or for a scale that is not a finite number >= 0."""
+        from peft.tuners.lora import LoraLayer
+
+        if self.lora is None:
+            raise ValueError("lora_scale: this external student has no LoRA")
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"lora_scale: must be a finite number >= 0, got {scale}")
+        for layer in self.backbone.net.modules():
+            if isinstance(layer, LoraLayer):
+                layer.set_scale("external", float(scale))
+        self.lora_scale = float(scale)
+        return self
+
     def _timesteps(self, scheduler, steps: int, device) -> torch.Tensor:
         kwargs = {}
         if self.family == "sd3" and scheduler.config.get("use_dynamic_shifting", None):

@@ -44,13 +44,17 @@ def _release(family, root):
     return teacher, root / "lora"
 
 
-def _stock(teacher, lora, scale, steps, guidance, noise, family, scheduler=None, output_type="latent"):
+def _stock_pipe(teacher, lora, scheduler=None):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(teacher)
     if scheduler is not None:
         pipe.scheduler = scheduler
     pipe.load_lora_weights(lora, adapter_name="tdm")
+    return pipe
+
+
+def _stock(pipe, scale, steps, guidance, noise, family, output_type="latent"):
     pipe.set_adapters(["tdm"], adapter_weights=[scale])
     kwargs = dict(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
                   output_type=output_type)
@@ -61,25 +65,28 @@ def _stock(teacher, lora, scale, steps, guidance, noise, family, scheduler=None,
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl", "sd3"])
 def release(request, tmp_path_factory):
-    return request.param, *_release(request.param, tmp_path_factory.mktemp(request.param))
+    """(family, teacher folder, LoRA folder, the stock pipeline with the LoRA loaded, tdm's external student)."""
+    family = request.param
+    teacher, lora = _release(family, tmp_path_factory.mktemp(family))
+    return family, teacher, lora, _stock_pipe(teacher, lora), load_external(teacher, lora, 1.0)
 
 
 @pytest.mark.parametrize("scale, steps, guidance", [(0.125, 4, 1.0), (1.0, 3, 2.5)])
 def test_external_student_equals_the_stock_pipeline(release, scale, steps, guidance):
-    family, teacher, lora = release
-    external = load_external(teacher, lora, scale)
+    family, teacher, lora, pipe, external = release
+    external.set_lora_scale(scale)
     noise = make_noise(len(PROMPTS), external.backbone.sample_shape, seed=3)
     ours = external.sample(external.backbone.encode_prompts(PROMPTS), noise, steps, guidance)
-    theirs = _stock(teacher, lora, scale, steps, guidance, noise, family)
+    theirs = _stock(pipe, scale, steps, guidance, noise, family)
     assert (ours - theirs).abs().max().item() < 1e-5 * max(1.0, theirs.abs().max().item())
-    plain = load_external(teacher).sample(external.backbone.encode_prompts(PROMPTS), noise, steps, guidance)
-    assert (plain - ours).abs().max().item() > 1e-3  # the LoRA does something at this scale
+    without = _stock(pipe, 0.0, steps, guidance, noise, family)
+    assert (without - ours).abs().max().item() > 1e-3  # the LoRA does something at this scale
 
 
 def test_sd3_release_recipe_dpm_solver_with_flow_shift(release):
     """The SD3 releases' recipe: adapter weight 0.125, 4 steps, guidance 1, DPM-Solver multistep with a
     flow_shift (`--scheduler DPMSolverMultistepScheduler --flow-shift 4`)."""
-    family, teacher, lora = release
+    family, teacher, lora, pipe, _ = release
     if family != "sd3":
         pytest.skip("the DPM-Solver + flow_shift recipe is the SD3 releases'")
     from diffusers import DPMSolverMultistepScheduler
@@ -91,16 +98,20 @@ def test_sd3_release_recipe_dpm_solver_with_flow_shift(release):
     config = json.loads((teacher / "scheduler" / "scheduler_config.json").read_text())
     stock_scheduler = DPMSolverMultistepScheduler.from_config(config, use_flow_sigmas=True,
                                                               prediction_type="flow_prediction", flow_shift=4.0)
-    theirs = _stock(teacher, lora, 0.125, 4, 1.0, noise, family, scheduler=stock_scheduler)
+    euler = _stock(pipe, 0.125, 4, 1.0, noise, family)
+    pipe.scheduler, teacher_scheduler = stock_scheduler, pipe.scheduler
+    try:
+        theirs = _stock(pipe, 0.125, 4, 1.0, noise, family)
+    finally:
+        pipe.scheduler = teacher_scheduler
     assert (ours - theirs).abs().max().item() < 1e-5 * max(1.0, theirs.abs().max().item())
-    euler = load_external(teacher, lora, 0.125).sample(external.backbone.encode_prompts(PROMPTS), noise, 4, 1.0)
     assert (euler - ours).abs().max().item() > 1e-3  # the scheduler matters
 
 
 def test_tdm_sample_lora_cli_equals_the_stock_pipeline(release, tmp_path, capsys):
     """The issue's check: `tdm sample --model <teacher> --lora <diffusers LoRA> --lora-scale 0.125` gives the
     stock pipeline's images (uint8, same noise)."""
-    family, teacher, lora = release
+    family, teacher, lora, pipe, external = release
     if family != "sd15":
         pytest.skip("one family through the CLI (the sampler itself is compared per family above)")
     out = tmp_path / "s.npz"
@@ -109,12 +120,7 @@ def test_tdm_sample_lora_cli_equals_the_stock_pipeline(release, tmp_path, capsys
     result = json.loads(capsys.readouterr().out)
     assert result["lora_scale"] == 0.125 and result["scheduler"]["_class_name"] == "DDIMScheduler"
     ours = np.load(out)["images"]
-    external = load_external(teacher)
     noise = make_noise(2, external.backbone.sample_shape, seed=0)
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(teacher)
-    pipe.load_lora_weights(lora, adapter_name="tdm")
     pipe.set_adapters(["tdm"], adapter_weights=[0.125])
     theirs = pipe(prompt=[PROMPTS[0]] * 2, num_inference_steps=4, guidance_scale=1.0, latents=noise,
                   output_type="np").images
@@ -124,7 +130,7 @@ def test_tdm_sample_lora_cli_equals_the_stock_pipeline(release, tmp_path, capsys
 
 
 def test_bad_external_inputs_are_refused_by_flag(release, tmp_path, capsys):
-    family, teacher, lora = release
+    family, teacher, lora, _, _ = release
     if family != "sd3":
         pytest.skip("one family")
     out = str(tmp_path / "x.npz")
@@ -147,7 +153,7 @@ def test_bad_external_inputs_are_refused_by_flag(release, tmp_path, capsys):
 def test_scheduler_config_file_euler_and_refusals(release, tmp_path):
     """A scheduler_config.json of another VP class (Euler: scaled starting noise and model input) samples as the
     stock pipeline with that scheduler; a config with another noise schedule or prediction type is refused."""
-    family, teacher, lora = release
+    family, teacher, lora, pipe, _ = release
     if family != "sd15":
         pytest.skip("one family")
     from diffusers import EulerDiscreteScheduler
@@ -159,7 +165,11 @@ def test_scheduler_config_file_euler_and_refusals(release, tmp_path):
     assert type(external.scheduler).__name__ == "EulerDiscreteScheduler"
     noise = make_noise(len(PROMPTS), external.backbone.sample_shape, seed=7)
     ours = external.sample(external.backbone.encode_prompts(PROMPTS), noise, 3, 2.0)
-    theirs = _stock(teacher, lora, 0.5, 3, 2.0, noise, family, scheduler=EulerDiscreteScheduler.from_config(euler))
+    pipe.scheduler, teacher_scheduler = EulerDiscreteScheduler.from_config(euler), pipe.scheduler
+    try:
+        theirs = _stock(pipe, 0.5, 3, 2.0, noise, family)
+    finally:
+        pipe.scheduler = teacher_scheduler
     assert (ours - theirs).abs().max().item() < 1e-5 * max(1.0, theirs.abs().max().item())
     images = sample_external(external, PROMPTS[:1], steps=2, guidance=1.0)
     assert images.dtype == torch.uint8 and images.shape[0] == 1
