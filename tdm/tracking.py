@@ -269,7 +269,9 @@ class StageRun:
         for row in result.get("rows", []) or []:
             for name, value in (row.get("metrics") or {}).items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    values[metric_key(name, row.get("model"), f"nfe{row.get('nfe')}")] = float(value)
+                    # a protocol's per-group rows (HPSv2 styles) share model and NFE: the group keeps them apart
+                    group = f"-{row['group']}" if row.get("group") else ""
+                    values[metric_key(name, row.get("model"), f"nfe{row.get('nfe')}{group}")] = float(value)
         if values:
             self.log_metrics(values)
         if result.get("rows"):

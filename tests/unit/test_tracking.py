@@ -54,7 +54,10 @@ def test_stage_under_a_pipeline_run_is_its_child_and_eval_rows_become_metrics(st
     parent = tracking.start_pipeline_run("pipeline-test", {"distill": {"k": 4}}, root=tmp_path)
     monkeypatch.setenv(tracking.PARENT_ENV, parent)
     result = {"rows": [{"model": "teacher", "nfe": 100, "metrics": {"fid_digits": 5.1}},
-                       {"model": "digits:thick+tdm_lora", "nfe": 4, "metrics": {"fid_digits": 6.2}}],
+                       {"model": "digits:thick+tdm_lora", "nfe": 4, "metrics": {"fid_digits": 6.2}},
+                       # HPSv2 per-style rows share model and NFE: each keeps its own key
+                       {"model": "student", "nfe": 4, "group": "anime", "metrics": {"hps": 0.25}},
+                       {"model": "student", "nfe": 4, "group": "photo", "metrics": {"hps": 0.27}}],
               "wall_time_s": 3.5}
     with tracking.stage_run("evaluate", {"distill": {"k": 4}}, root=tmp_path) as run:
         run.log_result(result, None, None)
@@ -64,6 +67,8 @@ def test_stage_under_a_pipeline_run_is_its_child_and_eval_rows_become_metrics(st
     assert child.data.metrics["fid_digits/teacher/nfe100"] == 5.1
     assert child.data.metrics["fid_digits/digits_thick_tdm_lora/nfe4"] == 6.2
     assert child.data.metrics["wall_time_s"] == 3.5
+    assert child.data.metrics["hps/student/nfe4-anime"] == 0.25
+    assert child.data.metrics["hps/student/nfe4-photo"] == 0.27
     rows = json.loads(Path(store.download_artifacts(child.info.run_id, "eval_rows.json", str(tmp_path))).read_text())
     assert rows["rows"][1]["model"] == "digits:thick+tdm_lora"
     (pipeline,) = _runs(store, "tags.stage = 'pipeline'")
