@@ -96,7 +96,8 @@ def test_conditioning_is_the_pipelines_embeddings_and_predict_its_call(backbone)
 
     cond = backbone.encode_prompts(PROMPTS)
     assert all(v.shape[0] == 3 and not v.requires_grad and v.grad_fn is None for v in cond.values())
-    assert cond["encoder_hidden_states"].shape == (3, TEXT_LEN, 32) and cond["encoder_attention_mask"].dtype == torch.int64
+    assert cond["encoder_hidden_states"].shape == (3, TEXT_LEN, 32)
+    assert cond["encoder_attention_mask"].dtype == torch.int64
     theirs, _ = backbone.pipe.encode_prompt(list(PROMPTS), device="cpu", do_classifier_free_guidance=False,
                                             max_sequence_length=TEXT_LEN)
     lengths = cond["encoder_attention_mask"].sum(1).tolist()
@@ -249,7 +250,8 @@ def test_student_lora_in_the_diffusers_format_loads_in_the_stock_pipeline(saved,
             modules[name] = L.LoRAModule(down=torch.randn(4, module.in_features, generator=g) * 0.1,
                                          up=torch.randn(module.out_features, 4, generator=g) * 0.1, alpha=2.0)
     assert any("noise_refiner" in n for n in modules) and any("context_refiner" in n for n in modules)
-    assert any(n.endswith("feed_forward.w2") for n in modules) and any(n.endswith("attention.to_out.0") for n in modules)
+    assert any(n.endswith("feed_forward.w2") for n in modules)
+    assert any(n.endswith("attention.to_out.0") for n in modules)
     lora = L.LoRA(modules=modules)
     path = L.save_lora(lora, tmp_path / "diffusers", "diffusers", component="transformer")
 
