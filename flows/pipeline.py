@@ -4,7 +4,8 @@ Thin on purpose: every task runs `dvc repro --single-item <stage>` in the projec
 already up to date and a Prefect run leaves `dvc repro` a no-op. No ML code lives here.
 
 - `full-pipeline`: optional `section.key=value` overrides are validated, then written into params.yaml (as
-  `dvc exp run -S` does), then teacher_ft -> distill -> lora_transfer -> evaluate -> report run in order.
+  `dvc exp run -S` does), then teacher_ft -> prompt_store -> distill -> lora_transfer -> evaluate -> report run in
+  order.
 - Console: every line a stage prints is logged (the training stages print `distill: 120/400 it (30%) losses |
   elapsed, ETA` every TDM_PROGRESS_EVERY seconds, 10 by default, which the flow sets); `python flows/pipeline.py
   --deployment tdm/full-pipeline` (what scripts/pipeline.sh runs) starts a deployment run and prints its log
@@ -32,7 +33,9 @@ from tdm import config
 from tdm.evaluation.table import markdown_table
 
 PROJECT = Path(__file__).resolve().parents[1]
-STAGES = ["teacher_ft", "distill", "lora_transfer", "evaluate", "report"]
+# prompt_store always runs before distill (dvc.yaml: distill depends on its store; DVC skips it when unchanged),
+# whether or not distill.prompt_store reads the store.
+STAGES = ["teacher_ft", "prompt_store", "distill", "lora_transfer", "evaluate", "report"]
 DEFAULT_VARIANTS = {"k1": ["distill.k=1"], "k2": ["distill.k=2"], "k4": ["distill.k=4"]}
 _TQDM = re.compile(r"(\d+)/(\d+) \[")
 _PROGRESS = re.compile(r"^\w+: (\d+)/(\d+) \S+ \(\d+%\)")  # tdm.training.progress_line

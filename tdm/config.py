@@ -48,10 +48,11 @@ PromptSource = Annotated[str, AfterValidator(_prompt_source)]
 
 
 def _store_path(v: Optional[str]) -> Optional[str]:
-    """A prompt-store setting: null, or a folder (its index and fingerprint are checked when the stage starts,
-    against the model it serves: `tdm.prompt_store.open_for`)."""
-    if v is not None and not Path(v).expanduser().is_dir():
-        raise ValueError(f"prompt store folder not found: {v} (run `tdm prompt-store` first?)")
+    """A prompt-store setting: null, or a folder path. Like `distill.teacher` it is an upstream stage's output, so
+    it is checked when the consuming stage starts (`tdm.prompt_store.open_for`: present, complete, made for that
+    model, holding every prompt), not when params.yaml is read."""
+    if v is not None and not v.strip():
+        raise ValueError("must be null or a prompt store folder")
     return v
 StepCounts = Annotated[tuple[int, ...], AfterValidator(_step_counts)]
 # Every seed: a non-negative 63-bit integer (what torch.Generator.manual_seed and numpy's default_rng both take;
@@ -242,8 +243,9 @@ class PromptStoreConfig(_Section):
 
     model: str = "outputs/teacher_ft/model"  # whose text encoders (the distill teacher; checked when the stage starts)
     # Prompt sources, all stored: "digits" (every digits phrasing), .txt/.jsonl/.csv prompt files, or image- /
-    # video-caption folders (their metadata.jsonl captions, for teacher_ft.prompt_store). "" is always stored.
-    prompts: tuple[str, ...] = ("digits",)
+    # video-caption folders (their metadata.jsonl captions, for teacher_ft.prompt_store); null = distill.prompts.
+    # "" is always stored.
+    prompts: Optional[tuple[str, ...]] = None
     # The dtype the encoders load in, which the consumer must load them in too: "auto" = as distill loads its
     # frozen base (LoRA mode under bf16 / fp16: that dtype; else the model's own), "model", "bf16", "fp16".
     dtype: Literal["auto", "model", "bf16", "fp16"] = "auto"
@@ -251,7 +253,9 @@ class PromptStoreConfig(_Section):
 
     @field_validator("prompts")
     @classmethod
-    def _sources(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _sources(cls, v: Optional[tuple[str, ...]]) -> Optional[tuple[str, ...]]:
+        if v is None:
+            return v
         if not v:
             raise ValueError("need at least one prompt source")
         for source in v:

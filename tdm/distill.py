@@ -118,8 +118,9 @@ def diffuse_to_tau(roles: Roles, traj: Rollout, pts: LossPoints, g: torch.Genera
 def base_dtype(cfg: Config) -> torch.dtype | None:
     """The dtype distill loads the frozen base in (teacher, text encoders, VAE): LoRA mode under bf16 / fp16 holds
     it in that dtype (the adapters stay float32); full mode, or no mixed precision, keeps the saved dtype (None)."""
-    d = cfg.distill
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(d.mixed_precision) if d.mode == "lora" else None
+    from tdm.backbones.stored_prompts import frozen_dtype
+
+    return frozen_dtype(cfg.distill.mode, cfg.distill.mixed_precision)
 
 
 def distill_prompts(cfg: Config) -> list[str]:
@@ -340,7 +341,7 @@ def check_inputs(cfg: Config) -> None:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes==0.50.2)")
     if d.prompt_store is not None:  # made from this teacher's encoders, in the dtype distill loads them, all prompts
-        from tdm.prompt_store import open_for
+        from tdm.backbones.stored_prompts import open_for
 
         open_for(d.prompt_store, folder, base_dtype(cfg), distill_prompts(cfg), key="distill.prompt_store")
 

@@ -139,7 +139,7 @@ def training_captions(cfg: Config) -> list[str]:
     """Every prompt a step can draw: the captions (digits: each digit in each phrasing) and "" (CFG dropout)."""
     data = open_training_set(cfg)
     if isinstance(data, DigitsTrainSet):
-        from tdm.prompt_store import digit_prompts
+        from tdm.backbones.stored_prompts import digit_prompts
 
         return [*digit_prompts(), ""]
     return [*data.data.captions, ""]
@@ -168,7 +168,7 @@ def check_inputs(cfg: Config) -> None:
         if cfg.model.pretrained is None:
             raise ValueError("teacher_ft.prompt_store: needs model.pretrained (a fresh digits model has no saved "
                              "text encoder to match a store against)")
-        from tdm.prompt_store import open_for
+        from tdm.backbones.stored_prompts import open_for
 
         open_for(cfg.teacher_ft.prompt_store, cfg.model.pretrained, None, training_captions(cfg),
                  key="teacher_ft.prompt_store")

@@ -173,7 +173,7 @@ def train_timesteps(folder: str | Path) -> int:
 def load_backbone(name_or_path: str | Path, dtype=None, prompt_store: str | Path | None = None) -> Backbone:
     """Load a model folder (or cached hub id) with the adapter of its family; `dtype` (real families) loads
     every part in that dtype (e.g. torch.bfloat16). With `prompt_store` (a folder `tdm prompt-store` wrote) the
-    text encoders are never constructed: the store, checked against this folder first (`tdm.prompt_store.attach`:
+    text encoders are never constructed: the store, checked against this folder first (`tdm.backbones.stored_prompts.attach`:
     ValueError naming the mismatch when it was made with other encoders, tokenizers, settings or dtype), gives
     every prompt's conditioning."""
     folder, family = check_model(name_or_path)
@@ -183,7 +183,7 @@ def load_backbone(name_or_path: str | Path, dtype=None, prompt_store: str | Path
     else:
         backbone = FAMILIES[family].load(folder, dtype=dtype, text_encoders=text_encoders)
     if prompt_store is not None:
-        from tdm.prompt_store import attach
+        from tdm.backbones.stored_prompts import attach
 
         attach(backbone, prompt_store, dtype=dtype)
     return backbone

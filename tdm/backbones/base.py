@@ -38,7 +38,7 @@ class Backbone(ABC):
     prediction_type: str
     clip_x0: float | None = None  # samplers clip x0 to [-c, c] (pixel-space models); None for latents
     image_channels: int = 3  # channels of the images `encode_images` takes (RGB for VAE-based families)
-    # A prompt-embedding store (`tdm.prompt_store.PromptStore`) attached with `tdm.prompt_store.attach`: while set,
+    # A prompt-embedding store (`tdm.backbones.stored_prompts.PromptStore`) attached with its `attach`: while set,
     # `encode_prompts` and `null_cond` read it instead of running the text encoders.
     prompt_store = None
     source_folder: Path | None = None  # the folder the backbone was loaded from (None: built in memory)
@@ -69,14 +69,14 @@ class Backbone(ABC):
     def prompt_settings(self) -> dict:
         """Everything besides the text encoders' and tokenizers' files that decides what `encode_prompts` /
         `null_cond` return (sequence lengths, SDXL's time ids, FLUX's embedded guidance): JSON values, part of a
-        prompt store's fingerprint (`tdm.prompt_store`). Readable without the text encoders."""
+        prompt store's fingerprint (`tdm.backbones.stored_prompts`). Readable without the text encoders."""
         return {}
 
     def missing_text_encoders(self) -> None:
         """Raise when the text encoders were not loaded and no prompt store stands in for them."""
         if self.skipped_components and self.prompt_store is None:
             raise RuntimeError(f"{self.family}: loaded without its text encoders ({', '.join(self.skipped_components)}) "
-                               f"and no prompt store is attached (tdm.prompt_store.attach)")
+                               f"and no prompt store is attached (tdm.backbones.stored_prompts.attach)")
 
     @abstractmethod
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -59,7 +59,7 @@ class DigitsBackbone(Backbone):
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None, tokenizer: CLIPTokenizer,
                  scheduler: DDPMScheduler):
         self.net = unet
-        # None: loaded without it (`load(text_encoders=False)`); a prompt store stands in (`tdm.prompt_store`).
+        # None: loaded without it (`load(text_encoders=False)`); a prompt store stands in (`tdm.backbones.stored_prompts`).
         self.text_encoder = text_encoder.eval().requires_grad_(False) if text_encoder is not None else None
         self.tokenizer = tokenizer
         self.scheduler = scheduler

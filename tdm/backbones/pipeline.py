@@ -128,7 +128,7 @@ class PipelineBackbone(Backbone):
     def load(cls, folder: str | Path, dtype: torch.dtype | None = None,
              text_encoders: bool = True) -> "PipelineBackbone":
         """The backbone of a pipeline folder; `text_encoders=False` does not construct the text encoders at all
-        (a prompt store stands in for them: `tdm.prompt_store`); saving such a backbone links their folders."""
+        (a prompt store stands in for them: `tdm.backbones.stored_prompts`); saving such a backbone links their folders."""
         folder = Path(folder)
         cls.check_folder(folder)
         pipe, skipped = cls.load_pipeline(folder, dtype, text_encoders)

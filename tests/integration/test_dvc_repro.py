@@ -1,5 +1,5 @@
-"""Through real DVC, on a copy of the project with tiny params: `dvc repro distill` runs teacher_ft and
-distill; `dvc status` is then clean; a change to a module both stages import (tdm/ema.py) reruns both; a
+"""Through real DVC, on a copy of the project with tiny params: `dvc repro distill` runs teacher_ft, prompt_store
+and distill; `dvc status` is then clean; a change to a module both stages import (tdm/ema.py) reruns both; a
 change to a param distill reads that the hand-written dvc.yaml missed (sample.seed) makes DVC rerun distill.
 This is what dvc.yaml's derived deps/params (scripts/dvc_deps.py) buy. Five stage runs, each mostly torch /
 diffusers imports: 1.5-3 minutes on a 2-core CPU box."""
@@ -76,7 +76,7 @@ def _run(project, *cmd: str) -> str:
 
 
 def _ran(output: str) -> set[str]:
-    return {stage for stage in ("teacher_ft", "distill") if f"Running stage '{stage}'" in output}
+    return {stage for stage in ("teacher_ft", "prompt_store", "distill") if f"Running stage '{stage}'" in output}
 
 
 def test_the_stage_commands_run_the_copy(project):
@@ -90,13 +90,15 @@ def test_the_stage_commands_run_the_copy(project):
 def test_repro_reruns_the_stages_whose_code_or_params_changed(project):
     root, _ = project
     derived = _load_script().derive(root)
-    assert _ran(_run(project, "dvc", "repro", "distill")) == {"teacher_ft", "distill"}
+    assert _ran(_run(project, "dvc", "repro", "distill")) == {"teacher_ft", "prompt_store", "distill"}
     assert "up to date" in _run(project, "dvc", "status", "--with-deps", "distill")
+    assert (root / "outputs" / "prompt_store" / "store" / "index.json").is_file()
 
     assert "tdm/ema.py" in derived["teacher_ft"].deps and "tdm/ema.py" in derived["distill"].deps
     with (root / "tdm" / "ema.py").open("a") as f:
         f.write("# a comment: the file changed, so both stages that import it rerun\n")
-    assert _ran(_run(project, "dvc", "repro", "distill")) == {"teacher_ft", "distill"}
+    # prompt_store does not import tdm/ema.py: it reruns only if the retrained teacher's bytes changed.
+    assert _ran(_run(project, "dvc", "repro", "distill")) - {"prompt_store"} == {"teacher_ft", "distill"}
     assert "up to date" in _run(project, "dvc", "status", "--with-deps", "distill")
 
     # A param the hand-written dvc.yaml missed (distill's sample-based evaluation reads it). DVC flags each

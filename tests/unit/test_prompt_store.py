@@ -1,4 +1,4 @@
-"""The prompt-embedding store (tdm/prompt_store.py) on digits and every tiny family (tests/tiny_models.py).
+"""The prompt-embedding store (tdm/backbones/stored_prompts.py, the stage tdm/prompt_store.py) on digits and every tiny family (tests/tiny_models.py).
 
 Per family: the store's rows equal `encode_prompts` / `null_cond` bit for bit; one TDM iteration with the store
 (the backbone loaded without text encoders: no transformers model is constructed, counted at
@@ -18,7 +18,7 @@ import tiny_models
 from conftest import PARAMS
 from tdm import config
 from tdm.backbones import load_backbone
-from tdm.prompt_store import PromptStore, StoreMismatch, attach, digit_prompts, open_for, write_store
+from tdm.backbones.stored_prompts import PromptStore, StoreMismatch, attach, digit_prompts, open_for, write_store
 
 FAMILIES = ("digits", "sd15", "sdxl", "pixart_alpha", "pixart_sigma", "sd3", "cogvideox", "wan", "flux")
 PROMPTS = ["a photo of a cat", "a red car in the rain", "an astronaut riding a horse"]
@@ -158,9 +158,11 @@ def test_bad_stores_are_refused_before_compute(models, tmp_path):
     shutil.copy(models["sd15"][1] / "shards" / "00000.safetensors", shard)
     with pytest.raises(ValueError, match="belongs to another prompt store"):
         PromptStore.open(partial)
-    # A config naming a folder that does not exist fails at load, naming the key.
-    with pytest.raises(config.ConfigError, match="distill.prompt_store: prompt store folder not found"):
-        _cfg(tmp_path, folder, f"distill.prompt_store={tmp_path / 'nope'}")
+    # A store folder that does not exist fails when the stage starts, naming the key.
+    from tdm import distill
+
+    with pytest.raises(FileNotFoundError, match="distill.prompt_store: prompt store not found"):
+        distill.check_inputs(_cfg(tmp_path, folder, f"distill.prompt_store={tmp_path / 'nope'}"))
     # Without encoders and without a store: a clear error, not a crash inside the pipeline.
     from tdm.backbones import FAMILIES as ADAPTERS
 
