@@ -620,7 +620,10 @@ def measure_activations(backbone, roles, parts: dict[str, nn.Module], family: st
                     dtype=torch.float32)
     t = torch.zeros((batch,), device=dev, dtype=torch.int64)
     limits = getattr(backbone, "_tokenizer_max_length", None) or _tokenizer_limits(backbone)
-    cond = {k: torch.zeros(s, device=dev, dtype=d)
+    # Attention masks all ones (every token kept, the longest prompt): the saved shapes do not depend on the values,
+    # and an adapter that reads the mask on real tensors (Z-Image's per-prompt lengths) sees full-length prompts,
+    # what it assumes on the meta device.
+    cond = {k: (torch.ones if k.endswith("attention_mask") else torch.zeros)(s, device=dev, dtype=d)
             for k, (s, d) in cond_shapes(family, parts, batch, dt, limits).items()}
     k = torch.zeros((batch,), device=dev, dtype=torch.int64) if unify else None
     embedding = roles.k_embeddings["student"] if unify else None

@@ -27,6 +27,9 @@ PLANNED = [p if p.stem != "zimage" or ZIMAGE_REGISTERED else
            for p in PROFILES]
 PROMPTS = ROOT / "profiles" / "prompts" / "example.txt"
 TINY = ("digits", *tiny_models.FAMILIES, *tiny_models.NEW_FAMILIES)
+# Z-Image's tiny model (tests/tiny_zimage.py) goes through the registry too: planned once zimage is registered.
+ZIMAGE = pytest.param("zimage", marks=pytest.mark.skipif(not ZIMAGE_REGISTERED,
+                                                         reason="zimage is not in tdm.backbones.FAMILIES yet"))
 PROFILE_OF = {"sd35": "sd35_medium", "flux_schnell": "flux"}  # tiny family -> its profile
 
 
@@ -106,6 +109,11 @@ def _tiny_cfg(tmp_path, family: str, mode: str, *extra: str):
 
         DigitsBackbone.create().save(folder)
         source = ROOT / "params.yaml"
+    elif family == "zimage":
+        import tiny_zimage
+
+        tiny_zimage.save(tiny_zimage.tiny_zimage(), folder)
+        source = ROOT / "profiles" / "zimage.yaml"
     else:
         tiny_models.save_pipeline(tiny_models.build(family), folder)
         source = ROOT / "profiles" / f"{PROFILE_OF.get(family, family)}.yaml"
@@ -131,7 +139,7 @@ def _plan_bytes(plan, section: str, part: str, device: bool = True) -> dict[str,
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-@pytest.mark.parametrize("family", TINY)
+@pytest.mark.parametrize("family", [*TINY, ZIMAGE])
 def test_plan_bytes_equal_a_real_instantiation(family, mode, tmp_path):
     from accelerate import Accelerator
 
@@ -176,7 +184,7 @@ def test_plan_bytes_equal_a_real_instantiation(family, mode, tmp_path):
 
 
 # -- activations ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["sd15", "pixart_alpha", "cogvideox"])
+@pytest.mark.parametrize("family", ["sd15", "pixart_alpha", "cogvideox", ZIMAGE])
 def test_activation_meter_counts_the_same_on_meta_as_on_real_tensors(family, tmp_path):
     """The meta build's saved-tensor bytes equal those of the real tiny model on CPU (same meter, float32: in
     bf16, CPU's layer norm keeps its statistics in bf16 where CUDA and the meta kernels keep float32), so the
