@@ -23,14 +23,16 @@ from torch import nn
 
 def fold_k_embedding(backbone, net: nn.Module, embedding: nn.Embedding, k: int) -> nn.Module:
     """A copy of `net` that computes, without any hook, what `net` computes under
-    `k_conditioning(backbone, net, embedding, k)`: embedding(k) (shape (D,)) added to linear_2's bias of the
-    family's time embedding (`backbone.time_embedding`). ValueError when that module cannot absorb a constant
+    `k_conditioning(backbone, net, embedding, k)`: embedding(k) (shape (D,)) added to the bias of the last Linear
+    of the family's time embedding (`backbone.time_embedding`: diffusers' `linear_2`, Z-Image's `mlp[-1]`). ValueError when that module cannot absorb a constant
     offset exactly (a post-activation after linear_2, or no bias) or when K has no row in the embedding."""
     if not 0 <= k < embedding.num_embeddings:
         raise ValueError(f"K = {k} has no row in the K embedding (it knows K up to {embedding.num_embeddings - 1})")
     folded = copy.deepcopy(net)
     target = backbone.time_embedding(folded)
     linear = getattr(target, "linear_2", None)
+    if linear is None and isinstance(getattr(target, "mlp", None), nn.Sequential):  # Z-Image's TimestepEmbedder
+        linear = target.mlp[-1]
     if not isinstance(linear, nn.Linear) or getattr(target, "post_act", None) is not None:
         raise ValueError(f"{type(target).__name__} of the {backbone.family} denoiser does not end in a plain Linear: "
                          f"its K embedding cannot be folded into the weights exactly")
