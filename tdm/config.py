@@ -49,7 +49,7 @@ PromptSource = Annotated[str, AfterValidator(_prompt_source)]
 
 def _store_path(v: Optional[str]) -> Optional[str]:
     """A prompt-store setting: null, or a folder path. Like `distill.teacher` it is an upstream stage's output, so
-    it is checked when the consuming stage starts (`tdm.prompt_store.open_for`: present, complete, made for that
+    it is checked when the consuming stage starts (`tdm.backbones.stored_prompts.open_for`: present, complete, made for that
     model, holding every prompt), not when params.yaml is read."""
     if v is not None and not v.strip():
         raise ValueError("must be null or a prompt store folder")
@@ -360,7 +360,14 @@ class EvaluateConfig(_Section):
     lora_scale: float = Field(1.0, ge=0)
     lora_steps: int = Field(4, ge=1)
     lora_guidance: float = Field(1.0, ge=1)
+    # A prompt-embedding store holding every prompt the rows sample (and made from the sampled models' encoders):
+    # the models load without text encoders (tdm/prompt_store.py); null = encode with them.
+    prompt_store: Optional[str] = None
 
+    @field_validator("prompt_store")
+    @classmethod
+    def _store_folder(cls, v: Optional[str]) -> Optional[str]:
+        return _store_path(v)
 
     @field_validator("metrics")
     @classmethod
