@@ -129,6 +129,24 @@ def protocol_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     return ["protocol", "version", "n", "resolution", "metric model", "seed"], body
 
 
+def external_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """One line per external student (a row with a `recipe`: `tdm evaluate` with `evaluate.lora`): what
+    reproduces its samples in a stock pipeline (teacher, LoRA, scale, steps, guidance, scheduler class and its
+    flow shift / timestep spacing / prediction type)."""
+    body, seen = [], set()
+    for r in rows:
+        recipe = r.get("recipe")
+        if not recipe or r.get("samples") in seen:
+            continue  # a protocol's group rows share their sample set's recipe
+        seen.add(r.get("samples"))
+        sched = recipe.get("scheduler") or {}
+        settings = ", ".join(f"{k}={sched[k]}" for k in ("flow_shift", "shift", "use_flow_sigmas", "timestep_spacing",
+                                                          "prediction_type") if k in sched)
+        body.append([r.get("model"), recipe.get("teacher"), recipe.get("lora"), recipe.get("lora_scale"),
+                     recipe.get("steps"), recipe.get("guidance"), sched.get("_class_name"), settings])
+    return ["model", "teacher", "LoRA", "scale", "steps", "guidance", "scheduler", "scheduler settings"], body
+
+
 def read_losses(root: Path) -> dict[str, tuple[list[int], list[float]]]:
     """Loss curves from the training stages' per-step logs (`metrics.jsonl`, written by tdm.training.run_loop):
     the teacher's loss, distillation's fake-score and generator losses."""
@@ -193,6 +211,10 @@ def build(root: str | Path = ".") -> tuple[str, str, dict[str, bytes]]:
         section("Teacher vs student by NFE (evaluate stage)", h, md)
         h, md = _table(*protocol_table(rows))
         section("Evaluation protocol", h, md)
+        header, body = external_table(rows)
+        if body:
+            h, md = _table(header, body)
+            section("External students (a LoRA on the teacher, sampled by the stock pipeline's loop)", h, md)
         plots_h, plots_md = "", ""
         for metric in ("fid_digits", "fid", "hps", "clip_score", "aesthetic", "vbench_total", "vbench_quality"):
             fh, fm = figure(f"{metric}_vs_nfe.png", plot_metric_vs_nfe(rows, metric), f"{metric} vs NFE")

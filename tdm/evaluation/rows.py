@@ -32,7 +32,9 @@ class EvalRow:
     version; coco2014: the split; vbench: the suite file; prompts: the prompt source), `group` (a subset scored as its own row: an HPSv2 style or
     "average"), `n` (samples the row's scores are over), `resolution` ("HxW" px the metrics were given, after
     any protocol resize), `metric_model` (the networks behind the scores, e.g. "HPS v2.1 (open_clip ViT-H-14)"),
-    `seed` (the protocol's caption draw seed)."""
+    `seed` (the protocol's caption draw seed). An external student's row (`tdm evaluate` with `evaluate.lora`)
+    carries its `lora_scale` and its `recipe`: what reproduces the samples in a stock diffusers pipeline
+    (teacher, lora, lora_scale, steps, guidance, scheduler: the scheduler's class and config)."""
 
     model: str
     steps: int
@@ -50,6 +52,7 @@ class EvalRow:
     resolution: str | None = None
     metric_model: str | None = None
     seed: int | None = None
+    recipe: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
