@@ -151,14 +151,24 @@ def test_captioned_grid_upscales_separates_and_captions():
 
 @pytest.fixture(scope="module")
 def tiny_metric_weights(tmp_path_factory):
-    from eval_tiny_weights import register_tiny_clip, write_hps, write_inception, write_open_clip
+    """Tiny HPS and open_clip weights (cheap); the Inception the coco2014 FID needs is `with_inception`."""
+    from eval_tiny_weights import register_tiny_clip, write_hps, write_open_clip
 
     folder = tmp_path_factory.mktemp("protocol_weights")
     register_tiny_clip(folder)
     write_hps(folder)
     write_open_clip(folder, "laion")
-    write_inception(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def with_inception(tiny_metric_weights):
+    """The same folder plus torch-fidelity's Inception (full-size by format: the costly one, built only for the
+    test that scores FID)."""
+    from eval_tiny_weights import write_inception
+
+    write_inception(tiny_metric_weights)
+    return tiny_metric_weights
 
 
 @pytest.fixture
@@ -217,30 +227,34 @@ def test_hpsv2_protocol_end_to_end_with_the_teacher_curve_and_the_report(project
     assert page.count("class='grid'") == 2  # one grid per sample set, not per style row
 
 
-def test_coco2014_protocol_end_to_end(project, teacher_dir, tiny_metric_weights):
+def test_coco2014_protocol_end_to_end(project, teacher_dir, with_inception):
     from eval_tiny_weights import TINY_ARCH
 
     captions, images_dir = write_coco(project / "coco")
     args = ["evaluate.protocol=coco2014", f"evaluate.protocol_path={captions}", f"evaluate.coco_images={images_dir}",
-            "evaluate.n=4", "evaluate.teacher_steps=1", f"eval.clip_model={TINY_ARCH}:laion"]
-    assert _evaluate(teacher_dir, tiny_metric_weights, *args, "sample.seed=5") == 0
+            "evaluate.n=3", "evaluate.teacher_steps=1", f"eval.clip_model={TINY_ARCH}:laion"]
+    assert _evaluate(teacher_dir, with_inception, *args, "sample.seed=5") == 0
     result = json.loads((project / "metrics/evaluate.json").read_text())
     (row,) = result["rows"]
     assert (row["protocol"], row["protocol_version"], row["n"], row["resolution"], row["seed"]) == (
-        "coco2014", "val2014", 4, "256x256", 5)
+        "coco2014", "val2014", 3, "256x256", 5)
     assert row["metric_model"] == f"Inception-v3 pool3 (torch-fidelity 2015-12-05); CLIP {TINY_ARCH}:laion"
     assert set(row["metrics"]) == {"fid", "clip_score"} and row["metrics"]["fid"] > 0
     _, by_id = protocols.read_coco_captions(captions)
-    draw = protocols.coco_draw(by_id, 4, seed=5)
+    draw = protocols.coco_draw(by_id, 3, seed=5)
     assert result["protocol"]["image_ids"] == [i for i, _ in draw]
     with np.load(project / row["samples"]) as z:
         assert [str(p) for p in z["prompts"]] == [c for _, c in draw]  # each sample captioned as its reference
     ref = sorted(p.name for p in (project / row["reference"]).glob("*.png"))
     assert [int(n.split("_")[1].split(".")[0]) for n in ref] == [i for i, _ in draw]
-    # Another seed draws other captions.
-    assert _evaluate(teacher_dir, tiny_metric_weights, *args, "sample.seed=6") == 0
-    other = json.loads((project / "metrics/evaluate.json").read_text())["protocol"]["image_ids"]
-    assert other != result["protocol"]["image_ids"]
+    # Another seed draws other captions (and their references); CLIP only, the draw is what is under test.
+    assert _evaluate(teacher_dir, with_inception, *args, "sample.seed=6", "evaluate.metrics=[clip]") == 0
+    other = json.loads((project / "metrics/evaluate.json").read_text())
+    assert other["protocol"]["image_ids"] != result["protocol"]["image_ids"]
+    assert other["protocol"]["image_ids"] == [i for i, _ in protocols.coco_draw(by_id, 3, seed=6)]
+    (row6,) = other["rows"]
+    ref6 = sorted(int(p.stem.split("_")[1]) for p in (project / row6["reference"]).glob("*.png"))
+    assert ref6 == sorted(other["protocol"]["image_ids"])
 
 
 def test_protocol_inputs_fail_before_sampling_naming_the_key(project, teacher_dir, tiny_metric_weights, capsys):
