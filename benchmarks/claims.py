@@ -78,6 +78,24 @@ def _student_nets(teacher: str, params: dict, state: dict) -> dict:
                       for name, w in out.items()}, out
 
 
+@torch.no_grad()
+def _time_embedding_norms(teacher: str, timesteps) -> dict:
+    """The norm of the teacher's time embedding (the tensor a K embedding is added to) at each grid timestep:
+    the scale a K embedding's norm compares with."""
+    from tdm.backbones import load_backbone
+
+    backbone = load_backbone(teacher)
+    net, seen = backbone.net.eval(), []
+    handle = backbone.time_embedding(net).register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    try:
+        ts = torch.tensor([int(t) for t in timesteps])
+        x = torch.zeros((len(ts), *backbone.sample_shape))
+        backbone.predict_x0_eps(net, x, ts, backbone.encode_prompts(["a handwritten digit one"] * len(ts)))
+    finally:
+        handle.remove()
+    return {str(int(t)): float(v.norm()) for t, v in zip(ts, seen[0])}
+
+
 def _k_norms(weights: dict) -> dict | None:
     w = weights.get("k_embedding.weight")
     return None if w is None else {str(k): float(w[k].norm()) for k in range(w.shape[0])}
@@ -258,6 +276,7 @@ def main() -> None:
             extras[name] = {"checkpoint_step": state_step(folder),
                             "k_embedding_norm": {w: _k_norms(v) for w, v in weights.items()},
                             "k_embedding_norm_saved": _k_norms({"k_embedding.weight": saved.weight}) if saved else None,
+                            "time_embedding_norm": _time_embedding_norms(args.teacher, grid.at(max(ks))),
                             "k_embed_lr": d.get("k_embed_lr"), "lr": d["lr"]}
             print(json.dumps({name: extras[name]}), flush=True)
         overrides = {k: d[k] for k in ("k", "lr", "fake_lr", "weight_decay", "lr_schedule", "warmup_steps",
