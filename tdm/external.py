@@ -286,15 +286,17 @@ def check_external(model: str | Path, lora: str | Path | None = None, lora_scale
 
 def load_external(model: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0,
                   scheduler: str | Path | None = None, flow_shift: float | None = None,
-                  device: str | torch.device | None = None) -> ExternalStudent:
+                  device: str | torch.device | None = None,
+                  prompt_store: str | Path | None = None) -> ExternalStudent:
     """The teacher in `model` with `lora` attached at `lora_scale` (a live peft adapter: `tdm.lora.attach`) and
     the scheduler `build_scheduler(teacher's config, scheduler, flow_shift)`. Checked before any weight loads
-    (`check_external`); a LoRA whose modules are no Linear / Conv2d layer of the model fails naming the module."""
+    (`check_external`); a LoRA whose modules are no Linear / Conv2d layer of the model fails naming the module.
+    `prompt_store`: a `tdm prompt-store` folder read instead of the text encoders (never built)."""
     from tdm.backbones import load_backbone
     from tdm.lora import attach
 
     folder, parsed, built = check_external(model, lora, lora_scale, scheduler, flow_shift)
-    backbone = load_backbone(folder)
+    backbone = load_backbone(folder, prompt_store=prompt_store)
     if parsed is not None:
         try:
             attach(backbone.net, parsed, scale=float(lora_scale), adapter_name="external")

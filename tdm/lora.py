@@ -374,8 +374,12 @@ def load_lora(path: str | Path, component: str | None = None) -> LoRA:
                 raise (ValueError if pickled else FileNotFoundError)(
                     f"{path}: {PEFT_CONFIG} without {PEFT_WEIGHTS}" +
                     (" (adapter_model.bin: pickled weights are not loaded; save with safe_serialization)" if pickled else ""))
-            config = json.loads((path / PEFT_CONFIG).read_text())
-            lora = from_state_dict(load_file(path / PEFT_WEIGHTS), config, where=str(path))
+            try:
+                config = json.loads((path / PEFT_CONFIG).read_text())
+                state = load_file(path / PEFT_WEIGHTS)
+            except Exception as err:  # a truncated / foreign file: one named error, not a safetensors traceback
+                raise ValueError(f"{path}: unreadable peft adapter ({err})") from None
+            lora = from_state_dict(state, config, where=str(path))
             return replace(lora, meta={**lora.meta, "source_format": "peft", "path": str(path)})
         files = [path / DIFFUSERS_WEIGHTS] if (path / DIFFUSERS_WEIGHTS).is_file() else sorted(path.glob("*.safetensors"))
         if len(files) != 1:
@@ -386,9 +390,12 @@ def load_lora(path: str | Path, component: str | None = None) -> LoRA:
         raise FileNotFoundError(f"LoRA not found: {path}")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files must be .safetensors (pickled weights are not loaded)")
-    state = load_file(path)
-    with safe_open(path, "pt") as f:
-        header = f.metadata() or {}
+    try:
+        state = load_file(path)
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError / ValueError)
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     prefixes = {_split_prefix(k)[0] for k in state if not k.startswith(TEXT_ENCODER_PREFIXES)}
     dotted = sorted(p for p in prefixes if p in ("unet.", "transformer."))
     config = {}

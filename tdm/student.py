@@ -235,9 +235,11 @@ class Student:
                               solver_order=order)
 
 
-def load_student(folder: str | Path, dtype: torch.dtype | None = None) -> Student:
+def load_student(folder: str | Path, dtype: torch.dtype | None = None,
+                 prompt_store: str | Path | None = None) -> Student:
     """A distilled student folder (`outputs/distill/student`) as a `Student`. FileNotFoundError / ValueError
-    (naming the file) before any weights load when the record or the K embedding is missing or malformed."""
+    (naming the file) before any weights load when the record or the K embedding is missing or malformed.
+    `prompt_store`: a `tdm prompt-store` folder read instead of the text encoders (never built; `load_backbone`)."""
     from tdm.backbones import load_backbone
 
     record = StudentRecord.load(folder)
@@ -246,7 +248,7 @@ def load_student(folder: str | Path, dtype: torch.dtype | None = None) -> Studen
         raise FileNotFoundError(f"{Path(folder) / K_EMBEDDING_FILE}: missing (the record says TDM-unify)")
     if embedding is not None and not record.unify:
         raise ValueError(f"{Path(folder) / K_EMBEDDING_FILE}: present but {RECORD_FILE} says unify: false")
-    backbone = load_backbone(folder, dtype=dtype)
+    backbone = load_backbone(folder, dtype=dtype, prompt_store=prompt_store)
     if backbone.family != record.family:
         raise ValueError(f"{Path(folder) / RECORD_FILE}: family: {record.family!r}, but the folder holds a "
                          f"{backbone.family!r} model")

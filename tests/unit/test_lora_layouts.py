@@ -251,6 +251,20 @@ def test_pickled_peft_weights_are_refused(tmp_path):
         L.load_lora(tmp_path)
 
 
+@pytest.mark.parametrize("layout", ["file", "peft"])
+def test_a_corrupt_safetensors_file_is_one_named_value_error(tmp_path, layout):
+    # safetensors raises its own SafetensorError; callers (tdm sample --lora, evaluate.lora) catch ValueError
+    if layout == "file":
+        path = tmp_path / "lora.safetensors"
+        path.write_bytes(b"not a safetensors header")
+    else:
+        path = tmp_path
+        (path / L.PEFT_CONFIG).write_text("{}")
+        (path / L.PEFT_WEIGHTS).write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        L.load_lora(path)
+
+
 def test_unknown_module_names_fail_naming_the_module(tiny_digits, tmp_path):
     save_file({"diffusion_model.input_blocks.1.1.proj_in.lora_down.weight": torch.zeros(2, 32),
                "diffusion_model.input_blocks.1.1.proj_in.lora_up.weight": torch.zeros(32, 2)},
