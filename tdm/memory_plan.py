@@ -14,10 +14,11 @@ and fake; the EMA of the student) and counts, per process:
   `tdm.training.average_gradients` with more than one process;
 - **optimiser state**: AdamW's two moments (param dtype) for both roles; its per-tensor `step` counters live on
   the host (float32 scalars, torch's non-capturable AdamW) and are listed but not counted against the device;
-  8-bit AdamW (planned) would keep 2 bytes per parameter;
-- **EMA**: float32 shadow of the student's trainables;
+  8-bit AdamW (`distill.optimizer: adamw8bit`) keeps 2 bytes per parameter;
+- **EMA**: float32 shadow of the student's trainables (none with `distill.student_weights: raw`);
 - **conditioning**: the batch's prompt embeddings (cond, null and the CFG concatenation), and what one prompt
-  costs in the planned embedding store;
+  costs in the prompt-embedding store (`tdm prompt-store`; with `distill.prompt_store` the text encoders are
+  not resident);
 - **activations**: *measured*, not guessed: one grad-carrying forward of the student (the fake's forward is the
   same network at the same shape, and its graph is freed by its backward before the student's forward) is run on
   the meta device at the real latent shape, and every tensor autograd saves for backward is counted once per
@@ -112,7 +113,7 @@ class Plan:
     batch_size: int  # global (distill.batch_size)
     num_processes: int
     sample_shape: tuple[int, ...]
-    options: dict  # planned switches assumed on: embedding_store, adam8bit, fsdp
+    options: dict  # switches on: embedding_store (distill.prompt_store), adam8bit, fsdp (planned)
     lines: list[Line]
     device_memory_bytes: int | None
     device_name: str | None
@@ -154,7 +155,7 @@ class Plan:
                 f"batch {self.batch_per_process}/process x {self.num_processes} process(es), "
                 f"sample {'x'.join(map(str, self.sample_shape))}")
         on = [k for k, v in self.options.items() if v]
-        rows = [head] + ([f"assuming planned switches: {', '.join(on)}"] if on else []) + [
+        rows = [head] + ([f"switches on: {', '.join(on)}"] if on else []) + [
             f"{'section':<13}{'what':<44}{'params':>15} {'dtype':<9}{'GiB':>8}  note", "-" * 110]
         for line in self.lines:
             params = f"{line.params:,}" if line.params else ""
@@ -699,14 +700,15 @@ def _lines(cfg, setup: _Setup, built: dict, num_processes: int, activations: dic
         n = sum(p.numel() for p in {id(p): p for p in ps}.values())
         if setup.adam8bit:
             add("optimizer", f"8-bit AdamW {role}: 2 moments x 1 byte", n, "uint8", 2 * n,
-                "bitsandbytes, planned; + block scales", shard=True, part=role)
+                "bitsandbytes (distill.optimizer: adamw8bit); + block scales", shard=True, part=role)
         else:
             add("optimizer", f"AdamW {role}: exp_avg + exp_avg_sq", n, "float32", dev, shard=True, part=role)
             add("optimizer", f"AdamW {role}: step counters", len(ps), "float32", host, "per tensor", device=False,
                 part=role)
-    ema = [p for p in per_role["student"]]
-    add("ema", "student EMA shadow", sum(p.numel() for p in ema), "float32",
-        4 * sum(p.numel() for p in ema), shard=True, part="student")
+    if d.student_weights == "ema":  # "raw" (the official recipe) keeps no average
+        ema = [p for p in per_role["student"]]
+        add("ema", "student EMA shadow", sum(p.numel() for p in ema), "float32",
+            4 * sum(p.numel() for p in ema), shard=True, part="student")
     # conditioning and the rollout
     dt = built["compute_dtype"] or built["base_dtype"]
     B = setup.batch_per_process
@@ -767,11 +769,13 @@ def _device_memory(device_memory_bytes) -> tuple[int | None, str | None]:
 
 
 def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int = 1, *,
-         embedding_store: bool = False, adam8bit: bool = False, fsdp: bool = False,
+         embedding_store: bool | None = None, adam8bit: bool | None = None, fsdp: bool = False,
          suggestions: bool = True) -> Plan:
     """The per-process memory plan of `tdm distill` with `cfg` (a `tdm.config.Config`) on `num_processes`
     devices of `device_memory_bytes` each (default: CUDA device 0's total memory when there is one, else no
-    verdict). `embedding_store`, `adam8bit`, `fsdp`: planned switches (issue 15) assumed on. Reads configs only.
+    verdict). `embedding_store` (no text encoders resident: `distill.prompt_store`) and `adam8bit`
+    (`distill.optimizer: adamw8bit`) default to what `cfg` sets; `fsdp` is a planned switch (issue 15) assumed on.
+    Reads configs only.
     Raises ValueError for an unknown family, a teacher with no known architecture, device memory <= 0, or a
     process count that does not divide distill.batch_size."""
     t0 = time.perf_counter()
@@ -783,6 +787,10 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
                          f"processes")
     memory, name = _device_memory(device_memory_bytes)
     spec = architecture_spec(cfg)
+    if embedding_store is None:
+        embedding_store = d.prompt_store is not None
+    if adam8bit is None:
+        adam8bit = d.optimizer == "adamw8bit"
     setup = _Setup(d.mode, d.gradient_checkpointing, d.batch_size // num_processes, embedding_store, adam8bit, fsdp)
     cache: dict[str, dict] = {}
     activations: dict[str, dict] = {}
@@ -831,10 +839,10 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
             options.append((f"-S distill.batch_size={num_processes} (batch 1/process)", "exists",
                             replace(setup, batch_per_process=1)))
         if not embedding_store:
-            options.append(("embedding store (no text encoders resident)", "planned (issue 15)",
-                            replace(setup, embedding_store=True)))
+            options.append(("-S distill.prompt_store=outputs/prompt_store/store (`tdm prompt-store` first: no text "
+                            "encoders resident)", "exists", replace(setup, embedding_store=True)))
         if not adam8bit:
-            options.append(("8-bit AdamW", "planned (issue 15)", replace(setup, adam8bit=True)))
+            options.append(("-S distill.optimizer=adamw8bit (bitsandbytes)", "exists", replace(setup, adam8bit=True)))
         if not fsdp and num_processes > 1:
             options.append((f"FSDP full shard over {num_processes} processes", "planned (issue 15)",
                             replace(setup, fsdp=True)))

@@ -263,6 +263,28 @@ def test_planned_switches_remove_what_they_remove(tmp_path):
     assert sum(line.bytes for line in sharded.lines if line.part == "teacher") == -(-teacher // 2)
 
 
+def test_the_plan_follows_the_configs_switches(tmp_path):
+    """distill.prompt_store / optimizer / student_weights are real switches now: the plan reads them from the
+    config (no text encoders, 8-bit AdamW moments, no EMA shadow) exactly as the explicit options do."""
+    cfg, _ = _tiny_cfg(tmp_path, "sd15", "lora")
+    store = tmp_path / "store"
+    store.mkdir()
+    on = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={
+        "prompt_store": str(store), "optimizer": "adamw8bit", "student_weights": "raw"})})
+    plain = mp.plan(cfg, 2**30, suggestions=False)
+    switched = mp.plan(on, 2**30, suggestions=False)
+    assert switched.options["embedding_store"] and switched.options["adam8bit"]
+    assert not any(line.part.startswith("text_encoder") for line in switched.lines)
+    assert not any(line.section == "ema" for line in switched.lines)
+    assert any(line.section == "ema" for line in plain.lines)
+    explicit = mp.plan(cfg, 2**30, embedding_store=True, adam8bit=True, suggestions=False)
+    ema = sum(line.bytes for line in plain.lines if line.section == "ema")
+    assert explicit.total_bytes - switched.total_bytes == ema > 0
+    suggested = {x.switch.split(" (")[0]: x.status for x in mp.plan(cfg, 2**30).suggestions}
+    assert suggested["-S distill.prompt_store=outputs/prompt_store/store"] == "exists"
+    assert suggested["-S distill.optimizer=adamw8bit"] == "exists"
+
+
 # -- bad input ------------------------------------------------------------------------------------------------
 def test_bad_input_is_a_clear_value_error(tmp_path):
     cfg, _ = _tiny_cfg(tmp_path, "sd15", "lora")
