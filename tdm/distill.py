@@ -426,7 +426,8 @@ def evaluate_student(cfg: Config, folder: Path, out_dir: Path, progress: bool = 
     d = cfg.distill
     if d.eval_samples == 0 or cfg.model.family != "digits":
         return {}
-    student = load_student(folder)
+    # The saved student links the teacher's encoder folders, so distill.prompt_store serves it too.
+    student = load_student(folder, prompt_store=d.prompt_store)
     prompts = digit_prompt_set(d.eval_samples, seed=cfg.sample.seed)
     results = {}
     for k in student.record.sampling_ks:

@@ -110,18 +110,20 @@ def test_store_iteration_equals_encoder_iteration(family, models, tmp_path, monk
         attach(load_backbone(folder, prompt_store=store_path), other)
 
 
-def test_distill_stage_with_the_store_saves_a_complete_student(models, tmp_path, monkeypatch):
+def test_distill_stage_with_the_store_saves_a_complete_student(models, tmp_path, monkeypatch, weights_dir):
     from tdm import distill
     from tdm.config import StagePaths
     from tdm.student import load_student
 
     folder, store_path = models["digits"]
-    cfg = _cfg(tmp_path, folder, f"distill.prompt_store={store_path}", "distill.student_weights=raw")
+    cfg = _cfg(tmp_path, folder, f"distill.prompt_store={store_path}", "distill.student_weights=raw",
+               "distill.eval_samples=20", "sample.batch_size=20", f"eval.weights_dir={weights_dir}")
     distill.check_inputs(cfg)
     counter = ConstructionCounter(monkeypatch)
     paths = StagePaths.of("distill", tmp_path)
     metrics = distill.run(cfg, paths, progress=False)
     assert counter.built == [] and metrics["prompt_store"] and metrics["student_weights"] == "raw"
+    assert any(k.startswith("eval_k2_") for k in metrics), metrics  # the saved student sampled from the store too
     student_dir = paths.out_dir / "student"
     # The saved folder carries the teacher's text encoder (linked), so the store still matches it.
     assert (student_dir / "text_encoder" / "model.safetensors").read_bytes() == \
