@@ -25,6 +25,9 @@ pip_install -e ".[test]"
 # HPSv2's reference package, for the cross-check test only: --no-deps (it pins protobuf<4 and pytest 7); clint is
 # the one import of its own that it needs.
 pip_install --no-deps hpsv2x==1.2.0 clint==0.5.1 args==0.1.0
+# bitsandbytes (the `memory` extra, distill.optimizer: adamw8bit) beside the venv, not in it: installed, peft would
+# import it in every process that injects a LoRA (~5 s each); its test puts this folder on sys.path itself.
+pip_install --no-deps --target .venv/extras/bitsandbytes bitsandbytes==0.50.2
 rm -f "$log"
 # Fail loudly (and leave no stamp) if anything did not install.
 .venv/bin/python -c "import tdm, torch, torchvision, diffusers, transformers, accelerate, peft, safetensors, sklearn, \

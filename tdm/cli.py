@@ -114,7 +114,8 @@ def _check_model(path: str | Path, flag: str) -> Path:
 
 
 # The folders a stage makes inside its output folder (a file in the way of one fails before any model loads).
-STAGE_FOLDERS = {"teacher_ft": ("checkpoints", "model"), "distill": ("checkpoints", "student", "student_lora"),
+STAGE_FOLDERS = {"teacher_ft": ("checkpoints", "model"), "prompt_store": ("store",),
+                 "distill": ("checkpoints", "student", "student_lora"),
                  "lora_transfer": ("custom", "samples", "references")}
 
 
@@ -184,6 +185,14 @@ def cmd_teacher_ft(args) -> dict:
                       teacher_ft.check_inputs, cfg.eval.weights_dir)
 
 
+def cmd_prompt_store(args) -> dict:
+    from tdm import prompt_store
+
+    cfg = _load_config(args)
+    return _run_stage("prompt_store", args, cfg, lambda: prompt_store.run(cfg, progress=not args.quiet),
+                      prompt_store.check_inputs)
+
+
 def cmd_distill(args) -> dict:
     from tdm import distill
 
@@ -205,8 +214,10 @@ def cmd_evaluate(args) -> dict:
     from tdm.evaluation.table import markdown_table
 
     cfg = _load_config(args)
-    result = _run_stage("evaluate", args, cfg, lambda: evaluate.run(cfg, progress=not args.quiet),
-                        evaluate.check_inputs, cfg.eval.weights_dir)
+    e = cfg.evaluate
+    opts = dict(prompt_store=e.prompt_store, lora_scheduler=e.lora_scheduler, lora_flow_shift=e.lora_flow_shift)
+    result = _run_stage("evaluate", args, cfg, lambda: evaluate.run(cfg, progress=not args.quiet, **opts),
+                        lambda c: evaluate.check_inputs(c, **opts), cfg.eval.weights_dir)
     if not args.quiet:
         print(markdown_table(result["rows"], result["metrics_skipped"]), file=sys.stderr)
     return result
@@ -507,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     stage("teacher-ft", cmd_teacher_ft, "fine-tune (digits: train) the teacher -> outputs/teacher_ft/model")
+    stage("prompt-store", cmd_prompt_store, "encode the prompt set once with the teacher's text encoders -> "
+                                            "outputs/prompt_store/store (distill.prompt_store reads it)")
     p = stage("distill", cmd_distill, "TDM-distil the teacher into a K-step student -> outputs/distill/student")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan per process (weights, gradients, optimiser, activations vs the device; "
@@ -520,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score sample sets (tdm sample npz files or image folders): a row per set")
     p.add_argument("samples", nargs="+", help="npz files from `tdm sample`, or image folders (+ metadata.jsonl)")
-    p.add_argument("--metrics", default="digits_fid,class_accuracy",
-                   help="comma-separated: digits_fid, class_accuracy, hps, aesthetic, clip, fid, vbench_<dim>")
+    p.add_argument("--metrics", default="digits_fid,class_accuracy,digits_view2",
+                   help="comma-separated: digits_fid, class_accuracy, digits_view2 (the second digits view: KID + "
+                        "another classifier), hps, aesthetic, clip, fid, vbench_<dim>")
     p.add_argument("--reference", default=None, help="reference images for fid (folder or npz)")
     p.add_argument("--skip-missing", action="store_true", help="skip metrics whose weights are missing")
     p.add_argument("--params", default="params.yaml", help="params file (eval section: weights_dir, models)")

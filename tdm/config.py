@@ -360,6 +360,13 @@ class EvaluateConfig(_Section):
     lora_scale: float = Field(1.0, ge=0)
     lora_steps: int = Field(4, ge=1)
     lora_guidance: float = Field(1.0, ge=1)
+    # The external student's scheduler: null = the teacher's own; a diffusers class name (e.g.
+    # DPMSolverMultistepScheduler, built from the teacher's config) or a scheduler_config.json
+    # (tdm.external.build_scheduler); `lora_flow_shift` its flow shift (the SD3 releases vary it between 1 and 6).
+    lora_scheduler: Optional[str] = None
+    lora_flow_shift: Optional[float] = Field(None, gt=0)
+    # coco2014: the side FID's images are centre-cropped and resized to; null = 256 (GigaGAN's COCO protocol).
+    protocol_resolution: Optional[int] = Field(None, ge=8)
     # A prompt-embedding store holding every prompt the rows sample (and made from the sampled models' encoders):
     # the models load without text encoders (tdm/prompt_store.py); null = encode with them.
     prompt_store: Optional[str] = None

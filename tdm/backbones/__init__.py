@@ -9,6 +9,7 @@ from tdm.backbones.base import Backbone, Cond, cat_cond
 from tdm.backbones.cogvideox import CogVideoXBackbone
 from tdm.backbones.digits import DigitsArch, DigitsBackbone
 from tdm.backbones.flux import FluxBackbone
+from tdm.backbones.zimage import ZImageBackbone
 from tdm.backbones.pipeline import PipelineBackbone, UnsupportedModel
 from tdm.backbones.pixart import PixArtAlphaBackbone
 from tdm.backbones.pixart_sigma import PixArtSigmaBackbone
@@ -22,6 +23,7 @@ FAMILIES: dict[str, type[Backbone]] = {
     "sd3": SD3Backbone, "cogvideox": CogVideoXBackbone,
     # The new-families issue (#14): SD3.5 Medium / Large load as "sd3" (same pipeline, adapter unchanged).
     "pixart_sigma": PixArtSigmaBackbone, "wan": WanBackbone, "flux": FluxBackbone,
+    "zimage": ZImageBackbone,
 }
 # A hub checkpoint's model_index.json names its pipeline class, not our family.
 PIPELINE_FAMILIES: dict[str, str] = {cls: name for name, adapter in FAMILIES.items()
@@ -208,6 +210,6 @@ def build_backbone(model_cfg, seed: int = 0, prompt_store: str | Path | None = N
 
 
 __all__ = ["Backbone", "Cond", "cat_cond", "DigitsArch", "DigitsBackbone", "SD15Backbone",
-           "SDXLBackbone", "PixArtAlphaBackbone", "SD3Backbone", "CogVideoXBackbone", "PipelineBackbone",
+           "SDXLBackbone", "PixArtAlphaBackbone", "SD3Backbone", "CogVideoXBackbone", "ZImageBackbone", "PipelineBackbone",
            "UnsupportedModel", "FAMILIES", "PIPELINE_FAMILIES", "family_of", "check_model", "check_weights",
            "train_timesteps", "read_json_file", "check_safetensors", "load_backbone", "build_backbone"]

@@ -2,8 +2,8 @@
 evaluation row (rows.py) and its table (table.py)."""
 
 # The names `evaluate.metrics` accepts (kept here so config validation does not import torch).
-METRICS = ("digits_fid", "class_accuracy", "hps", "aesthetic", "clip", "fid")
-DIGITS_METRICS = ("digits_fid", "class_accuracy")
+METRICS = ("digits_fid", "class_accuracy", "digits_view2", "hps", "aesthetic", "clip", "fid")
+DIGITS_METRICS = ("digits_fid", "class_accuracy", "digits_view2")
 IMAGE_METRICS = ("hps", "aesthetic", "clip", "fid")
 # VBench dimensions usable in custom_input mode, as metrics `vbench_<dimension>` (video sample sets).
 VBENCH_DIMENSIONS = ("temporal_flickering", "subject_consistency", "background_consistency", "aesthetic_quality",

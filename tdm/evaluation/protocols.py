@@ -289,7 +289,7 @@ def load(cfg) -> Protocol | None:
     if e.protocol == "hpsv2":
         return read_hpsv2_benchmark(e.protocol_path, per_style=e.n, hps_version=cfg.eval.hps_version)
     if e.protocol == "coco2014":
-        resolution = getattr(e, "protocol_resolution", None) or COCO_RESOLUTION
+        resolution = e.protocol_resolution or COCO_RESOLUTION
         return read_coco2014(e.protocol_path, e.coco_images, e.n, cfg.sample.seed, resolution=resolution)
     if e.protocol == "vbench":
         return read_vbench_suite(e.protocol_path, n=e.n)

@@ -3,6 +3,10 @@
 Metric names (the `evaluate.metrics` list):
   digits_fid      FID in the digit classifier's feature space   -> fid_digits, fid_digits_floor
   class_accuracy  does the sample show the prompted digit        -> class_accuracy
+  digits_view2    the second, independent digits view (#17): KID in the first classifier's features, and FID /
+                  KID / class accuracy in a second classifier (an MLP, seed 1: digits.SECOND_VIEW)
+                                                                 -> kid_digits, fid_digits_mlp(_floor), kid_digits_mlp,
+                                                                    class_accuracy_mlp
   hps             HPSv2.1 (x 100)                                -> hps
   aesthetic       LAION aesthetic predictor                      -> aesthetic
   clip            CLIP score (x 100)                             -> clip_score
@@ -47,6 +51,11 @@ class MetricSettings:
         """The networks behind metric `name`, as rows record them (`EvalRow.metric_model`)."""
         if name in ("digits_fid", "class_accuracy"):
             return "digit classifier v1 (tdm.evaluation.digits)"
+        if name == "digits_view2":
+            from tdm.evaluation.digits import MLP_VERSION, SECOND_VIEW
+
+            return (f"digit {SECOND_VIEW['arch']} {MLP_VERSION} seed {SECOND_VIEW['seed']} + KID "
+                    f"(tdm.evaluation.digits.SECOND_VIEW)")
         if name == "hps":
             from tdm.evaluation import hps
 
@@ -94,6 +103,31 @@ class ClassAccuracy(_Digits):
         return {"class_accuracy": self.scorer.accuracy(images, prompts)}
 
 
+class DigitsSecondView:
+    """The second digits view (issue #17: a claim counts when both views agree): KID (unbiased cubic-kernel MMD^2,
+    Binkowski et al. 2018) in the first classifier's features, and FID / KID / class accuracy in the second
+    classifier (`tdm.evaluation.digits.SECOND_VIEW`: another architecture, another seed, its own cache)."""
+
+    name = "digits_view2"
+
+    def __init__(self, weights_dir: str | Path) -> None:
+        from tdm.evaluation.digits import SECOND_VIEW, DigitsScorer
+
+        self.first, self.second = DigitsScorer(weights_dir), DigitsScorer(weights_dir, **SECOND_VIEW)
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], reference=None) -> dict:
+        if reference is not None:
+            from tdm.artifacts import load_samples
+
+            ref = load_samples(reference)[0]
+            return {"kid_digits": self.first.kid(images, reference=ref),
+                    "fid_digits_mlp": self.second.fid(images, reference=ref),
+                    "kid_digits_mlp": self.second.kid(images, reference=ref)}
+        return {"kid_digits": self.first.kid(images), "fid_digits_mlp": self.second.fid(images),
+                "fid_digits_mlp_floor": self.second.floor(len(images)), "kid_digits_mlp": self.second.kid(images),
+                "class_accuracy_mlp": self.second.accuracy(images, prompts)}
+
+
 class VBenchDimension:
     """One VBench dimension on a video set; the subprocess starts per call (a few seconds of imports)."""
 
@@ -121,6 +155,8 @@ def load_metric(name: str, s: MetricSettings) -> Callable:
         return DigitsFID(s.weights_dir)
     if name == "class_accuracy":
         return ClassAccuracy(s.weights_dir)
+    if name == "digits_view2":
+        return DigitsSecondView(s.weights_dir)
     if name == "hps":
         from tdm.evaluation import hps as hps_module
         from tdm.evaluation.hps import HPS

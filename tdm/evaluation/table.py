@@ -16,7 +16,10 @@ from tdm.evaluation.rows import as_rows
 
 # (metric key, column label, format): the known metrics in the paper's order.
 COLUMNS = (("fid_digits", "FID (digits)", "{:.2f}"), ("fid_digits_floor", "FID floor", "{:.2f}"),
-           ("class_accuracy", "class acc.", "{:.3f}"), ("hps", "HPS", "{:.2f}"), ("aesthetic", "AeS", "{:.2f}"),
+           ("class_accuracy", "class acc.", "{:.3f}"), ("kid_digits", "KID (digits)", "{:.3f}"),
+           ("fid_digits_mlp", "FID (view 2)", "{:.2f}"), ("fid_digits_mlp_floor", "FID floor (view 2)", "{:.2f}"),
+           ("kid_digits_mlp", "KID (view 2)", "{:.3f}"), ("class_accuracy_mlp", "class acc. (view 2)", "{:.3f}"),
+           ("hps", "HPS", "{:.2f}"), ("aesthetic", "AeS", "{:.2f}"),
            ("clip_score", "CLIP", "{:.2f}"), ("fid", "FID", "{:.2f}"), ("vbench_total", "VBench total", "{:.4f}"),
            ("vbench_quality", "VBench quality", "{:.4f}"), ("vbench_semantic", "VBench semantic", "{:.4f}"))
 PLAIN_PROTOCOLS = (None, "prompts")  # no protocol columns for these: the prompt set is the configured one

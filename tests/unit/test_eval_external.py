@@ -74,7 +74,8 @@ def test_lora_row_equals_sample_external_and_is_recorded(project, teacher_dir, l
         "teacher+lora@0.125", 2, 4, 2.0, 0.125)
     for key in ("protocol", "protocol_version", "n", "resolution", "metric_model"):
         assert ext[key] == teacher[key], key
-    assert set(ext["metrics"]) == set(teacher["metrics"]) == {"fid_digits", "fid_digits_floor", "class_accuracy"}
+    assert set(ext["metrics"]) == set(teacher["metrics"]) == {"fid_digits", "fid_digits_floor", "class_accuracy", "kid_digits", "fid_digits_mlp",
+                                 "fid_digits_mlp_floor", "kid_digits_mlp", "class_accuracy_mlp"}
     assert all(np.isfinite(v) for v in ext["metrics"].values())
     recipe = ext["recipe"]
     assert (recipe["teacher"], recipe["lora"], recipe["lora_scale"], recipe["steps"], recipe["guidance"]) == (

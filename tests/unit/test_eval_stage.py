@@ -60,7 +60,8 @@ def test_stage_writes_rows_table_and_samples(project, models, weights_dir):
     assert result["metrics_skipped"] == {}
     for r in rows:
         assert r["n"] == N
-        assert set(r["metrics"]) == {"fid_digits", "fid_digits_floor", "class_accuracy"}
+        assert set(r["metrics"]) == {"fid_digits", "fid_digits_floor", "class_accuracy", "kid_digits", "fid_digits_mlp",
+                                 "fid_digits_mlp_floor", "kid_digits_mlp", "class_accuracy_mlp"}
         assert all(np.isfinite(v) for v in r["metrics"].values())
         with np.load(project / r["samples"]) as z:
             assert z["images"].shape == (N, 8, 8, 1)
@@ -171,7 +172,7 @@ def test_score_command_on_an_npz_and_an_image_folder(project, models, weights_di
         lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": prompt}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     capsys.readouterr()
-    assert main(["score", row["samples"], str(folder), "--metrics", "digits_fid,class_accuracy",
+    assert main(["score", row["samples"], str(folder), "--metrics", "digits_fid,class_accuracy,digits_view2",
                  "-S", f"eval.weights_dir={weights_dir}"]) == 0
     captured = capsys.readouterr()
     npz_row, folder_row = json.loads(captured.out)["rows"]
