@@ -220,6 +220,8 @@ def cmd_evaluate(args) -> dict:
                         lambda c: evaluate.check_inputs(c, **opts), cfg.eval.weights_dir)
     if not args.quiet:
         print(markdown_table(result["rows"], result["metrics_skipped"]), file=sys.stderr)
+    for name, why in (result.get("metrics_skipped") or {}).items():  # shown even with -q: the rows lack it
+        print(f"tdm: evaluate: metric {name} skipped (evaluate.skip_missing): {why}", file=sys.stderr)
     return result
 
 

@@ -241,7 +241,9 @@ class DistillConfig(_Section):
 class PromptStoreConfig(_Section):
     """The prompt_store stage (tdm/prompt_store.py): a prompt set encoded once by a model's text encoders."""
 
-    model: str = "outputs/teacher_ft/model"  # whose text encoders (the distill teacher; checked when the stage starts)
+    # Whose text encoders: null = distill.teacher (what distill reads the store for; a profile's hub id included);
+    # checked when the stage starts.
+    model: Optional[str] = None
     # Prompt sources, all stored: "digits" (every digits phrasing), .txt/.jsonl/.csv prompt files, or image- /
     # video-caption folders (their metadata.jsonl captions, for teacher_ft.prompt_store); null = distill.prompts.
     # "" is always stored.

@@ -140,7 +140,8 @@ def make_optimizer(kind: str, groups: list[dict], lr: float, betas, weight_decay
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install 'tdm[memory]', i.e. "
+        raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install -e '.[memory]' in tdm's "
+                             "clone, i.e. "
                              "bitsandbytes==0.50.2)") from None
     return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
@@ -340,7 +341,8 @@ def check_inputs(cfg: Config) -> None:
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install 'tdm[memory]', i.e. "
+            raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install -e '.[memory]' in tdm's "
+                             "clone, i.e. "
                              "bitsandbytes==0.50.2)")
     if d.prompt_store is not None:  # made from this teacher's encoders, in the dtype distill loads them, all prompts
         from tdm.backbones.stored_prompts import open_for

@@ -120,8 +120,9 @@ def plan(cfg: Config, lora_scheduler: str | None = None, lora_flow_shift: float 
         raise FileNotFoundError(f"{err} (evaluate.lora is applied to it)" if e.lora is not None else err) from None
     if teacher is not None:
         guidance = e.teacher_guidance if e.teacher_guidance is not None else cfg.sample.guidance
-        # The quality-vs-NFE curve: the teacher's DDIM at each `teacher_curve` count, else at teacher_steps.
-        for steps in e.teacher_curve or (e.teacher_steps or cfg.sample.steps,):
+        # The quality-vs-NFE curve: the teacher's DDIM at each `teacher_curve` count and at teacher_steps (the
+        # reference row every table compares against stays in).
+        for steps in sorted({*e.teacher_curve, e.teacher_steps or cfg.sample.steps}):
             rows.append({"model": "teacher", "folder": teacher, "steps": steps, "guidance": guidance,
                          "student": False, "sample_guidance": guidance, "stem": f"teacher_s{steps}"})
     student = _model_folder(e.student, "student")

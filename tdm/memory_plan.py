@@ -175,7 +175,7 @@ class Plan:
             rows.append("switches (each alone; total per process):")
             for s in self.suggestions:
                 fit = "" if s.fits is None else ("  fits" if s.fits else "  still too big")
-                rows.append(f"  {s.switch:<62}{s.status:<22}{gib(s.total_bytes)} GiB{fit}")
+                rows.append(f"  {s.switch:<70} {s.status:<20}{gib(s.total_bytes)} GiB{fit}")
         return "\n".join(rows)
 
 
@@ -653,6 +653,7 @@ class _Setup:
     embedding_store: bool = False
     adam8bit: bool = False
     fsdp: bool = False
+    raw_student: bool = False  # distill.student_weights: raw (no EMA shadow)
 
 
 def _lines(cfg, setup: _Setup, built: dict, num_processes: int, activations: dict) -> list[Line]:
@@ -705,7 +706,7 @@ def _lines(cfg, setup: _Setup, built: dict, num_processes: int, activations: dic
             add("optimizer", f"AdamW {role}: exp_avg + exp_avg_sq", n, "float32", dev, shard=True, part=role)
             add("optimizer", f"AdamW {role}: step counters", len(ps), "float32", host, "per tensor", device=False,
                 part=role)
-    if d.student_weights == "ema":  # "raw" (the official recipe) keeps no average
+    if not setup.raw_student:  # distill.student_weights "raw" (the official recipe) keeps no average
         ema = [p for p in per_role["student"]]
         add("ema", "student EMA shadow", sum(p.numel() for p in ema), "float32",
             4 * sum(p.numel() for p in ema), shard=True, part="student")
@@ -791,7 +792,8 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
         embedding_store = d.prompt_store is not None
     if adam8bit is None:
         adam8bit = d.optimizer == "adamw8bit"
-    setup = _Setup(d.mode, d.gradient_checkpointing, d.batch_size // num_processes, embedding_store, adam8bit, fsdp)
+    setup = _Setup(d.mode, d.gradient_checkpointing, d.batch_size // num_processes, embedding_store, adam8bit, fsdp,
+                   raw_student=d.student_weights == "raw")
     cache: dict[str, dict] = {}
     activations: dict[str, dict] = {}
 
@@ -839,15 +841,18 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
             options.append((f"-S distill.batch_size={num_processes} (batch 1/process)", "exists",
                             replace(setup, batch_per_process=1)))
         if not embedding_store:
-            options.append(("-S distill.prompt_store=outputs/prompt_store/store (`tdm prompt-store` first: no text "
-                            "encoders resident)", "exists", replace(setup, embedding_store=True)))
+            options.append(("-S distill.prompt_store=outputs/prompt_store/store (tdm prompt-store)", "exists",
+                            replace(setup, embedding_store=True)))
         if not adam8bit:
             options.append(("-S distill.optimizer=adamw8bit (bitsandbytes)", "exists", replace(setup, adam8bit=True)))
+        if not setup.raw_student:
+            options.append(("-S distill.student_weights=raw (no EMA shadow)", "exists",
+                            replace(setup, raw_student=True)))
         if not fsdp and num_processes > 1:
             options.append((f"FSDP full shard over {num_processes} processes", "planned (issue 15)",
                             replace(setup, fsdp=True)))
         every = replace(setup, mode="lora", gradient_checkpointing=True, batch_per_process=1, embedding_store=True,
-                        adam8bit=True, fsdp=num_processes > 1)
+                        adam8bit=True, fsdp=num_processes > 1, raw_student=True)
         if every != setup:
             options.append(("all of the above", "", every))
         for label, status, s in options:

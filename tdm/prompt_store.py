@@ -50,17 +50,22 @@ def stage_prompts(cfg) -> list[str]:
     return out
 
 
+def store_model(cfg) -> str:
+    """The model whose text encoders the stage runs: `prompt_store.model`, else `distill.teacher`."""
+    return cfg.prompt_store.model or cfg.distill.teacher
+
+
 def check_inputs(cfg) -> None:
     """The model folder and every prompt source, checked before any model loads; errors name the key."""
     from tdm.backbones import check_model
 
-    ps = cfg.prompt_store
+    key = "prompt_store.model" if cfg.prompt_store.model is not None else "prompt_store.model (= distill.teacher)"
     try:
-        check_model(ps.model)
+        check_model(store_model(cfg))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"prompt_store.model: {err} (run `tdm teacher-ft` first?)") from None
+        raise FileNotFoundError(f"{key}: {err} (run `tdm teacher-ft` first?)") from None
     except ValueError as err:
-        raise ValueError(f"prompt_store.model: {err}") from None
+        raise ValueError(f"{key}: {err}") from None
     for source in stage_sources(cfg):
         try:
             source_prompts(source)
@@ -79,7 +84,7 @@ def run(cfg, paths=None, progress: bool = True) -> dict:
     check_inputs(cfg)
     ps = cfg.prompt_store
     dtype = load_dtype(cfg)
-    folder = resolve_model_path(ps.model)
+    folder = resolve_model_path(store_model(cfg))
     backbone = load_backbone(folder, dtype=dtype)
     backbone.to("cuda" if torch.cuda.is_available() else "cpu")
     summary = write_store(backbone, folder, stage_prompts(cfg), paths.out_dir / "store", dtype=dtype,

@@ -219,15 +219,20 @@ def _card_text(rec: dict, eval_data: dict | None, eval_name: str | None, grid_pr
               f"CFG scale distilled in: {rec['distilled_guidance'] if rec['distilled_guidance'] is not None else 'not recorded'}",
               f"- LoRA scale: {rec['lora_scale']:g} (training mode: {rec['mode']})",
               f"- the full scheduler configs: `{RECIPE}`", ""]
-    lines += ["```python", "from huggingface_hub import snapshot_download", "from diffusers import DiffusionPipeline",
-              "", "import tdm.scheduling_tdm  # the student's scheduler class (pip install tdm)",
-              f'folder = snapshot_download("<repo-id>", allow_patterns=["{k0["folder"]}/*"])',
-              f'pipe = DiffusionPipeline.from_pretrained(folder + "/{k0["folder"]}")',
-              f'image = pipe(prompt, num_inference_steps={k0["k"]}, guidance_scale=1.0).images[0]', "```", ""]
+    if fam == "digits":  # its pipeline class is tdm's own (tdm.backbones.digits), not one diffusers imports
+        lines += ["```bash", f'hf download {REPO_ID} --include "{k0["folder"]}/*" --local-dir student',
+                  f'tdm sample --model student/{k0["folder"]} --student --steps {k0["k"]} --out samples.npz',
+                  "```", "", "(tdm installed from its repository: `pip install -e .` in a clone.)", ""]
+    else:
+        lines += ["```python", "from huggingface_hub import snapshot_download", "from diffusers import DiffusionPipeline",
+                  "", "import tdm.scheduling_tdm  # the student's scheduler class (tdm: `pip install -e .` in a clone)",
+                  f'folder = snapshot_download("{REPO_ID}", allow_patterns=["{k0["folder"]}/*"])',
+                  f'pipe = DiffusionPipeline.from_pretrained(folder + "/{k0["folder"]}")',
+                  f'image = pipe(prompt, num_inference_steps={k0["k"]}, guidance_scale=1.0).images[0]', "```", ""]
     files = rec["lora_files"]
     if files:
         lines += ["## LoRA", "", f"- diffusers: `{files['diffusers']}` on the teacher: `pipe.load_lora_weights("
-                  f"\"<repo-id>\")`, `pipe.set_adapters([...], adapter_weights=[{rec['lora_scale']:g}])`, then the "
+                  f"\"{REPO_ID}\")`, `pipe.set_adapters([...], adapter_weights=[{rec['lora_scale']:g}])`, then the "
                   f"recipe's scheduler (`tdm.scheduling_tdm.from_student`)"]
         if "comfyui" in files:
             lines.append(f"- ComfyUI: `{files['comfyui']}` (" + ("kohya layout, `lora_unet_*` keys" if
@@ -240,7 +245,7 @@ def _card_text(rec: dict, eval_data: dict | None, eval_name: str | None, grid_pr
         lines += [f"From `{eval_name}` (copied as `{EVAL}`):", "",
                   markdown_table(eval_data["rows"], eval_data.get("metrics_skipped")), ""]
     else:
-        lines += ["No evaluation file was given at export (`tdm export --eval outputs/evaluate/eval.json`).", ""]
+        lines += ["No evaluation file was given at export (`tdm export --eval metrics/evaluate.json`).", ""]
     lines += ["## Samples", "", f"![samples]({GRID})", "",
               f"{len(grid_prompts) if grid_prompts else 'Given'} samples at K = {k0['k']}"
               + (f", seed 0: {'; '.join(grid_prompts)}" if grid_prompts else " (from a `tdm sample` output)"), ""]
@@ -355,6 +360,25 @@ def check_push(folder: str | Path, repo_id: str):
     return card
 
 
+REPO_ID = "<repo-id>"  # the card's placeholder for the Hub id; `tdm push --repo-id` writes the real one in
+
+
+def _set_repo_id(folder: Path, repo_id: str) -> bool:
+    """Write `repo_id` into the card's loading code in place of the placeholder (atomically); True if it changed."""
+    import os
+    import tempfile
+
+    card = folder / "README.md"
+    text = card.read_text(encoding="utf-8")
+    if REPO_ID not in text:
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=".README.md.tmp-", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text.replace(REPO_ID, repo_id))
+    os.replace(tmp, card)
+    return True
+
+
 def push(folder: str | Path, repo_id: str, dry_run: bool = False, private: bool = False,
          revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> dict:
     """`tdm push`: upload the export folder to the Hub model repo `repo_id` (`HfApi.create_repo(exist_ok=True)`
@@ -365,8 +389,9 @@ def push(folder: str | Path, repo_id: str, dry_run: bool = False, private: bool 
     check_push(folder, repo_id)
     files = upload_plan(folder)
     result = {"repo_id": repo_id, "folder": str(folder), "files": files, "bytes": sum(f["bytes"] for f in files),
-              "dry_run": dry_run}
-    if dry_run:
+              "dry_run": dry_run,
+              "card_repo_id": REPO_ID in (Path(folder) / "README.md").read_text(encoding="utf-8")}
+    if dry_run:  # card_repo_id: the card's loading code gets the real repo id when pushed
         return result
     from huggingface_hub import HfApi, get_token
 
@@ -377,6 +402,7 @@ def push(folder: str | Path, repo_id: str, dry_run: bool = False, private: bool 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise ValueError("HF_HUB_OFFLINE is set: unset it (HF_HUB_OFFLINE=0) to push to the Hub")
     api = HfApi(token=token)
+    _set_repo_id(Path(folder), repo_id)  # the card's snapshot_download / load_lora_weights lines name this repo
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
                              commit_message=commit_message or "Upload TDM student (tdm export)",

@@ -54,6 +54,14 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "int32": torch.int32, "bool": torch.bool, "float64": torch.float64}
 
 
+class MissingPrompts(KeyError, ValueError):
+    """Prompts a store does not hold: a KeyError (a lookup that failed) that is also bad input (ValueError), so the
+    CLI reports it as one `tdm: error:` line; str() is the message itself, not KeyError's quoted repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class StoreMismatch(ValueError):
     """A prompt store made with other text encoders, tokenizers, settings or dtype than the model asks for."""
 
@@ -248,7 +256,7 @@ class PromptStore:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
         if missing:
             shown = ", ".join(repr(p) for p in missing[:3])
-            raise KeyError(f"prompt store {self.path}: {len(missing)} of the {what} are not in it ({shown}"
+            raise MissingPrompts(f"prompt store {self.path}: {len(missing)} of the {what} are not in it ({shown}"
                            f"{', ...' if len(missing) > 3 else ''}); rebuild it with them (prompt_store.prompts)")
 
     # -- rows ------------------------------------------------------------------------------------------------
@@ -333,7 +341,7 @@ def open_for(path: str | Path, folder: str | Path, dtype: torch.dtype | None, pr
         store.check_files(folder, family, dtype)
         store.require(prompts)
     except KeyError as err:
-        raise KeyError(f"{key}: {err.args[0]}") from None
+        raise MissingPrompts(f"{key}: {err.args[0]}") from None
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{key}: {err}") from None
     except ValueError as err:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["teacher_ft", "distill", "lora_transfer", "evaluate", "report"]
+STAGES = ["teacher_ft", "prompt_store", "distill", "lora_transfer", "evaluate", "report"]  # flows/pipeline.py
 TINY = ["model.channels=[32, 32]", "teacher_ft.steps=20", "teacher_ft.batch_size=16", "teacher_ft.eval_samples=20",
         "teacher_ft.checkpoint_every=10", "sample.steps=4", "sample.batch_size=50",
         "distill.iterations=4", "distill.batch_size=8", "distill.eval_samples=20", "distill.checkpoint_every=2",

@@ -194,7 +194,8 @@ def test_hpsv2_protocol_end_to_end_with_the_teacher_curve_and_the_report(project
     monkeypatch.setattr("tdm.evaluation.hps.ARCH", TINY_ARCH)  # the tiny stand-in for ViT-H-14
     bench = write_hpsv2_benchmark(project / "hpsv2_benchmark")
     assert _evaluate(teacher_dir, tiny_metric_weights, "evaluate.protocol=hpsv2",
-                     f"evaluate.protocol_path={bench}", "evaluate.teacher_curve=[2, 1]") == 0
+                     f"evaluate.protocol_path={bench}", "evaluate.teacher_curve=[2, 1]",
+                     "evaluate.teacher_steps=2") == 0  # teacher_steps joins the curve (here already on it)
     result = json.loads((project / "metrics/evaluate.json").read_text())
     rows = result["rows"]
     assert [(r["steps"], r["nfe"], r["group"]) for r in rows] == [

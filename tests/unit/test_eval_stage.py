@@ -133,6 +133,7 @@ def test_missing_weights_fail_before_sampling_or_are_skipped(project, models, we
 
     assert main(_args(models, weights_dir, "evaluate.metrics=[digits_fid, hps]", "evaluate.skip_missing=true",
                       "evaluate.student=null")) == 0
+    assert "tdm: evaluate: metric hps skipped" in capsys.readouterr().err  # on the console, not only in table.md
     result = json.loads((project / "metrics/evaluate.json").read_text())
     assert "HPS_v2.1_compressed.pt" in result["metrics_skipped"]["hps"]
     assert set(result["rows"][0]["metrics"]) == {"fid_digits", "fid_digits_floor"}
@@ -221,3 +222,15 @@ def test_stage_on_a_tiny_sd15_teacher_with_the_image_metrics(tmp_path, monkeypat
     with np.load(tmp_path / row["samples"]) as z:
         assert z["images"].ndim == 4 and z["images"].shape[-1] == 3
     assert "| AeS | CLIP | FID |" in (tmp_path / "outputs/evaluate/table.md").read_text()
+
+
+def test_the_teacher_curve_keeps_the_reference_teacher_row(project, models):
+    """evaluate.teacher_curve adds step counts; the teacher_steps row every table compares against stays in."""
+    from tdm import config, evaluate
+
+    sets = [f"evaluate.teacher={models['teacher']}", "evaluate.student=null", "evaluate.teacher_steps=3",
+            "evaluate.teacher_curve=[1, 2, 4]"]
+    rows = evaluate.plan(config.load(project / "params.yaml", sets))
+    assert [r["steps"] for r in rows if not r["student"]] == [1, 2, 3, 4]
+    curve_only = evaluate.plan(config.load(project / "params.yaml", sets[:2] + ["evaluate.teacher_curve=[2]"]))
+    assert [r["steps"] for r in curve_only] == [2, 50]  # sample.steps (50) when teacher_steps is null

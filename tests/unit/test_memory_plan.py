@@ -281,6 +281,7 @@ def test_the_plan_follows_the_configs_switches(tmp_path):
     ema = sum(line.bytes for line in plain.lines if line.section == "ema")
     assert explicit.total_bytes - switched.total_bytes == ema > 0
     suggested = {x.switch.split(" (")[0]: x.status for x in mp.plan(cfg, 2**30).suggestions}
+    assert suggested["-S distill.student_weights=raw"] == "exists"
     assert suggested["-S distill.prompt_store=outputs/prompt_store/store"] == "exists"
     assert suggested["-S distill.optimizer=adamw8bit"] == "exists"
 

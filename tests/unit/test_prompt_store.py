@@ -138,8 +138,10 @@ def test_distill_stage_with_the_store_saves_a_complete_student(models, tmp_path,
 
 def test_bad_stores_are_refused_before_compute(models, tmp_path):
     folder, store_path = models["digits"]
-    with pytest.raises(KeyError, match="distill.prompt_store: .*1 of the prompts are not in it .*'a zebra'"):
+    with pytest.raises(KeyError, match="distill.prompt_store: .*1 of the prompts are not in it .*'a zebra'") as err:
         open_for(store_path, folder, None, ["a handwritten digit one", "a zebra"], key="distill.prompt_store")
+    # also bad input (ValueError): the CLI prints it as one `tdm: error:` line, unquoted, exit 2
+    assert isinstance(err.value, ValueError) and str(err.value).startswith("distill.prompt_store: prompt store ")
     with pytest.raises(StoreMismatch, match="load_dtype: store 'model', model 'bfloat16'"):
         open_for(store_path, folder, torch.bfloat16)
     # Partial copies: the index missing, a shard missing, a shard truncated, a shard of another store.
