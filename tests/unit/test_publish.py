@@ -100,6 +100,19 @@ def test_push_dry_run_lists_the_files_and_a_real_push_needs_a_token(exported, tm
     assert main(["push", str(exported), "--repo-id", "someone/tdm-digits"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tdm: error: no Hugging Face token") and err.count("\n") == 1
+    assert result["card_repo_id"] is True  # the card's loading code still holds the placeholder
+    # What a push does to the card before uploading: the placeholder becomes the repo id; the card still parses.
+    from tdm import publish
+
+    card_copy = tmp_path / "card_copy"
+    card_copy.mkdir()
+    (card_copy / "README.md").write_text((exported / "README.md").read_text())
+    assert publish._set_repo_id(card_copy, "someone/tdm-digits")
+    text = (card_copy / "README.md").read_text()
+    assert publish.REPO_ID not in text and "hf download someone/tdm-digits" in text
+    assert ModelCard.load(card_copy / "README.md").data.library_name == ModelCard.load(
+        exported / "README.md").data.library_name
+    assert not publish._set_repo_id(card_copy, "other/x")  # nothing left to fill in
 
 
 def test_bad_publish_inputs_are_one_line_errors_and_leave_nothing(digits_student, exported, tmp_path, capsys):
