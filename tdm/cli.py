@@ -8,8 +8,8 @@ takes its output folder's one-writer lock (a second run on the same folder fails
 Exit codes: 0 done (the result as JSON on stdout; status lines go to stderr), 2 bad input, an output that cannot
 be written (`cannot write <path>: <reason>`: read-only, full disk, a file in the way) or a folder another run
 holds (one `tdm: error:` line naming the key, flag or path; credentials redacted), 3 training diverged (one
-line; the last good checkpoint is kept). `-q` silences tdm's and the libraries' (transformers, diffusers,
-huggingface_hub) progress bars."""
+line; the last good checkpoint is kept). `-q` after the command (`tdm distill -q`) silences tdm's and the
+libraries' (transformers, diffusers, huggingface_hub) progress bars."""
 from __future__ import annotations
 
 import argparse
