@@ -205,6 +205,9 @@ class DistillConfig(_Section):
     k_choices: StepCounts = (1, 2, 4)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # LoRA mode: the frozen base denoiser held weight-only quantised (torchao: int8, or float8 e4m3 on GPUs that
+    # support it); the adapters stay float32 and the saved student is merged into the unquantised base.
+    base_quantization: Optional[Literal["int8", "fp8"]] = None
     # Speed switches (docs/performance.md): same results within float tolerance; not part of a resume check.
     compile: bool = False  # torch.compile the denoiser (one graph per role / grad mode; minutes to compile on CPU)
     channels_last: bool = False  # NHWC weights for UNet families (digits, sd15, sdxl; checked at stage start)
@@ -223,6 +226,9 @@ class DistillConfig(_Section):
 
     @model_validator(mode="after")
     def _grid(self) -> "DistillConfig":
+        if self.base_quantization is not None and self.mode != "lora":
+            raise ValueError(f"base_quantization: {self.base_quantization!r} quantises the frozen base of LoRA mode; "
+                             f"mode is {self.mode!r} (full mode trains every weight)")
         ts = self.timesteps
         if ts is None:
             return self
