@@ -152,6 +152,22 @@ class TeacherFTConfig(_Section):
         return v
 
 
+class DistillStage(_Section):
+    """One stage of a multi-stage distillation (`distill.stages`): it runs `iterations` from where the previous
+    stage left the student (and the fake score, unless `reinit_fake`), with fresh optimisers and lr schedule;
+    the keys left null take distill's own. The TDM paper's SDXL recipe: 512 px, then 1024 px with the fake score
+    re-initialised (as issue #16 quotes it)."""
+
+    iterations: int = Field(ge=1)
+    resolution: Optional[int] = Field(None, ge=8)  # square side in pixels; null = the model's native size
+    reinit_fake: bool = False  # start the fake score afresh from the teacher (LoRA: a new adapter; full: a copy)
+    lr: Optional[float] = Field(None, gt=0)
+    fake_lr: Optional[float] = Field(None, gt=0)
+    guidance: Optional[float] = Field(None, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+
+
 class DistillConfig(_Section):
     """TDM distillation. Our defaults are ours (measured on digits); the official TDM trainer's values are noted
     beside each switch (/work/shared/notes/recipes.md: generator lr 4e-6 = fake lr 2e-5 / 5, AdamW betas (0, 0.95),
@@ -201,6 +217,10 @@ class DistillConfig(_Section):
     ema_decay: float = Field(0.99, ge=0, lt=1)
     # Which student is saved: "ema" (the average, ema_decay) or "raw" (the trained weights, no EMA kept; official).
     student_weights: Literal["ema", "raw"] = "ema"
+    # Multi-stage distillation (tdm/stages.py): stages run in order in one `tdm distill` (one loop, one log, one
+    # checkpoint series); [] = one stage of `iterations`. The last stage trains at the native size (resolution
+    # null), the size the student is saved and sampled at; `iterations` must equal the stages' sum.
+    stages: tuple[DistillStage, ...] = ()
     unify: bool = False  # TDM-unify: student and fake conditioned on K, trained over k_choices
     k_choices: StepCounts = (1, 2, 4)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -226,6 +246,14 @@ class DistillConfig(_Section):
 
     @model_validator(mode="after")
     def _grid(self) -> "DistillConfig":
+        if self.stages:
+            if self.stages[-1].resolution is not None:
+                raise ValueError(f"stages[{len(self.stages) - 1}].resolution: the last stage trains at the model's "
+                                 f"native size, the one the student is saved and sampled at (set it to null)")
+            total = sum(st.iterations for st in self.stages)
+            if total != self.iterations:
+                raise ValueError(f"iterations: {self.iterations}, but the stages sum to {total} iterations "
+                                 f"(set distill.iterations: {total})")
         if self.base_quantization is not None and self.mode != "lora":
             raise ValueError(f"base_quantization: {self.base_quantization!r} quantises the frozen base of LoRA mode; "
                              f"mode is {self.mode!r} (full mode trains every weight)")

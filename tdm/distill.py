@@ -360,22 +360,37 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
     # LoRA mode: the frozen base (teacher, encoders, VAE) is held in the mixed-precision dtype; the adapters
     # stay float32. Full mode keeps float32 weights for its trainable copies.
     # With distill.prompt_store the text encoders are never constructed: the store gives every conditioning.
-    backbone = load_backbone(d.teacher, dtype=base_dtype(cfg), prompt_store=d.prompt_store).to(accelerator.device)
-    if d.total_steps > backbone.schedule.num_train_timesteps:
-        raise ValueError(f"distill.total_steps {d.total_steps} exceeds the teacher's "
-                         f"{backbone.schedule.num_train_timesteps} training timesteps")
-    trainer = TDMTrainer(cfg, backbone, accelerator)
+    def build(stage_cfg: Config, resolution: int | None = None) -> TDMTrainer:
+        """One stage's trainer over a freshly loaded frozen base (at `resolution`: a `distill.stages` entry's)."""
+        backbone = load_backbone(d.teacher, dtype=base_dtype(cfg), prompt_store=d.prompt_store).to(accelerator.device)
+        if d.total_steps > backbone.schedule.num_train_timesteps:
+            raise ValueError(f"distill.total_steps {d.total_steps} exceeds the teacher's "
+                             f"{backbone.schedule.num_train_timesteps} training timesteps")
+        backbone.set_resolution(resolution, where="distill.stages: resolution")
+        return TDMTrainer(stage_cfg, backbone, accelerator)
+
+    if d.stages:  # multi-stage: one loop over the stages (tdm/stages.py)
+        from tdm.stages import StagedTrainer
+
+        staged = StagedTrainer(cfg, build, main_process=accelerator.is_main_process)
+        trainer, step = staged, staged.iteration
+    else:
+        trainer = build(cfg)
+        step = trainer.iteration
     from tdm.artifacts import weights_digest
     from tdm.backbones import resolve_model_path
 
     resume_key = fingerprint(cfg, STAGE, upstream={"teacher": weights_digest(resolve_model_path(d.teacher))})
     settings = LoopSettings(STAGE, d.iterations, d.checkpoint_every, d.log_every, resume_key, paths.out_dir,
                             on_diverge="Lower distill.lr / distill.fake_lr.", unit="it")
-    result = run_loop(accelerator, settings, trainer, trainer.iteration, progress, stop_after)
+    result = run_loop(accelerator, settings, trainer, step, progress, stop_after)
     summary = {"iterations": result.steps, "resumed_from": result.resumed_from,
                "train_time_s": round(result.train_time_s, 2), "student_weights": d.student_weights,
                "prompt_store": d.prompt_store is not None,
                **{k: v for k, v in result.last.items() if k.startswith(("loss_", "grad_norm_"))}}
+    if d.stages:
+        summary["stages"] = len(d.stages)
+        trainer = trainer.current  # the last stage's: the student it saves
     return trainer, summary
 
 
@@ -388,11 +403,12 @@ def student_record(cfg: Config, family: str) -> StudentRecord:
                          mode=d.mode, teacher=d.teacher)
 
 
-def save_student(trainer: TDMTrainer, folder: Path) -> StudentRecord:
+def save_student(trainer: TDMTrainer, folder: Path, cfg: Config | None = None) -> StudentRecord:
     """The student (EMA or raw weights: `distill.student_weights`) as a model folder (LoRA merged in) with its
     record and, if K-aware, its K embedding (`tdm.student`); LoRA mode also writes the adapter alone to
     `student_lora/` beside it. A teacher loaded without text encoders (`distill.prompt_store`) gets its encoder
-    folders linked from the teacher's."""
+    folders linked from the teacher's. `cfg`: the run's params written beside it (null = the trainer's: a
+    multi-stage run passes the whole config, its last stage's trainer holds that stage's)."""
     d = trainer.cfg.distill
     roles = trainer.roles
     weights = trainer.student_weights()
@@ -400,7 +416,7 @@ def save_student(trainer: TDMTrainer, folder: Path) -> StudentRecord:
     record = student_record(trainer.cfg, trainer.backbone.family)
     sidecars = record.files(roles.k_embedding("student", weights))
     trainer.backbone.save(folder, net=net, extra_files={**sidecars,
-                                                        "tdm_params.json": json.dumps(dump(trainer.cfg), indent=2)})
+                                                        "tdm_params.json": json.dumps(dump(cfg or trainer.cfg), indent=2)})
     if d.mode != "lora":  # a LoRA left by an earlier run in this folder would no longer match the student
         import shutil
 
@@ -454,8 +470,8 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
         state.wait_for_everyone()
         return {}
     folder = paths.out_dir / "student"
-    save_student(trainer, folder)
-    metrics = {**summary, "k": cfg.distill.k, "guidance": cfg.distill.guidance, "mode": cfg.distill.mode}
+    save_student(trainer, folder, cfg)
+    metrics = {**summary, "k": cfg.distill.k, "guidance": trainer.cfg.distill.guidance, "mode": cfg.distill.mode}
     metrics.update(evaluate_student(cfg, folder, paths.out_dir, progress))
     write_json(paths.metrics, metrics)
     state.wait_for_everyone()

@@ -49,6 +49,11 @@ class Backbone(ABC):
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample in the space the denoiser works in (latents, or pixels for digits)."""
 
+    def set_resolution(self, pixels: int | None, where: str = "resolution") -> None:
+        """Train / sample at `pixels` x `pixels` instead of the native size (pipeline families); ValueError here."""
+        if pixels is not None:
+            raise ValueError(f"{where}: the {self.family} model has one native size (got {pixels} px)")
+
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """Text conditioning for `prompts`, without building a graph."""

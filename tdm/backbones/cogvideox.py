@@ -21,7 +21,7 @@ class CogVideoXBackbone(PipelineBackbone):
     prediction_types = ("v_prediction",)
 
     @property
-    def latent_size(self) -> tuple[int, int]:
+    def native_latent_size(self) -> tuple[int, int]:
         c = self.net.config
         return c.sample_height, c.sample_width
 

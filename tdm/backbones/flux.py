@@ -75,8 +75,12 @@ class FluxBackbone(FolderSettings):
         self._null_cache = None
 
     @property
-    def latent_size(self) -> tuple[int, int]:
+    def native_latent_size(self) -> tuple[int, int]:
         return self.settings["height"] // self.vae_scale_factor, self.settings["width"] // self.vae_scale_factor
+
+    @property
+    def latent_multiple(self) -> int:
+        return 2  # the pipeline packs 2x2 latent patches into tokens
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

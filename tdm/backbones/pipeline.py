@@ -179,11 +179,44 @@ class PipelineBackbone(Backbone):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    # A training size other than the native one (a `distill.stages` entry's resolution), in latents; None = native.
+    latent_override: tuple[int, int] | None = None
+
     @property
-    def latent_size(self) -> tuple[int, int]:
+    def native_latent_size(self) -> tuple[int, int]:
         """(height, width) of the latents the denoiser is configured for."""
         size = self.net.config.sample_size
         return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(height, width) of the latents tdm samples and trains at: the native size unless `set_resolution`."""
+        return self.latent_override or self.native_latent_size
+
+    @property
+    def latent_multiple(self) -> int:
+        """What a latent side must be a multiple of: the denoiser's spatial patch (1 for UNets)."""
+        patch = getattr(self.net.config, "patch_size", None) or 1
+        return int(patch[-1] if isinstance(patch, (tuple, list)) else patch)
+
+    def set_resolution(self, pixels: int | None, where: str = "resolution") -> None:
+        """Train / sample square `pixels` x `pixels` images instead of the native size (None: back to native),
+        e.g. the 512 px first stage of a multi-stage SDXL distillation (the TDM paper's SDXL recipe). SDXL's size
+        time ids follow. Raises ValueError naming `where` for a side that is not a multiple of the VAE factor x
+        the patch, or larger than the native size (positional embeddings are sized for it)."""
+        if pixels is None:
+            self.latent_override = None
+            return
+        m = self.vae_scale_factor * self.latent_multiple
+        native = self.native_latent_size
+        if pixels % m:
+            raise ValueError(f"{where}: {pixels} px is not a multiple of {m} (the VAE's factor "
+                             f"{self.vae_scale_factor} x the denoiser's patch {self.latent_multiple})")
+        side = pixels // self.vae_scale_factor
+        if side > min(native):
+            raise ValueError(f"{where}: {pixels} px exceeds the model's native "
+                             f"{native[0] * self.vae_scale_factor}x{native[1] * self.vae_scale_factor} px")
+        self.latent_override = None if (side, side) == tuple(native) else (side, side)
 
     @property
     def resolution(self) -> tuple[int, int]:

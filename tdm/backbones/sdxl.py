@@ -19,8 +19,16 @@ class SDXLBackbone(PipelineBackbone):
     text_encoders = ("text_encoder", "text_encoder_2")
 
     def time_ids(self, n: int) -> torch.Tensor:
-        h, w = self.resolution  # generated at the native size: no crop, original = target
+        h, w = self.resolution  # generated at the training size: no crop, original = target
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=self.device).expand(n, 6)
+
+    # The size micro-conditioning is not a text encoder output: recomputed at the current resolution (a stage's
+    # `set_resolution`), also over rows a prompt store gives (stored at the native size; equal there).
+    def encode_prompts(self, prompts) -> Cond:
+        return {**super().encode_prompts(prompts), "time_ids": self.time_ids(len(prompts))}
+
+    def null_cond(self, n: int) -> Cond:
+        return {**super().null_cond(n), "time_ids": self.time_ids(n)}
 
     def _encode(self, prompts: list[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,

@@ -94,7 +94,7 @@ class WanBackbone(FolderSettings):
         return (self.num_frames - 1) // self.temporal_compression + 1
 
     @property
-    def latent_size(self) -> tuple[int, int]:
+    def native_latent_size(self) -> tuple[int, int]:
         return self.settings["height"] // self.vae_scale_factor, self.settings["width"] // self.vae_scale_factor
 
     @property

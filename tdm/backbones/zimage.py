@@ -78,8 +78,12 @@ class ZImageBackbone(FolderSettings):
 
     # -- shapes ---------------------------------------------------------------------------------------------------
     @property
-    def latent_size(self) -> tuple[int, int]:
+    def native_latent_size(self) -> tuple[int, int]:
         return self.settings["height"] // self.vae_scale_factor, self.settings["width"] // self.vae_scale_factor
+
+    @property
+    def latent_multiple(self) -> int:
+        return PATCH
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
