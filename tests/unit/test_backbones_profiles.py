@@ -8,6 +8,7 @@ completely with that check relaxed (the hub id is taken to be a model of the pro
 from pathlib import Path
 
 import pytest
+import yaml
 
 import tiny_models
 from tdm import config
@@ -64,9 +65,15 @@ def test_profile_runs_distill_on_the_tiny_model_of_its_family(profile, tmp_path,
 
     model = tiny_models.save_pipeline(tiny_models.build(profile.stem), tmp_path / "model")
     monkeypatch.chdir(tmp_path)  # outputs/ goes here
+    # A multi-stage profile (SDXL: 512 then 1024 px) keeps its shape: one iteration per stage, the first at half
+    # the tiny model's 16 px.
+    staged = bool(yaml.safe_load(profile.read_text())["distill"].get("stages"))
+    length = ["-S", "distill.iterations=2", "-S",
+              "distill.stages=[{iterations: 1, resolution: 8}, {iterations: 1, reinit_fake: true}]"] if staged \
+        else ["-S", "distill.iterations=1"]
     rc = cli.main(["distill", "--params", str(profile), "-q", "-S", f"model.pretrained={model}",
                    "-S", f"distill.teacher={model}", "-S", f"distill.prompts={ROOT / 'profiles/prompts/example.txt'}",
-                   "-S", "distill.iterations=1", "-S", "distill.batch_size=2", "-S", "distill.lora_rank=4"])
+                   *length, "-S", "distill.batch_size=2", "-S", "distill.lora_rank=4"])
     assert rc == 0
     assert (tmp_path / "outputs/distill/student/model_index.json").is_file()
     assert (tmp_path / "metrics/distill.json").is_file()
