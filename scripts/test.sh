@@ -14,5 +14,5 @@ workers=${TDM_TEST_WORKERS:-2}
 if [ "$workers" = 0 ]; then
   python -m pytest "$@"
 else
-  python -m pytest -n "$workers" --dist loadfile "$@"
+  python -m pytest -n "$workers" --dist loadfile --durations=15 "$@"
 fi
