@@ -158,15 +158,28 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float | None) -> to
 
 
 class TDMTrainer:
-    """Roles, optimisers, schedulers and EMA of one distillation run, and the iteration over them."""
+    """Roles, optimisers, schedulers and EMA of one distillation run, and the iteration over them.
+
+    Under FSDP (an accelerate FSDP2 config, `tdm.sharding.fsdp_plugin`) the roles are sharded before the
+    optimisers are built, so optimisers and EMA hold shards; FSDP reduce-scatters the gradients (no
+    `average_gradients`), clipping and the logged norms are global, and `state_dict` gathers full tensors (a
+    collective: `gathers_state`) in the format of an unsharded run."""
 
     def __init__(self, cfg: Config, backbone: Backbone, accelerator: Accelerator):
+        from tdm.sharding import fsdp_kwargs, fsdp_plugin
+
         d = cfg.distill
         self.cfg, self.backbone, self.accelerator = cfg, backbone, accelerator
         self.roles = Roles(backbone, d.mode, d.lora_rank, d.lora_alpha, k_max=max(d.k_choices) if d.unify else None)
         if d.gradient_checkpointing:
             for role in ("student", "fake"):
                 self.roles.nets[role].enable_gradient_checkpointing()
+        self.plugin = fsdp_plugin(accelerator)
+        self.gathers_state = self.plugin is not None  # run_loop calls state_dict() on every process then
+        self._saved_weights: dict[str, torch.Tensor] | None = None  # `unshard`'s gathered student weights
+        if self.plugin is not None:
+            TDMTrainer.check_fsdp(cfg)
+            self.roles.shard(**fsdp_kwargs(accelerator, self.plugin, lora=d.mode == "lora"))
         if d.compile or d.channels_last:  # before the optimisers: channels_last re-lays the weights
             self.roles.speed_up(compile=d.compile, channels_last=d.channels_last)
         student = self.roles.named_parameters("student")
@@ -196,9 +209,40 @@ class TDMTrainer:
         self.grid = StudentGrid(d.total_steps, d.shift, d.timesteps)  # the one grid: training, record, sampling
         self.prompts = distill_prompts(cfg)
 
+    @staticmethod
+    def check_fsdp(cfg: Config) -> None:
+        """The distill switches FSDP does not take, refused before any model is built (ValueError naming the
+        key): torch.compile and channels_last of sharded networks, 8-bit AdamW over DTensors, fp16's GradScaler
+        and multi-stage runs are untested under FSDP here; bf16 (tdm's autocast, as unsharded) is the mixed
+        precision."""
+        d = cfg.distill
+        refused = [(d.compile, "distill.compile: true"), (d.channels_last, "distill.channels_last: true"),
+                   (d.optimizer == "adamw8bit", "distill.optimizer: adamw8bit"),
+                   (d.mixed_precision == "fp16", "distill.mixed_precision: fp16 (use bf16)"),
+                   (bool(getattr(d, "stages", None)), "distill.stages")]
+        for on, what in refused:
+            if on:
+                raise ValueError(f"{what} is not supported under FSDP (an accelerate config with "
+                                 f"distributed_type: FSDP); launch with configs/accelerate/ddp.yaml or drop it")
+
     def student_weights(self) -> dict[str, torch.Tensor]:
-        """The weights the saved student carries (`distill.student_weights`): the EMA shadow, or the raw ones."""
+        """The weights the saved student carries (`distill.student_weights`): the EMA shadow, or the raw ones;
+        full tensors after `unshard` (FSDP)."""
+        if self._saved_weights is not None:
+            return self._saved_weights
         return self.ema.shadow if self.ema is not None else self.roles.state_dict("student")
+
+    def unshard(self) -> None:
+        """FSDP, after training: gather the student's weights and every role into plain modules on the main
+        process (a collective: every process calls it), so `save_student` works as on an unsharded run; the
+        other processes release their roles."""
+        from tdm.sharding import gather_dict
+
+        keep = self.accelerator.is_main_process
+        weights = self.ema.shadow if self.ema is not None else self.roles.named_parameters("student")
+        self._saved_weights = gather_dict(weights, keep)
+        self.roles.gather(keep)
+        self.opt = self.sched = self.ema = None  # shards of modules that are gone
 
     # -- one iteration --------------------------------------------------------------------------------------
     def _update(self, role: str, loss: torch.Tensor) -> torch.Tensor:
@@ -207,12 +251,16 @@ class TDMTrainer:
         accelerate's prepare cannot wrap), so we unscale before clipping (the clip and the logged norm see
         true gradients) and let the scaler skip a step whose gradients overflowed (torch.amp recipe for
         several optimisers: unscale_ / step each, one update per iteration, in `iteration`)."""
+        from tdm.sharding import clip_grad_norm
+
         params, scaler = self.roles.parameters(role), self.accelerator.scaler
         self.accelerator.backward(loss)
-        average_gradients(self.accelerator, params)
+        if self.plugin is None:  # FSDP reduce-scattered the gradients in backward
+            average_gradients(self.accelerator, params)
         if scaler is not None:
             scaler.unscale_(self.opt[role])
-        grad_norm = grad_norm_and_clip(params, self.clip[role])
+        grad_norm = grad_norm_and_clip(params, self.clip[role]) if self.plugin is None \
+            else clip_grad_norm(params, self.clip[role])  # over every process's shards
         if scaler is not None:
             scaler.step(self.opt[role])  # skipped when the unscaled gradients hold an inf / NaN
         else:
@@ -220,6 +268,35 @@ class TDMTrainer:
         self.sched[role].step()
         self.opt[role].zero_grad(set_to_none=True)
         return grad_norm.detach()
+
+    # FSDP: every process must run the same forwards (each all-gathers its units), but each draws its own
+    # rollout depth (and, TDM-unify, its own K). A process whose rollout is shallower than the deepest one runs
+    # the missing student forwards on its first grid point and discards them: the numerics stay those of an
+    # unsharded run, and the wall time is the deepest process's, which a synchronous step waits for anyway.
+    def _deepest(self, depth: int) -> int:
+        """The deepest rollout of this iteration over every process (one small all-reduce)."""
+        import torch.distributed as dist
+
+        deepest = torch.tensor([depth], device=self.accelerator.device)
+        dist.all_reduce(deepest, op=dist.ReduceOp.MAX)
+        return int(deepest)
+
+    @torch.no_grad()
+    def _idle_forwards(self, n: int, x: torch.Tensor, grid: torch.Tensor, cond, k_cond) -> None:
+        t = torch.full((x.shape[0],), int(grid[0]), device=x.device)
+        for _ in range(n):
+            self.roles.x0_eps("student", x, t, cond, k_cond)
+
+    def _autocast(self):
+        """accelerate's autocast (`distill.mixed_precision`). Under FSDP without its cast cache: autocast keeps
+        the low-precision copy of every trainable leaf it casts until the region ends, and FSDP's gathered
+        parameters are such leaves, so the cache would hold a full bf16 copy of each sharded role. The casts
+        themselves are the same (identical numerics), only redone per use."""
+        if self.plugin is None:
+            return self.accelerator.autocast()
+        from accelerate.utils import AutocastKwargs
+
+        return self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
 
     def iteration(self, step: int) -> dict[str, torch.Tensor]:
         d, roles, acc = self.cfg.distill, self.roles, self.accelerator
@@ -237,8 +314,10 @@ class TDMTrainer:
         fake_pts = draw_points(grid, t_clean, per_process, self.cfg, g)
         gen_pts = draw_points(grid, t_clean, per_process, self.cfg, g)
         depth = int(torch.maximum(fake_pts.step.max(), gen_pts.step.max())) + 1
-        with acc.autocast():
+        deepest = self._deepest(depth) if self.plugin is not None else depth
+        with self._autocast():
             traj = rollout(roles, noise, grid, cond, k_cond, depth)
+            self._idle_forwards(deepest - depth, noise, grid, cond, k_cond)
 
             # Fake score: DSM toward the student's own x0 around its trajectory.
             at_tau = diffuse_to_tau(roles, traj, fake_pts, g)
@@ -248,7 +327,7 @@ class TDMTrainer:
             loss_fake = fake_score_loss(fake_x0, at_tau.x0, schedule.snr(tau).to(device), is_w, d.snr_clamp)
         grad_fake = self._update("fake", loss_fake)
 
-        with acc.autocast():
+        with self._autocast():
             # Generator: teacher (CFG, one batched forward) and the updated fake score at fresh points.
             x_tau = diffuse_to_tau(roles, traj, gen_pts, g).x_tau
             tau = gen_pts.tau.to(device)
@@ -273,10 +352,27 @@ class TDMTrainer:
             metrics["k_embed_norm"] = roles.k_embeddings["student"].weight.detach().norm()
             metrics["k_embed_norm_fake"] = roles.k_embeddings["fake"].weight.detach().norm()
             metrics["lr_k_embed"] = torch.tensor(self.sched["student"].get_last_lr()[-1])
+        if self.plugin is not None:  # norms over shards are partial DTensors: reduced here, on every process
+            from tdm.sharding import local
+
+            metrics = {name: local(v) for name, v in metrics.items()}
         return metrics
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The training state. Under FSDP the shards are gathered (every process must call it) into full CPU
+        tensors on the main process (None elsewhere), in the format of an unsharded run."""
+        if self.plugin is not None:
+            from tdm.sharding import gather_dict, gather_optimizer_state
+
+            keep = self.accelerator.is_main_process
+            return {"student": gather_dict(self.roles.named_parameters("student"), keep),
+                    "fake": gather_dict(self.roles.named_parameters("fake"), keep),
+                    "opt_student": gather_optimizer_state(self.opt["student"], keep),
+                    "opt_fake": gather_optimizer_state(self.opt["fake"], keep),
+                    "sched_student": self.sched["student"].state_dict(), "sched_fake": self.sched["fake"].state_dict(),
+                    **({"ema": {"shadow": gather_dict(self.ema.shadow, keep), "num_updates": self.ema.num_updates}}
+                       if self.ema is not None else {})}
         return {"student": self.roles.state_dict("student"), "fake": self.roles.state_dict("fake"),
                 "opt_student": self._opt_state("student"), "opt_fake": self._opt_state("fake"),
                 "sched_student": self.sched["student"].state_dict(), "sched_fake": self.sched["fake"].state_dict(),
@@ -300,8 +396,13 @@ class TDMTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.roles.load_state_dict("student", state["student"])
         self.roles.load_state_dict("fake", state["fake"])
+        from tdm.sharding import shard_optimizer_state
+
         for role in ("student", "fake"):
-            self.opt[role].load_state_dict(state[f"opt_{role}"])
+            opt_state = state[f"opt_{role}"]
+            if self.plugin is not None:  # full tensors (any checkpoint's) cut to this process's shards
+                opt_state = shard_optimizer_state(self.opt[role], opt_state)
+            self.opt[role].load_state_dict(opt_state)
             self.sched[role].load_state_dict(state[f"sched_{role}"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -356,6 +457,10 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
     d = cfg.distill
     check_inputs(cfg)
     accelerator = Accelerator(mixed_precision=d.mixed_precision, cpu=not torch.cuda.is_available())
+    from tdm.sharding import fsdp_plugin
+
+    if fsdp_plugin(accelerator) is not None:  # an FSDP accelerate config: what it cannot take, before any model
+        TDMTrainer.check_fsdp(cfg)
     torch.manual_seed(d.seed)
     # LoRA mode: the frozen base (teacher, encoders, VAE) is held in the mixed-precision dtype; the adapters
     # stay float32. Full mode keeps float32 weights for its trainable copies.
@@ -391,6 +496,8 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
     if d.stages:
         summary["stages"] = len(d.stages)
         trainer = trainer.current  # the last stage's: the student it saves
+    if trainer.plugin is not None:  # FSDP: full tensors for save_student, on the main process
+        trainer.unshard()
     return trainer, summary
 
 

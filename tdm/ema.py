@@ -1,6 +1,9 @@
 """Exponential moving average of a set of named parameters (the teacher in SFT, the student in TDM).
 
 Working on named tensors rather than modules lets one class average a whole UNet or just a LoRA adapter.
+Under FSDP the shadow tensors are DTensors sharded like the parameters they average (each process averages its
+shard); `state_dict` then holds shards (`tdm.sharding.gather_dict` makes them full), and `load_state_dict` cuts
+full tensors to the shards.
 """
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import copy
 
 import torch
 from torch import nn
+
+from tdm.sharding import shard_like
 
 
 class EMA:
@@ -33,7 +38,8 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         if state["shadow"].keys() != self.shadow.keys():
             raise ValueError("EMA state does not match the parameters it averages")
-        self.shadow = {n: t.clone().float() for n, t in state["shadow"].items()}
+        # A full tensor (a checkpoint's) is cut to the shard of the parameter it averages under FSDP.
+        self.shadow = {n: shard_like(t, self.shadow[n]).clone().float() for n, t in state["shadow"].items()}
         self.num_updates = int(state["num_updates"])
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from tdm.backbones.base import Backbone, Cond
+from tdm.sharding import shard_like
 from tdm.student import k_conditioning
 
 Role = Literal["teacher", "student", "fake"]
@@ -94,6 +95,59 @@ class Roles:
             if compile:
                 self._callables[role] = done[id(net)]
 
+    # -- FSDP2 (tdm.sharding) -------------------------------------------------------------------------------
+    sharded = False
+
+    def shard(self, **fsdp_kwargs) -> None:
+        """Shard every distinct network per block, then at its root (`tdm.sharding.shard`), and each K
+        embedding as one unit: full mode the teacher, student and fake score each; LoRA mode the one base with
+        both adapters (frozen and trained parameters in the same units). Call before the optimisers are built:
+        the parameters become new DTensor objects. A meta-device skeleton of each network is kept for `gather`."""
+        from torch.distributed.fsdp import fully_shard
+
+        from tdm.sharding import meta_skeleton, shard
+
+        distinct = {id(net): net for net in self.nets.values()}
+        self._skeletons = {key: meta_skeleton(net) for key, net in distinct.items()}
+        self._skeletons.update({f"k_{role}": meta_skeleton(emb) for role, emb in self.k_embeddings.items()})
+        for net in distinct.values():
+            shard(net, **fsdp_kwargs)
+        for emb in self.k_embeddings.values():
+            fully_shard(emb, **fsdp_kwargs)
+        self._named.clear()
+        self.sharded = True
+
+    def gather(self, keep: bool) -> None:
+        """Undo `shard` for saving (a collective: every process calls it): where `keep`, every network and K
+        embedding becomes a plain module on the CPU holding the full tensors (the backbone's `net` too, it is
+        the teacher), so `state_dict`, `merged_net`, `k_embedding` and `adapter_state_dict` work unchanged;
+        elsewhere the roles are released (they cannot compute afterwards)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        plain: dict = {}
+        for key, net in {id(net): net for net in self.nets.values()}.items():
+            full = get_model_state_dict(net, options=options)  # on rank 0 only (cpu_offload)
+            plain[key] = self._from_full(self._skeletons[key], full) if keep else None
+        for role, emb in self.k_embeddings.items():
+            full = get_model_state_dict(emb, options=options)
+            plain[f"k_{role}"] = self._from_full(self._skeletons[f"k_{role}"], full) if keep else None
+        self.nets = {role: plain[id(net)] for role, net in self.nets.items()}
+        self.k_embeddings = nn.ModuleDict({role: plain[f"k_{role}"] for role in self.k_embeddings}) if keep \
+            else nn.ModuleDict()
+        self.backbone.net = self.nets["teacher"]
+        self.sharded, self._skeletons, self._named, self._callables = False, {}, {}, {}
+        self._tuner_layers = [m for m in self.nets["teacher"].modules() if isinstance(m, BaseTunerLayer)] \
+            if keep else []
+        self._active = None
+        if keep:
+            self.activate("teacher")
+
+    @staticmethod
+    def _from_full(skeleton: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:
+        skeleton.load_state_dict(full, assign=True)  # the meta parameters take the gathered CPU tensors
+        return skeleton
+
     # -- predictions -----------------------------------------------------------------------------------------
     def x0_eps(self, role: Role, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
                k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +199,7 @@ class Roles:
         if missing or unexpected:
             raise ValueError(f"{role} state does not match: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
         for name, p in params.items():
-            p.copy_(state[name])
+            p.copy_(shard_like(state[name], p))  # a full tensor cut to this process's shard (FSDP); else as is
 
     def adapter_state_dict(self, role: Role) -> dict[str, torch.Tensor]:
         """LoRA mode: the role's adapter in peft's naming (for export)."""

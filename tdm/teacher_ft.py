@@ -252,6 +252,11 @@ def train(cfg: Config, paths: StagePaths, backbone: Backbone | None = None, prog
           stop_after: int | None = None) -> tuple[Backbone, EMA, TrainResult]:
     """Run (or resume) the fine-tuning loop; returns the backbone, the EMA teacher and a summary.
     `stop_after` ends the run early at that step (a checkpoint is written), as a kill would."""
+    from tdm.sharding import fsdp_requested
+
+    if fsdp_requested():  # before any data or model: teacher_ft's accelerator.prepare path is DDP only
+        raise ValueError("teacher_ft: the FSDP accelerate config is not supported (tdm shards distill only); "
+                         "launch with configs/accelerate/ddp.yaml")
     ft = cfg.teacher_ft
     data = open_training_set(cfg)
     # cpu=True on CPU-only machines: without it accelerate does not form a (gloo) process group under torchrun.

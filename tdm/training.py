@@ -76,10 +76,16 @@ def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
 
 
 def replicas_identical(accelerator, params: Iterable[torch.Tensor]) -> bool:
-    """True when every process holds the same weights (checked via a float64 signature)."""
+    """True when every process holds the same weights (checked via a float64 signature). FSDP shards
+    (DTensors) are skipped: each lives on one process only, there is no replica to compare."""
+    from tdm.sharding import is_sharded
+
     if accelerator.num_processes == 1:
         return True
-    signature = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    replicated = [p for p in params if not is_sharded(p)]
+    if not replicated:
+        return True
+    signature = torch.stack([p.detach().double().sum() for p in replicated]).sum().reshape(1)
     everyone = accelerator.gather(signature.to(accelerator.device))
     return bool(torch.all(everyone == everyone[0]))
 
@@ -189,6 +195,9 @@ class TrainingState(Protocol):
 
     def trainable(self) -> list[torch.Tensor]: ...
 
+    # Optional: `gathers_state = True` when state_dict() is a collective (FSDP gathers shards), so every
+    # process calls it at a checkpoint and the main one writes what it returns.
+
 
 @dataclass(frozen=True)
 class LoopSettings:
@@ -227,9 +236,11 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
     from tdm import checkpoint as ckpt
     from tdm.artifacts import fault_point, remove_stale_temps
     from tdm.checkpoint import rng_state, set_rng_state
+    from tdm.sharding import finite_everywhere
     from tdm.tracking import MetricsLog
 
     s = settings
+    gathers = bool(getattr(state, "gathers_state", False))  # FSDP: state_dict() on every process
     progress_every()  # a bad TDM_PROGRESS_EVERY fails before any step
     root = s.out_dir / "checkpoints"
     if accelerator.is_main_process:  # temps a killed write left (a model save, a checkpoint, a log rewrite)
@@ -270,13 +281,14 @@ def run_loop(accelerator, settings: LoopSettings, state: TrainingState, step: Ca
 
     def save(n: int) -> None:
         flush()
-        if not all_finite(state.trainable()):
+        if not (finite_everywhere(accelerator, state.trainable()) if gathers else all_finite(state.trainable())):
             raise diverged(f"non-finite weights by {s.unit} {n}")
         if not replicas_identical(accelerator, state.trainable()):  # DDP / our averaging should guarantee it
             raise RuntimeError(f"{s.stage}: replicas differ across processes at {s.unit} {n}")
+        trainer_state = state.state_dict() if gathers or accelerator.is_main_process else None
         if accelerator.is_main_process:
             ckpt.save_state(ckpt.step_dir(root, n), {
-                "step": n, "fingerprint": s.fingerprint, "trainer": state.state_dict(), "rng": rng_state(),
+                "step": n, "fingerprint": s.fingerprint, "trainer": trainer_state, "rng": rng_state(),
                 "last": dict(last), "train_time_s": past_time + time.perf_counter() - t0})
             ckpt.prune_checkpoints(root, keep=2)
         accelerator.wait_for_everyone()
