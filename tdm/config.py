@@ -189,10 +189,16 @@ class DistillConfig(_Section):
     shift: float = Field(1.0, gt=0)
     timesteps: Optional[tuple[int, ...]] = None
     guidance: float = Field(2.0, ge=1)  # teacher CFG baked into the student
+    # The teacher's CFG per student step i = 0..K-1 (e.g. [3.0, 1.0, 1.0, 1.0]: guidance only where the first step
+    # decides the content); null = `guidance` at every step. A fixed K only (not TDM-unify).
+    guidance_schedule: Optional[tuple[Annotated[float, Field(ge=1)], ...]] = None
     iterations: int = Field(400, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-5, gt=0)  # generator; official: 4e-6 (= fake lr / 5)
     fake_lr: float = Field(1e-4, gt=0)  # official: 2e-5
+    # Fake-score updates per generator update (DMD2's two time-scale update rule uses 5; each extra one on a fresh
+    # student batch); `iterations` and the lr schedules count generator updates. Official TDM: 1.
+    fake_updates: int = Field(1, ge=1)
     # TDM-unify: the student's K embedding's own lr (null = lr); the fake score's K embedding trains at fake_lr.
     k_embed_lr: Optional[float] = Field(None, gt=0)
     betas: tuple[float, float] = (0.0, 0.95)  # official: (0, 0.95), both optimisers
@@ -257,6 +263,13 @@ class DistillConfig(_Section):
         if self.base_quantization is not None and self.mode != "lora":
             raise ValueError(f"base_quantization: {self.base_quantization!r} quantises the frozen base of LoRA mode; "
                              f"mode is {self.mode!r} (full mode trains every weight)")
+        if self.guidance_schedule is not None:
+            if self.unify:
+                raise ValueError("guidance_schedule: one scale per step of a fixed K; TDM-unify (unify: true) trains "
+                                 "several K (use guidance)")
+            if len(self.guidance_schedule) != self.k:
+                raise ValueError(f"guidance_schedule: {len(self.guidance_schedule)} entries for k = {self.k} (one "
+                                 f"per student step)")
         ts = self.timesteps
         if ts is None:
             return self

@@ -245,7 +245,7 @@ class TDMTrainer:
         self.opt = self.sched = self.ema = None  # shards of modules that are gone
 
     # -- one iteration --------------------------------------------------------------------------------------
-    def _update(self, role: str, loss: torch.Tensor) -> torch.Tensor:
+    def _update(self, role: str, loss: torch.Tensor, step_schedule: bool = True) -> torch.Tensor:
         """Backward, average over processes, clip, step. Under fp16 accelerate's GradScaler scales the loss
         in `backward`; the optimisers are ours (two parameter sets on one module in LoRA mode, which
         accelerate's prepare cannot wrap), so we unscale before clipping (the clip and the logged norm see
@@ -265,7 +265,8 @@ class TDMTrainer:
             scaler.step(self.opt[role])  # skipped when the unscaled gradients hold an inf / NaN
         else:
             self.opt[role].step()
-        self.sched[role].step()
+        if step_schedule:  # the lr schedules count iterations (distill.fake_updates steps the fake score more)
+            self.sched[role].step()
         self.opt[role].zero_grad(set_to_none=True)
         return grad_norm.detach()
 
@@ -298,33 +299,63 @@ class TDMTrainer:
 
         return self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
 
-    def iteration(self, step: int) -> dict[str, torch.Tensor]:
-        d, roles, acc = self.cfg.distill, self.roles, self.accelerator
-        schedule, device = self.backbone.schedule, acc.device
-        g = step_generator(d.seed, step, acc.process_index)
+    def _draw(self, g: torch.Generator):
+        """One batch of the student's inputs: (K, its grid, prompts' cond, noise, the K condition or None)."""
+        d, acc = self.cfg.distill, self.accelerator
         per_process = d.batch_size // acc.num_processes
         k = d.k if not d.unify else d.k_choices[int(torch.randint(len(d.k_choices), (1,), generator=g))]
-        grid = self.grid.at(k)
-        t_clean = int(schedule.t_clean)
         prompt_idx = torch.randint(len(self.prompts), (per_process,), generator=g)
         cond = self.backbone.encode_prompts([self.prompts[i] for i in prompt_idx])
-        noise = torch.randn((per_process, *self.backbone.sample_shape), generator=g).to(device)
-        k_cond = torch.full((per_process,), k, device=device) if d.unify else None
+        noise = torch.randn((per_process, *self.backbone.sample_shape), generator=g).to(acc.device)
+        k_cond = torch.full((per_process,), k, device=acc.device) if d.unify else None
+        return k, self.grid.at(k), cond, noise, k_cond
 
+    def _rollout(self, noise, grid, cond, k_cond, depth: int) -> Rollout:
+        deepest = self._deepest(depth) if self.plugin is not None else depth
+        traj = rollout(self.roles, noise, grid, cond, k_cond, depth)
+        self._idle_forwards(deepest - depth, noise, grid, cond, k_cond)
+        return traj
+
+    def _fake_loss(self, traj: Rollout, pts: LossPoints, cond, k_cond, g: torch.Generator):
+        """Fake score: DSM toward the student's own x0 around its trajectory; (loss, importance weights)."""
+        at_tau = diffuse_to_tau(self.roles, traj, pts, g)
+        tau = pts.tau.to(self.accelerator.device)
+        fake_x0, _ = self.roles.x0_eps("fake", at_tau.x_tau, tau, cond, k_cond)
+        is_w = importance_weight(at_tau.effective_noise, at_tau.noise)
+        snr = self.backbone.schedule.snr(tau).to(self.accelerator.device)
+        return fake_score_loss(fake_x0, at_tau.x0, snr, is_w, self.cfg.distill.snr_clamp), is_w
+
+    def _guidance(self, pts: LossPoints) -> float | torch.Tensor:
+        """The teacher's CFG scale per generator point: `distill.guidance`, or the per-student-step
+        `distill.guidance_schedule` entry of each point's grid index."""
+        schedule = self.cfg.distill.guidance_schedule
+        if schedule is None:
+            return self.cfg.distill.guidance
+        return torch.tensor(schedule, dtype=torch.float32)[pts.step].to(self.accelerator.device)
+
+    def iteration(self, step: int) -> dict[str, torch.Tensor]:
+        d, roles, acc = self.cfg.distill, self.roles, self.accelerator
+        device = acc.device
+        g = step_generator(d.seed, step, acc.process_index)
+        t_clean = int(self.backbone.schedule.t_clean)
+        # DMD2's two time-scale update rule: fake_updates - 1 extra fake-score updates, each on a fresh student
+        # batch, before the one below (none by default: the draws below are then those of the plain iteration).
+        for _ in range(d.fake_updates - 1):
+            _, grid, cond, noise, k_cond = self._draw(g)
+            pts = draw_points(grid, t_clean, noise.shape[0], self.cfg, g)
+            with self._autocast():
+                traj = self._rollout(noise, grid, cond, k_cond, int(pts.step.max()) + 1)
+                loss_fake, _ = self._fake_loss(traj, pts, cond, k_cond, g)
+            self._update("fake", loss_fake, step_schedule=False)
+
+        k, grid, cond, noise, k_cond = self._draw(g)
+        per_process = noise.shape[0]
         fake_pts = draw_points(grid, t_clean, per_process, self.cfg, g)
         gen_pts = draw_points(grid, t_clean, per_process, self.cfg, g)
         depth = int(torch.maximum(fake_pts.step.max(), gen_pts.step.max())) + 1
-        deepest = self._deepest(depth) if self.plugin is not None else depth
         with self._autocast():
-            traj = rollout(roles, noise, grid, cond, k_cond, depth)
-            self._idle_forwards(deepest - depth, noise, grid, cond, k_cond)
-
-            # Fake score: DSM toward the student's own x0 around its trajectory.
-            at_tau = diffuse_to_tau(roles, traj, fake_pts, g)
-            tau = fake_pts.tau.to(device)
-            fake_x0, _ = roles.x0_eps("fake", at_tau.x_tau, tau, cond, k_cond)
-            is_w = importance_weight(at_tau.effective_noise, at_tau.noise)
-            loss_fake = fake_score_loss(fake_x0, at_tau.x0, schedule.snr(tau).to(device), is_w, d.snr_clamp)
+            traj = self._rollout(noise, grid, cond, k_cond, depth)
+            loss_fake, is_w = self._fake_loss(traj, fake_pts, cond, k_cond, g)
         grad_fake = self._update("fake", loss_fake)
 
         with self._autocast():
@@ -332,7 +363,7 @@ class TDMTrainer:
             x_tau = diffuse_to_tau(roles, traj, gen_pts, g).x_tau
             tau = gen_pts.tau.to(device)
             with torch.no_grad():
-                teacher_x0 = roles.teacher_guided_x0(x_tau, tau, cond, d.guidance)
+                teacher_x0 = roles.teacher_guided_x0(x_tau, tau, cond, self._guidance(gen_pts))
                 fake_x0, _ = roles.x0_eps("fake", x_tau, tau, cond, k_cond)
             # Gradient through one student step: its prediction at the stored trajectory input.
             x_in = at_step(traj.inputs, gen_pts.step)

@@ -20,13 +20,17 @@ from tdm.schedule import ddim_timesteps
 
 
 def guided_x0_eps(backbone: Backbone, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
-                  guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, eps) with classifier-free guidance; cond and uncond go through `net` as one batch."""
-    if guidance == 1.0:
+                  guidance: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) with classifier-free guidance; cond and uncond go through `net` as one batch. `guidance`: one
+    scale, or one per sample (a (B,) tensor: `distill.guidance_schedule` gives each trajectory step its own)."""
+    per_sample = torch.is_tensor(guidance)
+    if (bool((guidance == 1).all()) if per_sample else guidance == 1.0):
         return backbone.predict_x0_eps(net, x_t, t, cond)
     n = x_t.shape[0]
     both = backbone.predict(net, torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([cond, backbone.null_cond(n)]))
     out_c, out_u = both.chunk(2)
+    if per_sample:
+        guidance = guidance.to(out_c.device, torch.float32).view(n, *([1] * (out_c.ndim - 1)))
     # Every supported output type is linear in (x0, eps), so guiding the raw output guides both.
     return backbone.schedule.to_x0_eps(out_u + guidance * (out_c - out_u), x_t, t, backbone.prediction_type)
 

@@ -285,3 +285,57 @@ def test_adamw8bit_trains_and_resumes(teacher_dir, tmp_path):
     again.load_state_dict(load_state(tmp_path / "ck"))
     a, b = t.iteration(1), again.iteration(1)
     assert torch.equal(a["loss_gen"], b["loss_gen"]) and torch.equal(a["loss_fake"], b["loss_fake"])
+
+
+# -- #17 switches: a per-step guidance schedule, DMD2's two time-scale update rule ------------------------------
+def test_a_constant_guidance_schedule_is_the_plain_guidance(teacher_dir, tmp_path):
+    plain = _trainer(teacher_dir, tmp_path, "distill.guidance=2.0")
+    scheduled = _trainer(teacher_dir, tmp_path, "distill.guidance=2.0", "distill.guidance_schedule=[2.0, 2.0, 2.0, 2.0]")
+    for step in range(2):
+        a, b = plain.iteration(step), scheduled.iteration(step)
+        assert all(torch.equal(a[k], b[k]) for k in ("loss_gen", "loss_fake", "grad_norm_gen"))
+    varied = _trainer(teacher_dir, tmp_path, "distill.guidance_schedule=[4.0, 1.0, 1.0, 1.0]")
+    assert not torch.equal(varied.iteration(0)["loss_gen"], _trainer(teacher_dir, tmp_path).iteration(0)["loss_gen"])
+
+
+def test_per_sample_guidance_guides_each_sample_at_its_own_scale(teacher_dir):
+    from tdm.sampler import guided_x0_eps
+
+    backbone = load_backbone(teacher_dir)
+    torch.manual_seed(0)
+    x = torch.randn(3, *backbone.sample_shape)
+    t = torch.tensor([800, 500, 200])
+    cond = backbone.encode_prompts(["a 3", "a 7", "a 1"])
+    scales = torch.tensor([4.0, 1.0, 2.5])
+    with torch.no_grad():
+        x0, eps = guided_x0_eps(backbone, backbone.net, x, t, cond, scales)
+        for i, w in enumerate(scales.tolist()):
+            one = {k: v[i:i + 1] for k, v in cond.items()}
+            x0_i, eps_i = guided_x0_eps(backbone, backbone.net, x[i:i + 1], t[i:i + 1], one, w)
+            torch.testing.assert_close(x0[i:i + 1], x0_i, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(eps[i:i + 1], eps_i, atol=1e-5, rtol=1e-5)
+
+
+def test_fake_updates_step_the_fake_score_more_but_its_schedule_per_iteration(teacher_dir, tmp_path):
+    t = _trainer(teacher_dir, tmp_path, "distill.fake_updates=3", "distill.warmup_steps=4")
+    for step in range(2):
+        metrics = t.iteration(step)
+    assert torch.isfinite(metrics["loss_fake"]) and torch.isfinite(metrics["loss_gen"])
+    fake_steps = {int(s["step"]) for s in t.opt["fake"].state.values()}
+    gen_steps = {int(s["step"]) for s in t.opt["student"].state.values()}
+    assert fake_steps == {6} and gen_steps == {2}
+    assert t.sched["fake"].last_epoch == t.sched["student"].last_epoch == 2
+    from tdm.training import lr_factor
+
+    assert t.sched["fake"].get_last_lr()[0] == pytest.approx(1e-3 * lr_factor(2, 4, 4, "cosine"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["distill.guidance_schedule=[2.0, 1.0]"], "guidance_schedule: 2 entries for k = 4"),
+    (["distill.unify=true", "distill.guidance_schedule=[2.0, 1.0, 1.0, 1.0]"], "guidance_schedule: one scale per step"),
+    (["distill.guidance_schedule=[2.0, 0.5, 1.0, 1.0]"], "guidance_schedule"),
+    (["distill.fake_updates=0"], "fake_updates"),
+])
+def test_bad_schedule_switches_are_refused_by_key(teacher_dir, tmp_path, extra, message):
+    with pytest.raises(config.ConfigError, match=message):
+        _cfg(teacher_dir, tmp_path, *extra)
