@@ -28,6 +28,10 @@ pip_install --no-deps hpsv2x==1.2.0 clint==0.5.1 args==0.1.0
 # bitsandbytes (the `memory` extra, distill.optimizer: adamw8bit) beside the venv, not in it: installed, peft would
 # import it in every process that injects a LoRA (~5 s each); its test puts this folder on sys.path itself.
 pip_install --no-deps --target .venv/extras/bitsandbytes bitsandbytes==0.50.2
+# torchao (the `memory` extra, distill.base_quantization) beside it for the same reason: installed, peft imports it
+# (through transformers' torchao quantizer) in every process that imports peft (~3 s each); tests/conftest.py puts
+# this folder on sys.path before diffusers is imported (diffusers checks for torchao once, at import).
+pip_install --no-deps --target .venv/extras/torchao torchao==0.18.0
 rm -f "$log"
 # Fail loudly (and leave no stamp) if anything did not install.
 .venv/bin/python -c "import tdm, torch, torchvision, diffusers, transformers, accelerate, peft, safetensors, sklearn, \

@@ -219,7 +219,8 @@ class TDMTrainer:
         refused = [(d.compile, "distill.compile: true"), (d.channels_last, "distill.channels_last: true"),
                    (d.optimizer == "adamw8bit", "distill.optimizer: adamw8bit"),
                    (d.mixed_precision == "fp16", "distill.mixed_precision: fp16 (use bf16)"),
-                   (bool(getattr(d, "stages", None)), "distill.stages")]
+                   (bool(getattr(d, "stages", None)), "distill.stages"),
+                   (d.base_quantization is not None, f"distill.base_quantization: {d.base_quantization}")]
         for on, what in refused:
             if on:
                 raise ValueError(f"{what} is not supported under FSDP (an accelerate config with "
@@ -476,6 +477,10 @@ def check_inputs(cfg: Config) -> None:
             raise ValueError("distill.optimizer: adamw8bit needs bitsandbytes (pip install -e '.[memory]' in tdm's "
                              "clone, i.e. "
                              "bitsandbytes==0.50.2)")
+    if d.base_quantization is not None:  # torchao importable (the `memory` extra), before any model is built
+        from tdm.quantize import require_torchao
+
+        require_torchao(d.base_quantization)
     if d.prompt_store is not None:  # made from this teacher's encoders, in the dtype distill loads them, all prompts
         from tdm.backbones.stored_prompts import open_for
 
@@ -492,13 +497,19 @@ def train(cfg: Config, paths: StagePaths, progress: bool = True,
 
     if fsdp_plugin(accelerator) is not None:  # an FSDP accelerate config: what it cannot take, before any model
         TDMTrainer.check_fsdp(cfg)
+    if d.base_quantization is not None:  # a device that cannot run it is refused before the teacher is read
+        from tdm.quantize import check_device
+
+        check_device(d.base_quantization, accelerator.device)
     torch.manual_seed(d.seed)
     # LoRA mode: the frozen base (teacher, encoders, VAE) is held in the mixed-precision dtype; the adapters
     # stay float32. Full mode keeps float32 weights for its trainable copies.
     # With distill.prompt_store the text encoders are never constructed: the store gives every conditioning.
     def build(stage_cfg: Config, resolution: int | None = None) -> TDMTrainer:
         """One stage's trainer over a freshly loaded frozen base (at `resolution`: a `distill.stages` entry's)."""
-        backbone = load_backbone(d.teacher, dtype=base_dtype(cfg), prompt_store=d.prompt_store).to(accelerator.device)
+        # distill.base_quantization: the denoiser's Linear weights int8 / fp8 (tdm.quantize; LoRA mode only)
+        backbone = load_backbone(d.teacher, dtype=base_dtype(cfg), prompt_store=d.prompt_store,
+                                 quantization=d.base_quantization).to(accelerator.device)
         if d.total_steps > backbone.schedule.num_train_timesteps:
             raise ValueError(f"distill.total_steps {d.total_steps} exceeds the teacher's "
                              f"{backbone.schedule.num_train_timesteps} training timesteps")

@@ -8,7 +8,8 @@ and fake; the EMA of the student) and counts, per process:
 - **weights** by role and dtype: the frozen base / teacher, the student and fake trainables, the resident frozen
   parts (text encoders, VAE) in the dtype `tdm.distill.train` loads them in (LoRA mode: the mixed-precision
   dtype, adapters float32; full mode: float32 everywhere; the trainable float32 weights *are* the master copies,
-  there is no second copy);
+  there is no second copy); with `distill.base_quantization` (LoRA mode) the base's `nn.Linear` weights at
+  `tdm.quantize.weight_bytes` each (1 byte per element + per-row scales, torchao's layouts), the rest as loaded;
 - **gradients**: one role's trainables at a time (each `_update` ends with `zero_grad(set_to_none=True)`, so the
   fake score's gradients are gone before the student's exist), plus the flat all-reduce buffers of
   `tdm.training.average_gradients` with more than one process;
@@ -64,6 +65,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from tdm.quantize import skipped_by_diffusers, weight_bytes  # byte rules only: a plan never imports torchao
+
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 GIB = 2 ** 30
 CUDA_CONTEXT_BYTES = 512 * 2 ** 20  # CUDA context + kernels: a typical 0.4-0.6 GiB (not measured here: no GPU)
@@ -96,7 +99,7 @@ class Line:
 @dataclass(frozen=True)
 class Suggestion:
     switch: str  # how to turn it on
-    status: str  # "exists" | "planned (issue 15)"
+    status: str  # "exists" ("" for a combination)
     total_bytes: int  # the per-process total with this switch (alone) applied
     fits: bool | None
 
@@ -113,7 +116,7 @@ class Plan:
     batch_size: int  # global (distill.batch_size)
     num_processes: int
     sample_shape: tuple[int, ...]
-    options: dict  # switches on: embedding_store (distill.prompt_store), adam8bit, fsdp (planned)
+    options: dict  # switches on: embedding_store (distill.prompt_store), adam8bit, fsdp, base_quantization
     lines: list[Line]
     device_memory_bytes: int | None
     device_name: str | None
@@ -359,6 +362,17 @@ def _keep_in_fp32(module: nn.Module, library: str, dtype: torch.dtype) -> None:
 
 
 # -- counting helpers -----------------------------------------------------------------------------------------
+QUANTIZED_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}  # the element type of each distill.base_quantization
+
+
+def quantized_base_weights(net: nn.Module, model_class: type) -> list[torch.Tensor]:
+    """The weights `tdm.quantize.load_denoiser` quantises in `net` (a meta-device base, peft-wrapped or not):
+    every `nn.Linear` weight outside the LoRA adapters and outside the model's `_keep_in_fp32_modules` (diffusers'
+    torchao quantizer leaves those as loaded). Convolutions, norms, embeddings and biases are not among them."""
+    return [m.weight for name, m in net.named_modules() if isinstance(m, nn.Linear) and "lora_" not in name
+            and not skipped_by_diffusers(model_class, name.replace(".base_layer", ""))]
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -654,6 +668,7 @@ class _Setup:
     adam8bit: bool = False
     fsdp: bool = False
     raw_student: bool = False  # distill.student_weights: raw (no EMA shadow)
+    quantization: str | None = None  # distill.base_quantization: the frozen base's Linear weights int8 / fp8
 
 
 def _lines(cfg, setup: _Setup, built: dict, num_processes: int, activations: dict) -> list[Line]:
@@ -672,6 +687,14 @@ def _lines(cfg, setup: _Setup, built: dict, num_processes: int, activations: dic
     # weights: the denoiser roles
     base = [p for n, p in roles.nets["teacher"].named_parameters() if "lora_" not in n]
     frozen_what = "teacher = frozen base (shared)" if setup.mode == "lora" else "teacher (frozen copy)"
+    if setup.quantization is not None and setup.mode == "lora":
+        quantized = quantized_base_weights(roles.nets["teacher"], type(parts["net"]))
+        n = sum(w.numel() for w in quantized)
+        b = sum(weight_bytes(setup.quantization, *w.shape) for w in quantized)
+        add("weights", "frozen base: Linear weights (quantised)", n, QUANTIZED_DTYPES[setup.quantization], b,
+            "no grad; torchao weight-only, per-row scales (distill.base_quantization)", shard=True, part="teacher")
+        done = {id(w) for w in quantized}
+        base = [p for p in base if id(p) not in done]
     for dtype, (n, b) in _by_dtype(base).items():
         add("weights", frozen_what, n, _dtype_name(dtype), b, "no grad", shard=True, part="teacher")
     for role in ("student", "fake"):
@@ -693,6 +716,16 @@ def _lines(cfg, setup: _Setup, built: dict, num_processes: int, activations: dic
     grad = max(tensor_bytes(ps) for ps in per_role.values())
     n_grad = max(sum(p.numel() for p in ps) for ps in per_role.values())
     add("gradients", "one role at a time (set_to_none after step)", n_grad, "float32", grad, shard=True)
+    if n_shard > 1:  # FSDP2: one block gathered at a time plus the prefetched next; its full grads in backward
+        from tdm.sharding import shard_units
+
+        net = roles.nets["student"]
+        units = shard_units(net) or [net]
+        trained = {id(p) for ps in per_role.values() for p in ps}
+        add("weights", "FSDP all-gather: largest block unsharded x 2 (prefetch)", 0, "",
+            2 * max(tensor_bytes(list(u.parameters())) for u in units), "transient")
+        add("gradients", "FSDP: largest block's full gradients before reduce-scatter", 0, "float32",
+            max(tensor_bytes([p for p in u.parameters() if id(p) in trained]) for u in units), "transient")
     if num_processes > 1 and not setup.fsdp:
         add("gradients", "all-reduce buffers (average_gradients)", 0, "float32", 2 * grad,
             "torch.cat copy + the reduced mean")
@@ -727,7 +760,7 @@ def _lines(cfg, setup: _Setup, built: dict, num_processes: int, activations: dic
         f"measured on meta at batch 1, x {B}" + (", checkpointed" if setup.gradient_checkpointing else ""))
     add("activations", f"margin {ACTIVATION_MARGIN:.0%}: backward transients, workspaces", 0, "", int(
         ACTIVATION_MARGIN * saved), "estimate")
-    if a["autocast_cache"]:
+    if a["autocast_cache"] and not setup.fsdp:  # tdm turns autocast's cache off under FSDP (TDMTrainer._autocast)
         add("activations", "autocast weight cache (low-precision copies)", 0, _dtype_name(dt),
             2 * a["autocast_cache"],
             "student + fake trainables cast once per autocast region", shard=True)
@@ -775,7 +808,7 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
     """The per-process memory plan of `tdm distill` with `cfg` (a `tdm.config.Config`) on `num_processes`
     devices of `device_memory_bytes` each (default: CUDA device 0's total memory when there is one, else no
     verdict). `embedding_store` (no text encoders resident: `distill.prompt_store`) and `adam8bit`
-    (`distill.optimizer: adamw8bit`) default to what `cfg` sets; `fsdp` is a planned switch (issue 15) assumed on.
+    (`distill.optimizer: adamw8bit`) default to what `cfg` sets; `fsdp`: FSDP2 full shard assumed on (configs/accelerate/fsdp.yaml).
     Reads configs only.
     Raises ValueError for an unknown family, a teacher with no known architecture, device memory <= 0, or a
     process count that does not divide distill.batch_size."""
@@ -793,7 +826,7 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
     if adam8bit is None:
         adam8bit = d.optimizer == "adamw8bit"
     setup = _Setup(d.mode, d.gradient_checkpointing, d.batch_size // num_processes, embedding_store, adam8bit, fsdp,
-                   raw_student=d.student_weights == "raw")
+                   raw_student=d.student_weights == "raw", quantization=d.base_quantization)
     cache: dict[str, dict] = {}
     activations: dict[str, dict] = {}
 
@@ -823,7 +856,8 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
                   gradient_checkpointing=d.gradient_checkpointing, unify=d.unify,
                   lora_rank=d.lora_rank if d.mode == "lora" else None, batch_size=d.batch_size,
                   num_processes=num_processes, sample_shape=tuple(b["sample_shape"]),
-                  options={"embedding_store": embedding_store, "adam8bit": adam8bit, "fsdp": fsdp},
+                  options={"embedding_store": embedding_store, "adam8bit": adam8bit, "fsdp": fsdp,
+                           "base_quantization": d.base_quantization},
                   lines=lines, device_memory_bytes=memory, device_name=name, activation_method=method)
     if suggestions:
         total = lambda ls: sum(x.bytes for x in ls if x.device)  # noqa: E731
@@ -848,13 +882,24 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
         if not setup.raw_student:
             options.append(("-S distill.student_weights=raw (no EMA shadow)", "exists",
                             replace(setup, raw_student=True)))
+        if setup.quantization is None:  # LoRA mode only (full mode trains every weight): after the mode switch
+            label = "-S distill.base_quantization=int8 (torchao)"
+            options.append(((label if d.mode == "lora" else f"-S distill.mode=lora {label}"), "exists",
+                            replace(setup, mode="lora", quantization="int8")))
         if not fsdp and num_processes > 1:
-            options.append((f"FSDP full shard over {num_processes} processes", "planned (issue 15)",
-                            replace(setup, fsdp=True)))
+            options.append((f"FSDP2 full shard over {num_processes} processes (accelerate launch --config_file "
+                            f"configs/accelerate/fsdp.yaml)", "exists", replace(setup, fsdp=True)))
+        # Together: tdm's FSDP refuses 8-bit AdamW and a quantised base (TDMTrainer.check_fsdp), so the
+        # combinations are the ones a run can launch: every switch without FSDP, and FSDP with the others.
         every = replace(setup, mode="lora", gradient_checkpointing=True, batch_per_process=1, embedding_store=True,
-                        adam8bit=True, fsdp=num_processes > 1, raw_student=True)
+                        adam8bit=True, fsdp=False, raw_student=True, quantization=setup.quantization or "int8")
         if every != setup:
-            options.append(("all of the above", "", every))
+            options.append(("all of the above but FSDP" if num_processes > 1 else "all of the above", "", every))
+        if num_processes > 1:
+            sharded = replace(every, fsdp=True, adam8bit=False, quantization=None)
+            if sharded != setup:
+                options.append(("FSDP2 + LoRA, checkpointing, batch 1, prompt store, raw student (FSDP takes "
+                                "neither adamw8bit nor base_quantization)", "", sharded))
         for label, status, s in options:
             t = total(lines_for(s))
             result.suggestions.append(Suggestion(label, status, t, fits(t)))

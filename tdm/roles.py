@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from tdm.backbones.base import Backbone, Cond
+from tdm.quantize import is_quantized
 from tdm.sharding import shard_like
 from tdm.student import k_conditioning
 
@@ -52,6 +53,8 @@ class Roles:
         # Found once: walking the module tree and re-running peft's switches on every activate cost ~8% of a
         # digits iteration (benchmarks/results/optimizations.md); parameter sets never change identity.
         self._tuner_layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+        # A base loaded weight-only quantised (tdm.quantize): merges go into its unquantised weights instead.
+        self.quantized_base = any(is_quantized(p) for p in base.parameters())
         self._named: dict[Role, dict[str, nn.Parameter]] = {}
         self._callables: dict[Role, nn.Module] = {}  # compiled forms (speed_up(compile=True))
         # TDM-unify: one zero-initialised K embedding per trainable role, added to the time embedding.
@@ -207,7 +210,13 @@ class Roles:
 
     def merged_net(self, role: Role, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A plain copy of the architecture computing `role` (LoRA merged into the base), optionally with
-        `weights` (e.g. the EMA) in place of the role's current trainable parameters."""
+        `weights` (e.g. the EMA) in place of the role's current trainable parameters. Over a quantised base
+        (`distill.base_quantization`) the LoRA is merged into the unquantised weights reloaded from the teacher
+        folder (`tdm.quantize.merge_into_unquantized`; float32, on the CPU)."""
+        if self.mode == "lora" and self.quantized_base:
+            from tdm.quantize import merge_into_unquantized
+
+            return merge_into_unquantized(self, role, weights)
         if self.mode == "full":
             net = copy.deepcopy(self.nets[role])
             if weights is not None:

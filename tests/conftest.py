@@ -9,6 +9,16 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["TDM_MLFLOW"] = "0"  # tests that track turn it on against their own store
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+# torchao (distill.base_quantization) lives beside the venv (scripts/bootstrap.sh); diffusers decides whether it
+# exists once, at its first import, so it goes on sys.path before any test module imports diffusers.
+_TORCHAO = _Path(__file__).resolve().parents[1] / ".venv" / "extras" / "torchao"
+if importlib.util.find_spec("torchao") is None and _TORCHAO.is_dir():
+    sys.path.insert(0, str(_TORCHAO))
+
 import torch  # noqa: E402
 
 torch.set_num_threads(1)

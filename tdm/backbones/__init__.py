@@ -172,18 +172,27 @@ def train_timesteps(folder: str | Path) -> int:
     return value
 
 
-def load_backbone(name_or_path: str | Path, dtype=None, prompt_store: str | Path | None = None) -> Backbone:
+def load_backbone(name_or_path: str | Path, dtype=None, prompt_store: str | Path | None = None,
+                  quantization: str | None = None) -> Backbone:
     """Load a model folder (or cached hub id) with the adapter of its family; `dtype` (real families) loads
     every part in that dtype (e.g. torch.bfloat16). With `prompt_store` (a folder `tdm prompt-store` wrote) the
     text encoders are never constructed: the store, checked against this folder first (`tdm.backbones.stored_prompts.attach`:
     ValueError naming the mismatch when it was made with other encoders, tokenizers, settings or dtype), gives
-    every prompt's conditioning."""
+    every prompt's conditioning. `quantization` ("int8" / "fp8", `distill.base_quantization`): the denoiser's
+    `nn.Linear` weights are loaded weight-only quantised by torchao (`tdm.quantize`; convolutions and the rest
+    stay in `dtype`); ValueError naming the key when torchao is missing, before anything is read."""
     folder, family = check_model(name_or_path)
     text_encoders = prompt_store is None
+    quantized = {}
+    if quantization is not None:
+        from tdm.quantize import require_torchao
+
+        require_torchao(quantization)
+        quantized = {"quantization": quantization}
     if family == "digits":
-        backbone = DigitsBackbone.load(folder, text_encoders=text_encoders)
+        backbone = DigitsBackbone.load(folder, text_encoders=text_encoders, **quantized)
     else:
-        backbone = FAMILIES[family].load(folder, dtype=dtype, text_encoders=text_encoders)
+        backbone = FAMILIES[family].load(folder, dtype=dtype, text_encoders=text_encoders, **quantized)
     if prompt_store is not None:
         from tdm.backbones.stored_prompts import attach
 

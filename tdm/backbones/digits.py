@@ -94,12 +94,19 @@ class DigitsBackbone(Backbone):
         return cls(unet, text_encoder, tokenizer, scheduler)
 
     @classmethod
-    def load(cls, folder: str | Path, text_encoders: bool = True) -> "DigitsBackbone":
+    def load(cls, folder: str | Path, text_encoders: bool = True, quantization: str | None = None) -> "DigitsBackbone":
         """A saved digits folder; `text_encoders=False` never constructs the text encoder (a prompt store stands
-        in for it; saving links its folder from this one)."""
+        in for it; saving links its folder from this one). `quantization`: the UNet's Linear weights int8 / fp8
+        (`tdm.quantize.load_denoiser`; its convolutions, most of it, stay float32)."""
         folder = Path(folder)
+        if quantization is not None:
+            from tdm.quantize import load_denoiser
+
+            unet = load_denoiser(folder, "unet", UNet2DConditionModel, quantization)
+        else:
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
         backbone = cls(
-            UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+            unet,
             CLIPTextModel.from_pretrained(folder, subfolder="text_encoder") if text_encoders else None,
             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),

@@ -51,12 +51,12 @@ class FolderSettings(PipelineBackbone):
         return data
 
     @classmethod
-    def load(cls, folder, dtype=None, text_encoders: bool = True) -> "FolderSettings":
+    def load(cls, folder, dtype=None, text_encoders: bool = True, quantization: str | None = None) -> "FolderSettings":
         """As `PipelineBackbone.load`, with the folder's settings."""
         folder = Path(folder)
         cls.check_folder(folder)
         settings = cls.read_settings(folder)
-        pipe, skipped = cls.load_pipeline(folder, dtype, text_encoders)
+        pipe, skipped = cls.load_pipeline(folder, dtype, text_encoders, quantization)
         return cls.with_source(cls(pipe, where=str(folder), settings=settings), folder, skipped)
 
     def save(self, folder, net=None, extra_files=None, scheduler=None) -> None:

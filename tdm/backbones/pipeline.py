@@ -126,24 +126,33 @@ class PipelineBackbone(Backbone):
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, folder: str | Path, dtype: torch.dtype | None = None,
-             text_encoders: bool = True) -> "PipelineBackbone":
+             text_encoders: bool = True, quantization: str | None = None) -> "PipelineBackbone":
         """The backbone of a pipeline folder; `text_encoders=False` does not construct the text encoders at all
-        (a prompt store stands in for them: `tdm.backbones.stored_prompts`); saving such a backbone links their folders."""
+        (a prompt store stands in for them: `tdm.backbones.stored_prompts`); saving such a backbone links their folders.
+        `quantization` ("int8" / "fp8"): the denoiser's Linear weights held weight-only quantised (`tdm.quantize`)."""
         folder = Path(folder)
         cls.check_folder(folder)
-        pipe, skipped = cls.load_pipeline(folder, dtype, text_encoders)
+        pipe, skipped = cls.load_pipeline(folder, dtype, text_encoders, quantization)
         return cls.with_source(cls(pipe, where=str(folder)), folder, skipped)
 
     @classmethod
-    def load_pipeline(cls, folder: Path, dtype: torch.dtype | None, text_encoders: bool = True):
+    def load_pipeline(cls, folder: Path, dtype: torch.dtype | None, text_encoders: bool = True,
+                      quantization: str | None = None):
         """(pipeline, components skipped): `from_pretrained` of the folder's pipeline class, the text encoders
-        passed as None (never built) unless `text_encoders`."""
+        passed as None (never built) unless `text_encoders`; with `quantization` the denoiser is loaded first by
+        `tdm.quantize.load_denoiser` (diffusers' TorchAoConfig, Linear weights only) and handed to the pipeline."""
         import diffusers
 
         meta = read_model_index(folder)
         skipped = () if text_encoders else text_encoder_components(meta)
+        given = {name: None for name in skipped}
+        if quantization is not None:
+            from tdm.quantize import load_denoiser
+
+            net_cls = getattr(diffusers, meta[cls.net_name][1])
+            given[cls.net_name] = load_denoiser(folder, cls.net_name, net_cls, quantization, dtype)
         pipe = getattr(diffusers, meta["_class_name"]).from_pretrained(
-            folder, dtype=dtype, **cls.load_kwargs, **{name: None for name in skipped})
+            folder, dtype=dtype, **cls.load_kwargs, **given)
         return pipe, skipped
 
     @staticmethod

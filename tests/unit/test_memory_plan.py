@@ -234,7 +234,7 @@ def test_every_profile_is_planned_at_real_architecture(profile, capsys):
     d = plan.to_dict()
     json.dumps(d)
     assert d["total_bytes"] == sum(line["bytes"] for line in d["lines"] if line["device"])
-    assert plan.suggestions and all(s.status in ("exists", "planned (issue 15)", "") for s in plan.suggestions)
+    assert plan.suggestions and all(s.status in ("exists", "") for s in plan.suggestions)
 
 
 def test_run_dry_prints_the_table_and_returns_the_dict(tmp_path):
