@@ -380,9 +380,21 @@ class TDMTrainer:
                    "is_weight_min": is_w.min().detach(), "is_weight_max": is_w.max().detach(),
                    "lr": torch.tensor(self.sched["student"].get_last_lr()[0]),
                    "lr_fake": torch.tensor(self.sched["fake"].get_last_lr()[0]), "k": torch.tensor(float(k))}
-        if d.unify:  # TDM-unify: how far the K embeddings moved from zero (Frobenius norm of each table)
+        # Per trajectory index i (issue 17): the distribution-matching gap mean |teacher_cfg_x0 - fake_x0| the
+        # generator is pulled by at the points drawn in step i's interval (steps not drawn this iteration are
+        # absent: NaN in the log's row, skipped by MLflow).
+        gap = (teacher_x0.float() - fake_x0.float()).abs().flatten(1).mean(1)
+        prefix = f"dm_gap_k{k}_step" if d.unify else "dm_gap_step"
+        for i in gen_pts.step.unique().tolist():
+            metrics[f"{prefix}{i}"] = gap[gen_pts.step.to(gap.device) == i].mean().detach()
+        if d.unify:  # TDM-unify: how far the K embeddings moved from zero (Frobenius norm of each table, each K's row)
             metrics["k_embed_norm"] = roles.k_embeddings["student"].weight.detach().norm()
             metrics["k_embed_norm_fake"] = roles.k_embeddings["fake"].weight.detach().norm()
+            table = roles.k_embeddings["student"].weight.detach()
+            if self.plugin is not None:  # a DTensor shard: the whole (small) table, on every process
+                table = table.full_tensor()
+            for choice in d.k_choices:
+                metrics[f"k_embed_norm_k{choice}"] = table[choice].norm()
             metrics["lr_k_embed"] = torch.tensor(self.sched["student"].get_last_lr()[-1])
         if self.plugin is not None:  # norms over shards are partial DTensors: reduced here, on every process
             from tdm.sharding import local

@@ -253,6 +253,8 @@ def test_k_embedding_lr_and_norm_logged(teacher_dir, tmp_path):
     assert m0["lr_k_embed"] / m0["lr"] == pytest.approx(0.05 / 2e-4)  # one schedule, two base rates
     m1 = t.iteration(1)
     assert m1["k_embed_norm"] > 0 and m1["k_embed_norm_fake"] > 0
+    rows = torch.stack([m1[f"k_embed_norm_k{k}"] for k in (1, 2, 4)])
+    assert torch.allclose(rows.norm(), m1["k_embed_norm"])  # the unused rows 0 and 3 stay zero
     same = _trainer(teacher_dir, tmp_path, "distill.unify=true")
     assert len(same.opt["student"].param_groups) == 1
 
@@ -339,3 +341,12 @@ def test_fake_updates_step_the_fake_score_more_but_its_schedule_per_iteration(te
 def test_bad_schedule_switches_are_refused_by_key(teacher_dir, tmp_path, extra, message):
     with pytest.raises(config.ConfigError, match=message):
         _cfg(teacher_dir, tmp_path, *extra)
+
+
+def test_the_dm_gap_is_logged_per_trajectory_step(teacher_dir, tmp_path):
+    m = _trainer(teacher_dir, tmp_path).iteration(0)
+    gaps = {k: v for k, v in m.items() if k.startswith("dm_gap_step")}
+    assert gaps and set(gaps) <= {f"dm_gap_step{i}" for i in range(4)}  # batch 8 over 4 steps: most drawn
+    assert all(torch.isfinite(v) and v > 0 for v in gaps.values())
+    unify = _trainer(teacher_dir, tmp_path, "distill.unify=true").iteration(0)
+    assert any(k.startswith(f"dm_gap_k{int(unify['k'])}_step") for k in unify)
