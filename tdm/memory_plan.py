@@ -887,8 +887,8 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
             options.append(((label if d.mode == "lora" else f"-S distill.mode=lora {label}"), "exists",
                             replace(setup, mode="lora", quantization="int8")))
         if not fsdp and num_processes > 1:
-            options.append((f"FSDP2 full shard over {num_processes} processes (accelerate launch --config_file "
-                            f"configs/accelerate/fsdp.yaml)", "exists", replace(setup, fsdp=True)))
+            options.append((f"FSDP2 over {num_processes} processes (configs/accelerate/fsdp.yaml)", "exists",
+                            replace(setup, fsdp=True)))
         # Together: tdm's FSDP refuses 8-bit AdamW and a quantised base (TDMTrainer.check_fsdp), so the
         # combinations are the ones a run can launch: every switch without FSDP, and FSDP with the others.
         every = replace(setup, mode="lora", gradient_checkpointing=True, batch_per_process=1, embedding_store=True,
@@ -898,8 +898,7 @@ def plan(cfg, device_memory_bytes: int | float | None = None, num_processes: int
         if num_processes > 1:
             sharded = replace(every, fsdp=True, adam8bit=False, quantization=None)
             if sharded != setup:
-                options.append(("FSDP2 + LoRA, checkpointing, batch 1, prompt store, raw student (FSDP takes "
-                                "neither adamw8bit nor base_quantization)", "", sharded))
+                options.append(("FSDP2 + all but adamw8bit, base_quantization", "", sharded))
         for label, status, s in options:
             t = total(lines_for(s))
             result.suggestions.append(Suggestion(label, status, t, fits(t)))
