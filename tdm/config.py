@@ -264,6 +264,10 @@ class DistillConfig(_Section):
             raise ValueError(f"base_quantization: {self.base_quantization!r} quantises the frozen base of LoRA mode; "
                              f"mode is {self.mode!r} (full mode trains every weight)")
         if self.guidance_schedule is not None:
+            staged = [i for i, st in enumerate(self.stages) if st.guidance is not None]
+            if staged:
+                raise ValueError(f"stages[{staged[0]}].guidance: guidance_schedule sets the teacher's CFG of every "
+                                 f"stage; drop one of the two")
             if self.unify:
                 raise ValueError("guidance_schedule: one scale per step of a fixed K; TDM-unify (unify: true) trains "
                                  "several K (use guidance)")

@@ -213,7 +213,7 @@ class TDMTrainer:
     def check_fsdp(cfg: Config) -> None:
         """The distill switches FSDP does not take, refused before any model is built (ValueError naming the
         key): torch.compile and channels_last of sharded networks, 8-bit AdamW over DTensors, fp16's GradScaler
-        and multi-stage runs are untested under FSDP here; bf16 (tdm's autocast, as unsharded) is the mixed
+        multi-stage runs and a quantised base are untested under FSDP here; bf16 (tdm's autocast, as unsharded) is the mixed
         precision."""
         d = cfg.distill
         refused = [(d.compile, "distill.compile: true"), (d.channels_last, "distill.channels_last: true"),
@@ -348,6 +348,8 @@ class TDMTrainer:
                 traj = self._rollout(noise, grid, cond, k_cond, int(pts.step.max()) + 1)
                 loss_fake, _ = self._fake_loss(traj, pts, cond, k_cond, g)
             self._update("fake", loss_fake, step_schedule=False)
+            if acc.scaler is not None:  # GradScaler: one update per unscale_/step round
+                acc.scaler.update()
 
         k, grid, cond, noise, k_cond = self._draw(g)
         per_process = noise.shape[0]
@@ -383,10 +385,15 @@ class TDMTrainer:
         # Per trajectory index i (issue 17): the distribution-matching gap mean |teacher_cfg_x0 - fake_x0| the
         # generator is pulled by at the points drawn in step i's interval (steps not drawn this iteration are
         # absent: NaN in the log's row, skipped by MLflow).
-        gap = (teacher_x0.float() - fake_x0.float()).abs().flatten(1).mean(1)
-        prefix = f"dm_gap_k{k}_step" if d.unify else "dm_gap_step"
-        for i in gen_pts.step.unique().tolist():
-            metrics[f"{prefix}{i}"] = gap[gen_pts.step.to(gap.device) == i].mean().detach()
+        # The same keys on every process and iteration (every K of k_choices under unify), NaN where not drawn:
+        # the log's cross-process mean skips NaN for these (training._host_rows).
+        gap = (teacher_x0.float() - fake_x0.float()).abs().flatten(1).mean(1).detach()
+        steps = gen_pts.step.to(gap.device)
+        for kk in (d.k_choices if d.unify else (d.k,)):
+            prefix = f"dm_gap_k{kk}_step" if d.unify else "dm_gap_step"
+            for i in range(kk):
+                drawn = (steps == i) if kk == k else torch.zeros_like(steps, dtype=torch.bool)
+                metrics[f"{prefix}{i}"] = gap[drawn].mean() if bool(drawn.any()) else gap.new_tensor(float("nan"))
         if d.unify:  # TDM-unify: how far the K embeddings moved from zero (Frobenius norm of each table, each K's row)
             metrics["k_embed_norm"] = roles.k_embeddings["student"].weight.detach().norm()
             metrics["k_embed_norm_fake"] = roles.k_embeddings["fake"].weight.detach().norm()
@@ -482,6 +489,10 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError(f"distill.k: must be <= distill.total_steps ({d.total_steps})")
     if d.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
         raise ValueError(f"distill.batch_size {d.batch_size} is not divisible by the number of processes")
+    for i, st in enumerate(d.stages):
+        if st.batch_size is not None and st.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
+            raise ValueError(f"distill.stages[{i}].batch_size {st.batch_size} is not divisible by the number of "
+                             f"processes")
     if d.optimizer == "adamw8bit":
         import importlib.util
 

@@ -54,6 +54,12 @@ class StagedTrainer:
         self.index: int | None = None
         self.current = None
         self._enter(0, carry=None)
+        # Every stage's resolution checked on stage 0's backbone now, not when the stage is reached (after the
+        # earlier stages trained): ValueError naming distill.stages[i].resolution.
+        backbone = self.current.backbone
+        for i, spec in enumerate(self.specs):
+            backbone.set_resolution(spec.resolution, where=f"distill.stages[{i}].resolution")
+        backbone.set_resolution(self.specs[0].resolution if self.specs else None)
 
     def stage_of(self, step: int) -> int:
         return max(i for i, s in enumerate(self.starts) if s <= step)

@@ -219,13 +219,22 @@ class LoopResult:
     last: dict = field(default_factory=dict)  # the last logged row ({"step": n, name: value, ...})
 
 
+SPARSE_PREFIXES = ("dm_gap_",)  # per-step metrics a process may lack in an iteration
+
+
 def _host_rows(accelerator, pending: list[tuple[int, dict]]) -> list[dict]:
     """Pending step metrics -> rows of floats, in one host sync (averaged over processes)."""
     keys = sorted({k for _, m in pending for k in m})
     values = torch.stack([torch.stack([torch.as_tensor(m.get(k, float("nan")), dtype=torch.float64).reshape(())
                                        .to(accelerator.device) for k in keys]) for _, m in pending])
     if accelerator.num_processes > 1:
-        values = accelerator.reduce(values, reduction="mean")
+        # Sparse diagnostics (dm_gap_*: NaN where a process drew no such point) average over the processes that
+        # have them; every other column is a plain mean, so a NaN loss anywhere still reaches the NaN check.
+        sparse = torch.tensor([k.startswith(SPARSE_PREFIXES) for k in keys], device=values.device)
+        finite = torch.isfinite(values) | ~sparse
+        total = accelerator.reduce(torch.where(finite, values, torch.zeros_like(values)), reduction="sum")
+        count = accelerator.reduce(finite.to(values.dtype), reduction="sum")
+        values = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
     return [{"step": step, **dict(zip(keys, row))} for (step, _), row in zip(pending, values.cpu().tolist())]
 
 

@@ -42,8 +42,11 @@ class SDXLBackbone(PipelineBackbone):
         return null
 
     def prompt_settings(self) -> dict:
+        # The native size's ids: a store is made (and checked) at the native size; a stage's set_resolution
+        # recomputes the live ids over the stored rows (encode_prompts).
+        h, w = (side * self.vae_scale_factor for side in self.native_latent_size)
         return {"force_zeros_for_empty_prompt": bool(self.pipe.config.force_zeros_for_empty_prompt),
-                "time_ids": [int(v) for v in self.time_ids(1)[0].tolist()]}
+                "time_ids": [h, w, 0, 0, h, w]}
 
     def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         x_t, cond = self.net_inputs(net, x_t, cond)

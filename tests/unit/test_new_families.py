@@ -219,7 +219,7 @@ def test_tdm_iterations_train_student_and_fake_only(name, mode, saved, tmp_path)
     before = {r: trainer.roles.state_dict(r) for r in ("student", "fake")}
     for step in range(2):  # LoRA B starts at zero: A moves from the second step
         metrics = trainer.iteration(step)
-        assert all(torch.isfinite(v) for v in metrics.values()), metrics
+        assert all(torch.isfinite(v) for k, v in metrics.items() if not k.startswith("dm_gap_")), metrics
     assert metrics["loss_fake"] > 0 and metrics["loss_gen"] > 0
     for role in ("student", "fake"):
         now = trainer.roles.state_dict(role)

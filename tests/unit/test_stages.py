@@ -165,9 +165,31 @@ def test_sdxl_two_stage_distill_at_half_then_native_resolution(saved, tmp_path):
         "distill.lora_rank=4", "distill.k=2", "distill.total_steps=1000", "distill.iterations=4",
         f"distill.stages=[{{iterations: 2, resolution: {h // 2}}}, {{iterations: 2, reinit_fake: true}}]",
         f"eval.weights_dir={tmp_path / 'w'}"]))
+    from tdm import prompt_store
+
+    store = StagePaths.of("prompt_store", tmp_path / "ps")
+    prompt_store.run(cfg, store, progress=False)  # made (and fingerprinted) at the native size
+    cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(
+        update={"prompt_store": str(store.out_dir / "store")})})
     paths = StagePaths.of("distill", tmp_path)
     metrics = run(cfg, paths, progress=False)
-    assert metrics["iterations"] == 4 and all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss_gen",
+    assert metrics["iterations"] == 4 and metrics["prompt_store"] and all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss_gen",
                                                                                                   "loss_fake"))
     student = load_student(paths.out_dir / "student").backbone
     assert student.resolution == (h, h)
+
+
+def test_a_bad_later_stage_resolution_fails_before_any_iteration(saved, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    folder = saved["sdxl"]
+    cfg = config.parse(config.apply_overrides({}, [
+        "model.family=sdxl", f"model.pretrained={folder}", f"distill.teacher={folder}", f"distill.prompts={prompts}",
+        "distill.batch_size=2", "distill.eval_samples=0", "distill.lora_rank=4", "distill.k=2",
+        "distill.total_steps=1000", "distill.iterations=4",
+        "distill.stages=[{iterations: 2}, {iterations: 1, resolution: 9}, {iterations: 1}]",
+        f"eval.weights_dir={tmp_path / 'w'}"]))
+    paths = StagePaths.of("distill", tmp_path)
+    with pytest.raises(ValueError, match=r"distill.stages\[1\].resolution: 9 px is not a multiple"):
+        train(cfg, paths, progress=False)
+    assert not (paths.out_dir / "metrics.jsonl").exists() or not (paths.out_dir / "metrics.jsonl").read_text()
