@@ -140,10 +140,13 @@ def _scaled_accelerator(init_scale=None):
     return acc
 
 
-def test_fp16_loss_scaling_is_undone_before_clipping_and_stepping(teacher_dir, tmp_path):
+@pytest.mark.parametrize("fake_updates", [1, 2])
+def test_fp16_loss_scaling_is_undone_before_clipping_and_stepping(teacher_dir, tmp_path, fake_updates):
     """distill's optimisers are its own (not prepared), so it must unscale: the clip, the logged norms and the
-    step see the true gradients (a power-of-two scale is undone exactly: bitwise the unscaled run)."""
-    cfg = _cfg(teacher_dir, tmp_path, "distill.mode=lora", "distill.warmup_steps=0")
+    step see the true gradients (a power-of-two scale is undone exactly: bitwise the unscaled run); with extra
+    fake-score updates (distill.fake_updates) the scaler is updated after each unscale_/step round."""
+    cfg = _cfg(teacher_dir, tmp_path, "distill.mode=lora", "distill.warmup_steps=0",
+               f"distill.fake_updates={fake_updates}")
     runs = {}
     for scale in (None, 2.0**16):
         torch.manual_seed(0)
