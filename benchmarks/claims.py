@@ -10,7 +10,8 @@ Rows:
   CFG, the student's trajectory: what distillation starts from, LoRA adapters zero at init), and the guided
   teacher (CFG 2, the baked guidance) on that grid;
 - the teacher's own DDIM at the student's NFE (4 steps no CFG; 2 steps CFG 2 = 4 NFE); its usual 50-step CFG 1.5
-  setting with --teacher-50 (first seed only: 100 NFE per sample), or from a saved npz (--npz NAME=FILE);
+  50-step DDIM at the CFG scales given with --teacher-50 G [G ...] (bare: 1.5, its sampling setting; first seed
+  only unless --teacher-50-all-seeds: 50-100 NFE per sample), or from a saved npz (--npz NAME=FILE);
 - per distill run (`--run NAME=DIR`, DIR holding outputs/distill/checkpoints/step-N and outputs/distill/student):
   the raw student and the EMA student of the same final checkpoint (no extra training), at its K (a TDM-unify
   student at each of its K), and, for a TDM-unify run, the K embedding's per-K norms (raw, EMA, and the saved
@@ -187,8 +188,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--no-teacher-rows", action="store_true")
-    parser.add_argument("--teacher-50", action="store_true",
-                        help="also the 50-step CFG 1.5 teacher on the first seed (100 NFE per sample: slow on CPU)")
+    parser.add_argument("--teacher-50", type=float, nargs="*", default=None, metavar="GUIDANCE",
+                        help="also the 50-step teacher at each CFG scale given (bare flag: 1.5, its sampling default) "
+                             "on the first seed (50-100 NFE per sample: slow on CPU; --teacher-50-all-seeds for all)")
+    parser.add_argument("--teacher-50-all-seeds", action="store_true",
+                        help="the 50-step teacher rows on every seed, for claims measured against them")
     parser.add_argument("--npz", action="append", default=[], metavar="NAME=FILE",
                         help="also score a saved sample set (tdm sample / tdm evaluate npz) in both views")
     parser.add_argument("--out", default=str(RESULTS / "claims.json"))
@@ -249,10 +253,12 @@ def main() -> None:
                        "nfe": steps * (2 if guidance != 1 else 1), "seed": seed}, teacher,
                       batched(lambda c, z: teacher_sample(teacher, net, c, z, steps, guidance), enc, prompts, noise),
                       prompts)
-            if args.teacher_50 and seed == args.seeds[0]:
-                score({"model": "teacher DDIM 50 steps, CFG 1.5", "steps": 50, "nfe": 100, "seed": seed}, teacher,
-                      batched(lambda c, z: teacher_sample(teacher, net, c, z, 50, 1.5), enc, prompts, noise),
-                      prompts)
+            if args.teacher_50 is not None and (args.teacher_50_all_seeds or seed == args.seeds[0]):
+                for guidance in args.teacher_50 or [1.5]:
+                    score({"model": f"teacher DDIM 50 steps, CFG {guidance:g}", "steps": 50,
+                           "nfe": 50 * (2 if guidance != 1 else 1), "seed": seed}, teacher,
+                          batched(lambda c, z: teacher_sample(teacher, net, c, z, 50, guidance), enc, prompts, noise),
+                          prompts)
 
     for item in args.npz:
         from tdm.artifacts import load_samples

@@ -572,7 +572,7 @@ def student_record(cfg: Config, family: str) -> StudentRecord:
     return StudentRecord(family=family, k=d.k, total_steps=d.total_steps, shift=d.shift,
                          explicit_timesteps=d.timesteps,
                          unify=d.unify, k_choices=tuple(d.k_choices) if d.unify else (d.k,), guidance=d.guidance,
-                         mode=d.mode, teacher=d.teacher)
+                         guidance_schedule=d.guidance_schedule, mode=d.mode, teacher=d.teacher)
 
 
 def save_student(trainer: TDMTrainer, folder: Path, cfg: Config | None = None) -> StudentRecord:
@@ -643,7 +643,8 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True) -> 
         return {}
     folder = paths.out_dir / "student"
     save_student(trainer, folder, cfg)
-    metrics = {**summary, "k": cfg.distill.k, "guidance": trainer.cfg.distill.guidance, "mode": cfg.distill.mode}
+    metrics = {**summary, "k": cfg.distill.k, "guidance": trainer.cfg.distill.guidance,
+               "guidance_schedule": cfg.distill.guidance_schedule, "mode": cfg.distill.mode}
     metrics.update(evaluate_student(cfg, folder, paths.out_dir, progress))
     write_json(paths.metrics, metrics)
     state.wait_for_everyone()

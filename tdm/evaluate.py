@@ -137,6 +137,7 @@ def plan(cfg: Config, lora_scheduler: str | None = None, lora_flow_shift: float 
         for k in sorted(set(ks)):
             record.check_k(k)
             rows.append({"model": "student", "folder": student, "steps": k, "guidance": record.guidance or 1.0,
+                         "guidance_schedule": list(record.guidance_schedule) if record.guidance_schedule else None,
                          "student": True, "sample_guidance": 1.0, "stem": f"student_s{k}"})
     if e.lora is not None:
         scale = float(e.lora_scale)
@@ -411,7 +412,8 @@ def run(cfg: Config, paths: StagePaths | None = None, progress: bool = True, pro
             save_grid(tmp / Path(name).with_suffix(".png"), images, prompts)  # captioned, upscaled, separated
             external = r.get("lora") is not None
             base = EvalRow(model=r["model"], steps=r["steps"], nfe=nfe(r["steps"], r["guidance"], r["student"]),
-                           guidance=r["guidance"], samples=str(out_dir / name), sample_time_s=sample_time,
+                           guidance=r["guidance"], guidance_schedule=r.get("guidance_schedule"),
+                           samples=str(out_dir / name), sample_time_s=sample_time,
                            grid=str(out_dir / Path(name).with_suffix(".png")),
                            lora_scale=r["lora_scale"] if external else None,
                            recipe=external_recipe(r, model) if external else None)

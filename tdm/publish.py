@@ -195,8 +195,17 @@ def recipe(record, ks, out: Path, lora_files: dict | None) -> dict:
                       "scheduler": config})
     return {"family": record.family, "teacher": record.teacher, "total_steps": record.total_steps,
             "grid_shift": record.shift, "solver_order": record.solver_order, "unify": record.unify,
-            "distilled_guidance": record.guidance, "lora_scale": record.lora_scale, "mode": record.mode,
+            "distilled_guidance": record.guidance,
+            "distilled_guidance_schedule": list(record.guidance_schedule) if record.guidance_schedule else None,
+            "lora_scale": record.lora_scale, "mode": record.mode,
             "lora_files": lora_files or {}, "ks": per_k}
+
+
+def _baked_guidance(rec: dict) -> str:
+    schedule = rec.get("distilled_guidance_schedule")
+    if schedule:
+        return ", ".join(f"{w:g}" for w in schedule) + " (per step, largest timestep first)"
+    return "not recorded" if rec["distilled_guidance"] is None else f"{rec['distilled_guidance']:g}"
 
 
 def _card_text(rec: dict, eval_data: dict | None, eval_name: str | None, grid_prompts, license: str,
@@ -216,7 +225,7 @@ def _card_text(rec: dict, eval_data: dict | None, eval_name: str | None, grid_pr
         lines.append(f"| {k['k']} | `{k['folder']}/` | {', '.join(map(str, k['timesteps']))} | {sched} "
                      f"(solver_order {rec['solver_order']}) | 1.0 |")
     lines += ["", f"- trajectory length (total_steps): {rec['total_steps']}, grid shift: {rec['grid_shift']:g}; "
-              f"CFG scale distilled in: {rec['distilled_guidance'] if rec['distilled_guidance'] is not None else 'not recorded'}",
+              f"CFG scale distilled in: {_baked_guidance(rec)}",
               f"- LoRA scale: {rec['lora_scale']:g} (training mode: {rec['mode']})",
               f"- the full scheduler configs: `{RECIPE}`", ""]
     if fam == "digits":  # its pipeline class is tdm's own (tdm.backbones.digits), not one diffusers imports

@@ -285,7 +285,7 @@ def student_rows(folder: Path) -> list[list]:
         return []
     rows = [["family", r.family], ["K (steps)", ", ".join(map(str, r.sampling_ks))],
             ["timesteps", "; ".join(" ".join(map(str, r.timesteps(k).tolist())) for k in r.sampling_ks)],
-            ["total_steps", r.total_steps], ["TDM-unify", r.unify], ["guidance baked in", r.guidance],
+            ["total_steps", r.total_steps], ["TDM-unify", r.unify], ["guidance baked in", r.guidance_label],
             ["mode", r.mode], ["teacher", r.teacher]]
     return [row for row in rows if row[1] is not None]
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 RECORD_FILE = "tdm_student.json"
 K_EMBEDDING_FILE = "k_embedding.safetensors"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: guidance_schedule
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class StudentRecord:
 
     The K-step grid is `StudentGrid(total_steps, shift, timesteps).at(K)` (tdm.schedule): uniform 899, 674, 449,
     224 for K = 4 of 900 (the authors' `generate_new`), its shift warp, or an explicit list. `guidance` is the
-    CFG scale baked in at distillation (None: not recorded by the tdm that wrote the file); the student itself
+    CFG scale baked in at distillation (None: not recorded by the tdm that wrote the file), or, when
+    `guidance_schedule` is set, the scale baked into each grid step in order (largest t first); the student itself
     samples without CFG. `solver_order` is how it is sampled by default: 1, DDIM between grid points (the
     trajectory TDM trains; what distill writes), or 2, DPM-Solver++(2M) over the same grid (an export choice,
     `tdm export --solver-order 2`; benchmarks/results/student_multistep.md).
@@ -58,6 +59,7 @@ class StudentRecord:
     unify: bool = False  # TDM-unify: K-aware, trained over k_choices
     k_choices: tuple[int, ...] = ()  # the Ks it was trained over ((k,) unless unify)
     guidance: float | None = None  # CFG scale baked in (distill.guidance)
+    guidance_schedule: tuple[float, ...] | None = None  # per grid step instead (distill.guidance_schedule; fixed K)
     mode: Literal["lora", "full"] = "full"  # how it was trained (LoRA on a frozen base, or full copies)
     teacher: str | None = None  # the teacher folder / hub id it was distilled from
     lora_scale: float = 1.0  # the strength its LoRA is applied at (1 = as trained)
@@ -77,6 +79,11 @@ class StudentRecord:
                              f"{self.solver_order!r}")
         if self.explicit_timesteps is not None:
             object.__setattr__(self, "explicit_timesteps", tuple(int(t) for t in self.explicit_timesteps))
+        if self.guidance_schedule is not None:
+            object.__setattr__(self, "guidance_schedule", tuple(float(w) for w in self.guidance_schedule))
+            if len(self.guidance_schedule) != self.k or self.unify:
+                raise ValueError(f"{RECORD_FILE}: guidance_schedule: one CFG scale per step of a fixed-K student "
+                                 f"(k = {self.k}, unify = {self.unify}), got {list(self.guidance_schedule)}")
         try:
             self.grid.at(self.k)
         except ValueError as err:
@@ -85,6 +92,13 @@ class StudentRecord:
     @property
     def grid(self) -> StudentGrid:
         return StudentGrid(self.total_steps, self.shift, self.explicit_timesteps)
+
+    @property
+    def guidance_label(self) -> str | None:
+        """The baked-in CFG as text: "2" or, with a per-step schedule, "3, 1, 1, 1 per step" (None: not recorded)."""
+        if self.guidance_schedule is not None:
+            return ", ".join(f"{w:g}" for w in self.guidance_schedule) + " per step"
+        return None if self.guidance is None else f"{self.guidance:g}"
 
     # -- what it samples --------------------------------------------------------------------------------------
     @property
@@ -158,8 +172,9 @@ class StudentRecord:
             raw["family"] = family_of(folder)
         raw["version"] = RECORD_VERSION
         raw["k_choices"] = tuple(raw.get("k_choices") or ())
-        if raw.get("explicit_timesteps") is not None:
-            raw["explicit_timesteps"] = tuple(raw["explicit_timesteps"])
+        for key in ("explicit_timesteps", "guidance_schedule"):
+            if raw.get(key) is not None:
+                raw[key] = tuple(raw[key])
         try:
             return cls(**raw)
         except TypeError as err:

@@ -40,6 +40,7 @@ class EvalRow:
     steps: int
     nfe: int
     guidance: float
+    guidance_schedule: list[float] | None = None  # a student's per-step baked-in CFG (then `guidance` is unused)
     n: int | None = None
     lora_scale: float | None = None
     samples: str | None = None

@@ -33,6 +33,13 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(value)
 
 
+def guidance_text(row) -> str:
+    """The guidance cell: the CFG scale, or a student's per-step baked-in schedule ("3/1/1/1")."""
+    if row.guidance_schedule:
+        return "/".join(f"{w:g}" for w in row.guidance_schedule)
+    return f"{row.guidance:g}"
+
+
 def cells(rows: Sequence, lead: Mapping[str, Sequence] | None = None) -> tuple[list[str], list[list[str]]]:
     """(header, body) of `rows` (EvalRows or their dicts), every cell a string; `lead` maps extra leading
     column names to one value per row. A metric a row lacks shows as "-"."""
@@ -54,7 +61,7 @@ def cells(rows: Sequence, lead: Mapping[str, Sequence] | None = None) -> tuple[l
         n = r.n if r.n is not None else m.get("n")
         proto = (_label(r), r.group or MISSING) if with_protocol else ()
         body.append([*(str(values[i]) for values in lead.values()), str(r.model), str(r.steps), str(r.nfe),
-                     f"{r.guidance:g}", _cell(n, "{}"), *proto, *(_cell(m.get(key), fmt) for key, _, fmt in present),
+                     guidance_text(r), _cell(n, "{}"), *proto, *(_cell(m.get(key), fmt) for key, _, fmt in present),
                      *(_cell(m.get(k), OTHER_FORMAT) for k in other)])
     return header, body
 

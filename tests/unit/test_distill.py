@@ -303,6 +303,15 @@ def test_a_constant_guidance_schedule_is_the_plain_guidance(teacher_dir, tmp_pat
     assert not torch.equal(varied.iteration(0)["loss_gen"], _trainer(teacher_dir, tmp_path).iteration(0)["loss_gen"])
 
 
+def test_the_saved_record_and_the_evaluate_rows_carry_the_guidance_schedule(teacher_dir, tmp_path):
+    from tdm.distill import student_record
+
+    cfg = _cfg(teacher_dir, tmp_path, "distill.guidance=1.0", "distill.guidance_schedule=[3.0, 1.0, 1.0, 1.0]")
+    record = student_record(cfg, "digits")
+    assert record.guidance_schedule == (3.0, 1.0, 1.0, 1.0) and record.guidance_label == "3, 1, 1, 1 per step"
+    assert student_record(_cfg(teacher_dir, tmp_path), "digits").guidance_schedule is None
+
+
 def test_per_sample_guidance_guides_each_sample_at_its_own_scale(teacher_dir):
     from tdm.sampler import guided_x0_eps
 

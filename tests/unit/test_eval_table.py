@@ -26,6 +26,13 @@ def test_cells_columns_and_formats():
     assert body[2] == ["digits:thick+tdm_lora", "4", "4", "1", "20", "-", "-", "-", "6.96", "0.9532"]
 
 
+def test_a_student_with_a_guidance_schedule_shows_it_in_the_guidance_column():
+    row = EvalRow(model="student", steps=4, nfe=4, guidance=1.0, guidance_schedule=[3.0, 1.0, 1.0, 1.0],
+                  metrics={"fid_digits": 5.0})
+    assert cells([row])[1][0][3] == "3/1/1/1"
+    assert EvalRow.from_dict(row.to_dict()) == row
+
+
 def test_markdown_and_html_render_the_same_cells():
     header, body = cells(ROWS)
     md = markdown(header, body).splitlines()

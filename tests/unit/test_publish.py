@@ -166,3 +166,12 @@ def test_unknown_license_and_a_unet_family_gets_its_comfyui_file(tmp_path, capsy
         torch.testing.assert_close(a.modules[name].delta(), m.delta(), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(b.modules[name].delta(), m.delta(), atol=1e-6, rtol=1e-5)
     assert (out / "samples.png").read_bytes() == (tmp_path / "s.png").read_bytes()
+
+
+def test_the_card_states_a_per_step_guidance_schedule():
+    from tdm.publish import _baked_guidance
+
+    assert _baked_guidance({"distilled_guidance": 1.0, "distilled_guidance_schedule": [3.0, 1.0, 1.0, 1.0]}) == \
+        "3, 1, 1, 1 (per step, largest timestep first)"
+    assert _baked_guidance({"distilled_guidance": 2.0}) == "2"
+    assert _baked_guidance({"distilled_guidance": None, "distilled_guidance_schedule": None}) == "not recorded"

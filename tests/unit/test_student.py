@@ -27,6 +27,20 @@ def test_record_round_trips(tiny_digits, tmp_path):
     assert StudentRecord(family="digits", k=4, total_steps=900).sampling_ks == (4,)
 
 
+def test_a_per_step_guidance_schedule_is_recorded_and_shown(tiny_digits, tmp_path):
+    record = StudentRecord(family="digits", k=4, total_steps=900, guidance=1.0, guidance_schedule=[3, 1, 1, 1])
+    folder = _save(tiny_digits, tmp_path / "s", record)
+    loaded = StudentRecord.load(folder)
+    assert loaded == record and loaded.guidance_schedule == (3.0, 1.0, 1.0, 1.0)
+    assert loaded.guidance_label == "3, 1, 1, 1 per step"
+    assert StudentRecord(family="digits", k=4, total_steps=900, guidance=2.0).guidance_label == "2"
+    with pytest.raises(ValueError, match="guidance_schedule: one CFG scale per step"):
+        StudentRecord(family="digits", k=4, total_steps=900, guidance_schedule=(3.0, 1.0))
+    with pytest.raises(ValueError, match="guidance_schedule: one CFG scale per step"):
+        StudentRecord(family="digits", k=4, total_steps=900, unify=True, k_choices=(1, 2, 4),
+                      guidance_schedule=(3.0, 1.0, 1.0, 1.0))
+
+
 @pytest.mark.parametrize("legacy", [
     {"k": 4, "total_steps": 900},  # what early benchmarks and tests wrote
     {"k": 2, "total_steps": 900, "unify": False, "k_choices": [1, 2, 4], "guidance": 2.0, "mode": "lora",
