@@ -229,6 +229,9 @@ class DistillConfig(_Section):
     stages: tuple[DistillStage, ...] = ()
     unify: bool = False  # TDM-unify: student and fake conditioned on K, trained over k_choices
     k_choices: StepCounts = (1, 2, 4)
+    # TDM-unify: the probability of drawing each K of k_choices per iteration (normalised; e.g. [1, 1, 2] draws
+    # K = 4 half the time); null = uniform (the paper's). One K per iteration, shared by the batch.
+    k_weights: Optional[tuple[Annotated[float, Field(ge=0)], ...]] = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # LoRA mode: the frozen base denoiser held weight-only quantised (torchao: int8, or float8 e4m3 on GPUs that
@@ -274,6 +277,14 @@ class DistillConfig(_Section):
             if len(self.guidance_schedule) != self.k:
                 raise ValueError(f"guidance_schedule: {len(self.guidance_schedule)} entries for k = {self.k} (one "
                                  f"per student step)")
+        if self.k_weights is not None:
+            if not self.unify:
+                raise ValueError("k_weights: the K draw of TDM-unify (unify: true); a fixed-K run draws no K")
+            if len(self.k_weights) != len(self.k_choices):
+                raise ValueError(f"k_weights: {len(self.k_weights)} entries for k_choices {list(self.k_choices)} "
+                                 f"(one per K)")
+            if sum(self.k_weights) <= 0:
+                raise ValueError("k_weights: at least one weight must be positive")
         ts = self.timesteps
         if ts is None:
             return self

@@ -304,12 +304,19 @@ class TDMTrainer:
         """One batch of the student's inputs: (K, its grid, prompts' cond, noise, the K condition or None)."""
         d, acc = self.cfg.distill, self.accelerator
         per_process = d.batch_size // acc.num_processes
-        k = d.k if not d.unify else d.k_choices[int(torch.randint(len(d.k_choices), (1,), generator=g))]
+        k = d.k if not d.unify else d.k_choices[self._k_index(g)]
         prompt_idx = torch.randint(len(self.prompts), (per_process,), generator=g)
         cond = self.backbone.encode_prompts([self.prompts[i] for i in prompt_idx])
         noise = torch.randn((per_process, *self.backbone.sample_shape), generator=g).to(acc.device)
         k_cond = torch.full((per_process,), k, device=acc.device) if d.unify else None
         return k, self.grid.at(k), cond, noise, k_cond
+
+    def _k_index(self, g: torch.Generator) -> int:
+        """TDM-unify: which K of k_choices this iteration trains, uniform (the paper) or by `k_weights`."""
+        d = self.cfg.distill
+        if d.k_weights is None:
+            return int(torch.randint(len(d.k_choices), (1,), generator=g))
+        return int(torch.multinomial(torch.tensor(d.k_weights, dtype=torch.float64), 1, generator=g))
 
     def _rollout(self, noise, grid, cond, k_cond, depth: int) -> Rollout:
         deepest = self._deepest(depth) if self.plugin is not None else depth

@@ -349,6 +349,10 @@ def test_fake_updates_step_the_fake_score_more_but_its_schedule_per_iteration(te
     (["distill.unify=true", "distill.guidance_schedule=[2.0, 1.0, 1.0, 1.0]"], "guidance_schedule: one scale per step"),
     (["distill.guidance_schedule=[2.0, 0.5, 1.0, 1.0]"], "guidance_schedule"),
     (["distill.fake_updates=0"], "fake_updates"),
+    (["distill.k_weights=[1, 1, 2]"], "k_weights: the K draw of TDM-unify"),
+    (["distill.unify=true", "distill.k_weights=[1, 2]"], r"k_weights: 2 entries for k_choices \[1, 2, 4\]"),
+    (["distill.unify=true", "distill.k_weights=[0, 0, 0]"], "k_weights: at least one weight must be positive"),
+    (["distill.unify=true", "distill.k_weights=[1, -1, 2]"], "k_weights"),
 ])
 def test_bad_schedule_switches_are_refused_by_key(teacher_dir, tmp_path, extra, message):
     with pytest.raises(config.ConfigError, match=message):
@@ -365,3 +369,18 @@ def test_the_dm_gap_is_logged_per_trajectory_step(teacher_dir, tmp_path):
     keys = {k for k in unify if k.startswith("dm_gap_")}
     assert keys == {f"dm_gap_k{k}_step{i}" for k in (1, 2, 4) for i in range(k)}
     assert all(not torch.isfinite(unify[f"dm_gap_k{k}_step0"]) for k in (1, 2, 4) if k != int(unify["k"]))
+
+
+def test_unify_draws_k_by_k_weights(teacher_dir, tmp_path):
+    def draws(trainer, n=400):
+        return [trainer.cfg.distill.k_choices[trainer._k_index(torch.Generator().manual_seed(i))] for i in range(n)]
+
+    uniform = _trainer(teacher_dir, tmp_path, "distill.unify=true")
+    weighted = _trainer(teacher_dir, tmp_path, "distill.unify=true", "distill.k_weights=[0, 1, 3]")
+    # null keeps the uniform draw of earlier runs (the same K from the same generator)
+    assert draws(uniform, 50) == [(1, 2, 4)[int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(i)))]
+                                  for i in range(50)]
+    ks = draws(weighted)
+    assert 1 not in ks  # weight 0: never drawn
+    assert 0.65 < ks.count(4) / len(ks) < 0.85  # 3/4 expected; 400 draws: 5 standard deviations either side
+    assert int(weighted.iteration(0)["k"]) in (2, 4)
