@@ -199,6 +199,13 @@ class DistillConfig(_Section):
     # Fake-score updates per generator update (DMD2's two time-scale update rule uses 5; each extra one on a fresh
     # student batch); `iterations` and the lr schedules count generator updates. Official TDM: 1.
     fake_updates: int = Field(1, ge=1)
+    # DMD's data-free regression loss (tdm/regression.py): the student's x0 at the teacher's own DDIM trajectory
+    # (from the student's starting noise, through its grid points) pulled toward that trajectory's endpoint, added
+    # to the generator loss with this weight; 0 = off (TDM). Over regression_pairs trajectories made once at the
+    # start, regression_teacher_steps DDIM steps each (split evenly over the K intervals).
+    regression_weight: float = Field(0.0, ge=0)
+    regression_pairs: int = Field(1024, ge=1)
+    regression_teacher_steps: int = Field(48, ge=1)
     # TDM-unify: the student's K embedding's own lr (null = lr); the fake score's K embedding trains at fake_lr.
     k_embed_lr: Optional[float] = Field(None, gt=0)
     betas: tuple[float, float] = (0.0, 0.95)  # official: (0, 0.95), both optimisers
@@ -277,6 +284,16 @@ class DistillConfig(_Section):
             if len(self.guidance_schedule) != self.k:
                 raise ValueError(f"guidance_schedule: {len(self.guidance_schedule)} entries for k = {self.k} (one "
                                  f"per student step)")
+        if self.regression_weight > 0:
+            if self.unify:
+                raise ValueError("regression_weight: the teacher pairs follow one fixed-K grid; TDM-unify (unify: "
+                                 "true) trains several K (set regression_weight: 0)")
+            if self.stages:
+                raise ValueError("regression_weight: the teacher pairs are made once at one resolution; distill.stages "
+                                 "change it (set regression_weight: 0)")
+            if self.regression_teacher_steps < self.k:
+                raise ValueError(f"regression_teacher_steps: {self.regression_teacher_steps} < k = {self.k} (at least "
+                                 f"one teacher step per student interval)")
         if self.k_weights is not None:
             if not self.unify:
                 raise ValueError("k_weights: the K draw of TDM-unify (unify: true); a fixed-K run draws no K")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from tdm.losses import fake_score_loss, generator_loss, importance_weight
 from tdm.roles import Roles
 from tdm.schedule import StudentGrid
 from tdm.student import StudentRecord, load_student
-from tdm.training import LoopSettings, average_gradients, fingerprint, lr_factor, run_loop, step_generator
+from tdm.regression import regression_loss
+from tdm.training import (LoopSettings, ProgressLines, average_gradients, fingerprint, lr_factor, run_loop,
+                          step_generator)
 
 STAGE = "distill"
 
@@ -208,6 +211,27 @@ class TDMTrainer:
         self.ema = EMA(student, d.ema_decay) if d.student_weights == "ema" else None
         self.grid = StudentGrid(d.total_steps, d.shift, d.timesteps)  # the one grid: training, record, sampling
         self.prompts = distill_prompts(cfg)
+        self.pairs = self._teacher_pairs() if d.regression_weight > 0 else None
+
+    def _teacher_pairs(self):
+        """distill.regression_weight: the teacher's trajectories the regression loss reads (tdm/regression.py),
+        made once from distill.seed (a resumed run rebuilds the same ones)."""
+        from tdm.regression import make_teacher_pairs
+
+        d, acc = self.cfg.distill, self.accelerator
+        substeps = max(1, round(d.regression_teacher_steps / d.k))
+        lines = ProgressLines("distill: teacher pairs", "batch", -(-d.regression_pairs // d.batch_size),
+                              main_process=acc.is_main_process)
+        if acc.is_main_process:
+            print(f"distill: making {d.regression_pairs} teacher pairs ({substeps * d.k} DDIM steps each) for "
+                  f"distill.regression_weight {d.regression_weight:g}", file=sys.stderr, flush=True)
+        guidance = d.guidance_schedule or (d.guidance,) * d.k
+        with self._autocast():
+            pairs = make_teacher_pairs(self.backbone, self.roles.activate("teacher"), self.prompts,
+                                       self.grid.at(d.k).tolist(), n=d.regression_pairs, substeps=substeps,
+                                       guidance=guidance, seed=d.seed + 1, batch_size=d.batch_size,
+                                       device=acc.device, progress=lambda i, n: lines.update(i))
+        return pairs
 
     @staticmethod
     def check_fsdp(cfg: Config) -> None:
@@ -220,7 +244,8 @@ class TDMTrainer:
                    (d.optimizer == "adamw8bit", "distill.optimizer: adamw8bit"),
                    (d.mixed_precision == "fp16", "distill.mixed_precision: fp16 (use bf16)"),
                    (bool(getattr(d, "stages", None)), "distill.stages"),
-                   (d.base_quantization is not None, f"distill.base_quantization: {d.base_quantization}")]
+                   (d.base_quantization is not None, f"distill.base_quantization: {d.base_quantization}"),
+                   (d.regression_weight > 0, f"distill.regression_weight: {d.regression_weight:g}")]
         for on, what in refused:
             if on:
                 raise ValueError(f"{what} is not supported under FSDP (an accelerate config with "
@@ -333,6 +358,20 @@ class TDMTrainer:
         snr = self.backbone.schedule.snr(tau).to(self.accelerator.device)
         return fake_score_loss(fake_x0, at_tau.x0, snr, is_w, self.cfg.distill.snr_clamp), is_w
 
+    def _regression_loss(self, g: torch.Generator, k_cond) -> torch.Tensor:
+        """DMD's regression on a batch of teacher pairs: the student's x0 at the teacher's x_{t_i} (a grid index
+        per sample) toward the teacher's endpoint. Drawn after every TDM draw of the iteration, so the TDM part
+        is that of a run without it."""
+        pairs, acc = self.pairs, self.accelerator
+        n = k_cond.shape[0] if k_cond is not None else self.cfg.distill.batch_size // acc.num_processes
+        idx = torch.randint(pairs.x0.shape[0], (n,), generator=g)
+        step = torch.randint(pairs.points.shape[0], (n,), generator=g)
+        grid = self.grid.at(self.cfg.distill.k)
+        cond = self.backbone.encode_prompts([self.prompts[i] for i in pairs.prompt_idx[idx]])
+        x_in = pairs.points[step, idx].to(acc.device)
+        student_x0, _ = self.roles.x0_eps("student", x_in, grid[step].to(acc.device), cond, k_cond)
+        return regression_loss(student_x0, pairs.x0[idx].to(acc.device))
+
     def _guidance(self, pts: LossPoints) -> float | torch.Tensor:
         """The teacher's CFG scale per generator point: `distill.guidance`, or the per-student-step
         `distill.guidance_schedule` entry of each point's grid index."""
@@ -379,7 +418,9 @@ class TDMTrainer:
             x_in = at_step(traj.inputs, gen_pts.step)
             student_x0, _ = roles.x0_eps("student", x_in, gen_pts.t_in.to(device), cond, k_cond)
             loss_gen = generator_loss(student_x0, teacher_x0, fake_x0, d.metric, d.huber_c)
-        grad_gen = self._update("student", loss_gen)
+            loss_reg = self._regression_loss(g, k_cond) if self.pairs is not None else None
+        # loss_gen stays the TDM loss in the log; the regression term is logged on its own (loss_reg)
+        grad_gen = self._update("student", loss_gen if loss_reg is None else loss_gen + d.regression_weight * loss_reg)
         if acc.scaler is not None:
             acc.scaler.update()  # once per iteration, after both optimisers stepped (or skipped)
         if self.ema is not None:
@@ -389,6 +430,8 @@ class TDMTrainer:
                    "is_weight_min": is_w.min().detach(), "is_weight_max": is_w.max().detach(),
                    "lr": torch.tensor(self.sched["student"].get_last_lr()[0]),
                    "lr_fake": torch.tensor(self.sched["fake"].get_last_lr()[0]), "k": torch.tensor(float(k))}
+        if loss_reg is not None:
+            metrics["loss_reg"] = loss_reg.detach()
         # Per trajectory index i (issue 17): the distribution-matching gap mean |teacher_cfg_x0 - fake_x0| the
         # generator is pulled by at the points drawn in step i's interval (steps not drawn this iteration are
         # absent: NaN in the log's row, skipped by MLflow).

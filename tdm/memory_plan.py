@@ -758,6 +758,12 @@ def _lines(cfg, setup: _Setup, built: dict, num_processes: int, activations: dic
     saved = B * a["saved_checkpointed" if setup.gradient_checkpointing else "saved"]
     add("activations", "saved for backward (one grad forward)", 0, _dtype_name(dt), saved,
         f"measured on meta at batch 1, x {B}" + (", checkpointed" if setup.gradient_checkpointing else ""))
+    if d.regression_weight > 0:  # tdm/regression.py: a second student grad forward, the pairs on the host
+        add("activations", "saved for backward (regression batch)", 0, _dtype_name(dt), saved,
+            "distill.regression_weight: one more student forward in the generator's graph")
+        add("conditioning", "teacher pairs (K grid points + endpoint each)", 0, "float32",
+            (d.k + 1) * d.regression_pairs * sample, f"distill.regression_pairs {d.regression_pairs}", device=False)
+        saved *= 2  # the margin below covers both
     add("activations", f"margin {ACTIVATION_MARGIN:.0%}: backward transients, workspaces", 0, "", int(
         ACTIVATION_MARGIN * saved), "estimate")
     if a["autocast_cache"] and not setup.fsdp:  # tdm turns autocast's cache off under FSDP (TDMTrainer._autocast)

@@ -8,6 +8,7 @@
 - bad input is a clear ValueError.
 """
 import json
+import math
 import time
 from pathlib import Path
 
@@ -320,3 +321,16 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, c
     assert list(tmp_path.iterdir()) == []
     assert main(["distill", "--params", str(params), "--dry-run", "--device-memory", "0"]) == 2
     assert "--device-memory must be > 0" in capsys.readouterr().err
+
+
+def test_the_plan_counts_the_regression_batch_and_the_teacher_pairs(tmp_path):
+    cfg, _ = _tiny_cfg(tmp_path, "sd15", "lora")
+    on = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"regression_weight": 0.25,
+                                                                           "regression_pairs": 100})})
+    plain, reg = mp.plan(cfg, 2**30, suggestions=False), mp.plan(on, 2**30, suggestions=False)
+    by_what = {line.what: line for line in reg.lines}
+    saved = next(line.bytes for line in plain.lines if line.what == "saved for backward (one grad forward)")
+    assert by_what["saved for backward (regression batch)"].bytes == saved > 0
+    pairs = by_what["teacher pairs (K grid points + endpoint each)"]
+    assert not pairs.device  # host memory
+    assert pairs.bytes == (cfg.distill.k + 1) * 100 * 4 * math.prod(reg.sample_shape)
