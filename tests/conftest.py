@@ -19,6 +19,7 @@ _TORCHAO = _Path(__file__).resolve().parents[1] / ".venv" / "extras" / "torchao"
 if importlib.util.find_spec("torchao") is None and _TORCHAO.is_dir():
     sys.path.insert(0, str(_TORCHAO))
 
+import tdm  # noqa: E402,F401  (pins the CPU kernels' instruction set before torch runs any: tdm/__init__.py)
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
