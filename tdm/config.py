@@ -202,7 +202,8 @@ class DistillConfig(_Section):
     # DMD's data-free regression loss (tdm/regression.py): the student's x0 at the teacher's own DDIM trajectory
     # (from the student's starting noise, through its grid points) pulled toward that trajectory's endpoint, added
     # to the generator loss with this weight; 0 = off (TDM). Over regression_pairs trajectories made once at the
-    # start, regression_teacher_steps DDIM steps each (split evenly over the K intervals).
+    # start, regression_teacher_steps DDIM steps each (split evenly over the K intervals, so rounded to a multiple
+    # of K).
     regression_weight: float = Field(0.0, ge=0)
     regression_pairs: int = Field(1024, ge=1)
     regression_teacher_steps: int = Field(48, ge=1)

@@ -215,12 +215,14 @@ class TDMTrainer:
 
     def _teacher_pairs(self):
         """distill.regression_weight: the teacher's trajectories the regression loss reads (tdm/regression.py),
-        made once from distill.seed (a resumed run rebuilds the same ones)."""
+        made once from distill.seed + 1, the same on every process (a resumed run rebuilds them: bitwise on CPU,
+        and on GPUs with deterministic kernels at the same process count)."""
         from tdm.regression import make_teacher_pairs
 
         d, acc = self.cfg.distill, self.accelerator
         substeps = max(1, round(d.regression_teacher_steps / d.k))
-        lines = ProgressLines("distill: teacher pairs", "batch", -(-d.regression_pairs // d.batch_size),
+        per_process = max(1, d.batch_size // acc.num_processes)
+        lines = ProgressLines("distill: teacher pairs", "batch", -(-d.regression_pairs // per_process),
                               main_process=acc.is_main_process)
         if acc.is_main_process:
             print(f"distill: making {d.regression_pairs} teacher pairs ({substeps * d.k} DDIM steps each) for "
@@ -229,7 +231,8 @@ class TDMTrainer:
         with self._autocast():
             pairs = make_teacher_pairs(self.backbone, self.roles.activate("teacher"), self.prompts,
                                        self.grid.at(d.k).tolist(), n=d.regression_pairs, substeps=substeps,
-                                       guidance=guidance, seed=d.seed + 1, batch_size=d.batch_size,
+                                       guidance=guidance, seed=d.seed + 1,
+                                       batch_size=per_process,  # the teacher batch training runs
                                        device=acc.device, progress=lambda i, n: lines.update(i))
         return pairs
 
@@ -358,18 +361,18 @@ class TDMTrainer:
         snr = self.backbone.schedule.snr(tau).to(self.accelerator.device)
         return fake_score_loss(fake_x0, at_tau.x0, snr, is_w, self.cfg.distill.snr_clamp), is_w
 
-    def _regression_loss(self, g: torch.Generator, k_cond) -> torch.Tensor:
+    def _regression_loss(self, g: torch.Generator) -> torch.Tensor:
         """DMD's regression on a batch of teacher pairs: the student's x0 at the teacher's x_{t_i} (a grid index
         per sample) toward the teacher's endpoint. Drawn after every TDM draw of the iteration, so the TDM part
         is that of a run without it."""
         pairs, acc = self.pairs, self.accelerator
-        n = k_cond.shape[0] if k_cond is not None else self.cfg.distill.batch_size // acc.num_processes
+        n = self.cfg.distill.batch_size // acc.num_processes  # a fixed K (refused with unify: no K condition)
         idx = torch.randint(pairs.x0.shape[0], (n,), generator=g)
         step = torch.randint(pairs.points.shape[0], (n,), generator=g)
         grid = self.grid.at(self.cfg.distill.k)
         cond = self.backbone.encode_prompts([self.prompts[i] for i in pairs.prompt_idx[idx]])
         x_in = pairs.points[step, idx].to(acc.device)
-        student_x0, _ = self.roles.x0_eps("student", x_in, grid[step].to(acc.device), cond, k_cond)
+        student_x0, _ = self.roles.x0_eps("student", x_in, grid[step].to(acc.device), cond)
         return regression_loss(student_x0, pairs.x0[idx].to(acc.device))
 
     def _guidance(self, pts: LossPoints) -> float | torch.Tensor:
@@ -418,7 +421,7 @@ class TDMTrainer:
             x_in = at_step(traj.inputs, gen_pts.step)
             student_x0, _ = roles.x0_eps("student", x_in, gen_pts.t_in.to(device), cond, k_cond)
             loss_gen = generator_loss(student_x0, teacher_x0, fake_x0, d.metric, d.huber_c)
-            loss_reg = self._regression_loss(g, k_cond) if self.pairs is not None else None
+            loss_reg = self._regression_loss(g) if self.pairs is not None else None
         # loss_gen stays the TDM loss in the log; the regression term is logged on its own (loss_reg)
         grad_gen = self._update("student", loss_gen if loss_reg is None else loss_gen + d.regression_weight * loss_reg)
         if acc.scaler is not None:

@@ -6,24 +6,49 @@ import sys
 
 import pytest
 
-PROBE = "import tdm, torch; print(torch.backends.cpu.get_cpu_capability(), __import__('os').environ['ONEDNN_MAX_CPU_ISA'])"
+import tdm
 
-x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                         reason=f"the pin is for x86-64 (this machine: {platform.machine()})")
+PINNED = tuple(tdm.CPU_ISA_PIN)
+# ATen's dispatch level, and the ISA oneDNN reports at its first convolution (ONEDNN_VERBOSE)
+PROBE = """
+import tdm, torch
+torch.nn.Conv2d(16, 32, 3)(torch.randn(8, 16, 32, 32))
+print("aten", torch.backends.cpu.get_cpu_capability())
+"""
+
+pinned_here = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not tdm._cpu_has_avx2(),
+                                 reason=f"the pin is for x86-64 CPUs with AVX2 and FMA (this machine: "
+                                        f"{platform.machine()})")
 
 
-def _probe(**env) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
-    return subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
-                          check=True).stdout.split()
+def _probe(code: str = PROBE, **env) -> tuple[str, str, str]:
+    """(ATen capability, oneDNN's reported ISA line, stderr) of a fresh interpreter."""
+    clean = {k: v for k, v in os.environ.items() if k not in PINNED}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, "ONEDNN_VERBOSE": "all", **env},
+                         capture_output=True, text=True, check=True)
+    aten = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("aten "))
+    isa = next((line for line in out.stdout.splitlines() if ",isa:" in line), "")
+    return aten, isa, out.stderr
 
 
-@x86
+@pinned_here
 def test_importing_tdm_pins_avx2_kernels():
-    # x86-64 CPUs torch 2.14 runs on have AVX2; an AVX-512 machine would report AVX512 without the pin
-    assert _probe() == ["AVX2", "AVX2"]
+    aten, isa, _ = _probe()
+    assert aten == "AVX2" and isa.endswith("isa:Intel AVX2")  # an AVX-512 machine reports AVX512 unpinned
 
 
-@x86
+@pinned_here
 def test_a_users_own_setting_wins():
-    assert _probe(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41") == ["DEFAULT", "SSE41"]
+    aten, isa, _ = _probe(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41")
+    assert aten == "DEFAULT" and "SSE4.1" in isa
+
+
+@pinned_here
+def test_torch_computing_before_tdm_is_warned_about():
+    late = "import torch\ntorch.randn(4) + 1\n" + PROBE
+    aten, _, err = _probe(late)
+    if aten == "AVX2":  # an AVX2-only machine: the native level is the pinned one, nothing to warn about
+        assert "AVX2 pin" not in err
+    else:
+        assert "the AVX2 pin for reproducible CPU figures does not apply" in err
+    assert "AVX2 pin" not in _probe("import torch\n" + PROBE)[2]  # a bare import torch first is fine
