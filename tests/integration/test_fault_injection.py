@@ -43,15 +43,19 @@ def run(job):
         finally:
             sys.stdout.flush(), sys.stderr.flush()
             os._exit(code)
+    status = None  # set once the child is reaped: a poll that reaps it keeps its status (a second wait: ECHILD)
     if job.get("kill_after") is not None:  # a random moment, wherever the run is
         deadline = time.monotonic() + job["kill_after"]
-        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
-            time.sleep(0.01)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _, status = os.waitpid(pid, 0)
+        while status is None and time.monotonic() < deadline:
+            reaped, st = os.waitpid(pid, os.WNOHANG)
+            if reaped:
+                status = st
+            else:
+                time.sleep(0.01)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)  # not reaped yet, so the pid is still this child's
+    if status is None:
+        _, status = os.waitpid(pid, 0)
     code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     if job.get("torn_tail"):  # what a kill (or a full disk) in the middle of a log flush leaves
         with open(os.path.join(job["cwd"], job["torn_tail"]), "a") as f:
